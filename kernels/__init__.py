@@ -1,0 +1,1 @@
+"""Triton source for rlhf_fast, installed as ``rlhf_fast.kernels``; the only code that imports triton."""

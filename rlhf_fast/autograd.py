@@ -1,0 +1,55 @@
+"""The autograd Function shared by every fused row backend (Triton, C++).
+
+Forward: one backend pass gives the per-token results and g = dℓ/d lp; the loss is
+Σ w·ℓ with the aggregation weights w of :func:`reference.aggregation_weights`.
+Backward: the backend recomputes p from the logits and writes
+(1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = g·w·grad and
+c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import RowOps
+from .config import LossConfig
+
+
+class FusedPPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,  # [B, T, V], stride 1 on V
+        targets: torch.Tensor,  # [N] sanitised ids
+        valid: torch.Tensor,  # [N] bool
+        weights: torch.Tensor,  # [N] fp32 aggregation weights (0 where masked)
+        advantages: torch.Tensor,  # [N] fp32
+        old_logprobs: Optional[torch.Tensor],  # [N] fp32
+        ref_logprobs: Optional[torch.Tensor],  # [N] fp32
+        cfg: LossConfig,
+        ops: RowOps,
+        inplace_backward: bool,
+    ):
+        res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, cfg)
+        token_loss = torch.where(valid, res.loss, torch.zeros_like(res.loss))
+        loss = (weights * token_loss).sum()
+        ctx.save_for_backward(logits, targets, res.lse, res.entropy, res.dlogp * weights, weights)
+        ctx.cfg, ctx.ops, ctx.inplace_backward = cfg, ops, inplace_backward
+        outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl)
+        ctx.mark_non_differentiable(*outputs)
+        return (loss,) + outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        logits, targets, lse, entropy, weighted_dlogp, weights = ctx.saved_tensors
+        cfg: LossConfig = ctx.cfg
+        coef_logprob = weighted_dlogp * grad_loss
+        coef_entropy = (cfg.entropy_coef * grad_loss) * weights
+        if ctx.inplace_backward:
+            out = logits
+        else:
+            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        ctx.ops.backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, cfg.temperature, out)
+        return (out,) + (None,) * 9
