@@ -35,7 +35,9 @@ class FusedPPOLoss(torch.autograd.Function):
         res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, cfg)
         token_loss = torch.where(valid, res.loss, torch.zeros_like(res.loss))
         loss = (weights * token_loss).sum()
-        ctx.save_for_backward(logits, targets, res.lse, res.entropy, res.dlogp * weights, weights)
+        # Masked rows may hold NaN in g (a banned placeholder target): keep them out of the backward.
+        weighted_dlogp = torch.where(valid, res.dlogp * weights, torch.zeros_like(weights))
+        ctx.save_for_backward(logits, targets, res.lse, res.entropy, weighted_dlogp, weights)
         ctx.cfg, ctx.ops, ctx.inplace_backward = cfg, ops, inplace_backward
         outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl)
         ctx.mark_non_differentiable(*outputs)

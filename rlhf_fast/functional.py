@@ -114,7 +114,7 @@ def _prepare_rows(logits, targets, mask, validate: bool) -> _Rows:
 
 
 def _per_row(name: str, t, rows: _Rows, device, allow_per_sequence: bool = False) -> Optional[torch.Tensor]:
-    """A per-token float input as a contiguous fp32 ``[N]`` vector."""
+    """A per-token float input as a contiguous fp32 ``[N]`` vector (fp64 with fp64 logits)."""
     if t is None:
         return None
     _check_tensor(name, t, device)
@@ -127,7 +127,10 @@ def _per_row(name: str, t, rows: _Rows, device, allow_per_sequence: bool = False
             hint = f" or [{shape[0]}] (one per sequence)" if allow_per_sequence and len(shape) >= 2 else ""
             raise ValueError(f"{name} shape {tuple(t.shape)} must be {tuple(shape)}{hint}")
         t = t.reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape)
-    return t.to(torch.float32).reshape(-1).contiguous()
+    dtype = torch.float64 if rows.logits3.dtype == torch.float64 else torch.float32
+    t = t.to(dtype).reshape(-1)
+    # Padding values (NaN, inf) at masked positions must not leak into the loss or its gradient.
+    return torch.where(rows.valid, t, torch.zeros_like(t)).contiguous()
 
 
 def _weights(rows: _Rows, loss_agg: str, global_num_tokens) -> torch.Tensor:

@@ -273,14 +273,20 @@ def ppo_loss(
     weights, advantages and the log-prob tensors ``[...]``; masked targets are valid ids.
     """
     lp, entropy, _ = selective_logprobs_entropy(logits, targets, cfg.temperature)
+    # A masked row's placeholder target may be a banned (−inf) token: zero lp and H there
+    # so nothing downstream (exp(ref − lp) in k3) turns it into a NaN gradient.
+    zeros = torch.zeros_like(lp)
+    lp, entropy = torch.where(valid, lp, zeros), torch.where(valid, entropy, zeros)
     parts = per_token_loss(lp, entropy, advantages, old_logprobs, ref_logprobs, cfg)
     token_loss = torch.where(valid, parts["loss"], torch.zeros_like(parts["loss"]))
-    loss = (weights.to(token_loss.dtype) * token_loss).sum().to(torch.float32)
+    loss = (weights.to(token_loss.dtype) * token_loss).sum()
+    if loss.dtype != torch.float64:  # fp64 stays fp64, for gradcheck
+        loss = loss.to(torch.float32)
     metrics = loss_metrics(
         valid, advantages, parts["ratio"].detach(), parts["log_ratio"].detach(),
         parts["pg"].detach(), parts["kl"].detach(), entropy.detach(), cfg,
     )
-    zeros = torch.zeros_like(lp)
-    lp_out = torch.where(valid, lp.detach(), zeros).to(torch.float32)
-    entropy_out = torch.where(valid, entropy.detach(), zeros).to(torch.float32)
+    lp_out, entropy_out = lp.detach(), entropy.detach()
+    if lp_out.dtype != torch.float64:
+        lp_out, entropy_out = lp_out.to(torch.float32), entropy_out.to(torch.float32)
     return loss, lp_out, entropy_out, metrics
