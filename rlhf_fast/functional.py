@@ -103,7 +103,11 @@ def _prepare_rows(logits, targets, mask, validate: bool) -> _Rows:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match targets shape {tuple(lead)}")
         valid = mask if mask.dtype == torch.bool else mask != 0
     in_range = (targets >= 0) & (targets < vocab)
-    if validate and bool((valid & ~in_range).any()):
+    if validate and torch.compiler.is_compiling():
+        # No host sync inside a compiled graph: an asynchronous device assertion instead
+        # (a RuntimeError when it fires, rather than the eager path's ValueError).
+        torch._assert_async(~(valid & ~in_range).any(), "rlhf_fast: targets has ids outside [0, V) at valid positions")
+    elif validate and bool((valid & ~in_range).any()):
         bad = targets[valid & ~in_range]
         raise ValueError(
             f"targets has ids outside [0, {vocab}) at valid positions, e.g. {bad[:5].tolist()} "
