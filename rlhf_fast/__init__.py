@@ -18,3 +18,26 @@ __all__ = [
     "logprobs",
     "ppo_loss",
 ]
+
+# Training side (reward model, PPO loop): imported on first attribute access, so that
+# ``import rlhf_fast`` stays lean (no transformers, no tqdm).
+_LAZY_EXPORTS = {
+    "RewardModel": "reward", "RewardTrainConfig": "reward", "bradley_terry_loss": "reward",
+    "train_reward_model": "reward", "calibrate": "reward", "save_reward_model": "reward",
+    "load_reward_model": "reward",
+    "PPOConfig": "ppo", "StepRecord": "ppo", "Rollout": "ppo", "validate_ppo_config": "ppo.validate",
+    "train_ppo": "ppo.train",
+    "gae_advantages": "advantages", "grpo_advantages": "advantages", "rloo_advantages": "advantages",
+    "whiten": "advantages",
+    "AdaptiveKLController": "kl_control", "FixedKLController": "kl_control",
+}
+
+
+def __getattr__(name: str):
+    target = _LAZY_EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")
+    import importlib
+
+    module_name, _, attr = target.partition(".")
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), attr or name)
