@@ -9,7 +9,8 @@ A fused backend is a :class:`RowOps`: three functions over logits viewed as
 * ``logprobs(logits, targets, temperature, with_entropy) -> (lp, entropy or None)``.
 
 Targets arrive sanitised (every id in [0, V)), as contiguous int32 or int64; the other
-vectors as contiguous fp32. Backends never import each other; each is loaded lazily so
+vectors as contiguous fp32. ``backward`` also accepts a target of −1: the row's target
+lies on another vocabulary shard (``process_group``), so there is no one-hot term. Backends never import each other; each is loaded lazily so
 that ``import rlhf_fast`` imports neither triton nor the C++ extension.
 """
 

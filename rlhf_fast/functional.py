@@ -75,7 +75,7 @@ def rows_view(logits: torch.Tensor) -> torch.Tensor:
     return logits.as_strided((b, t, v), (sb, st, 1))
 
 
-def _prepare_rows(logits, targets, mask, validate: bool) -> _Rows:
+def _prepare_rows(logits, targets, mask, validate: bool, process_group=None) -> _Rows:
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not _is_float(logits):
@@ -102,7 +102,12 @@ def _prepare_rows(logits, targets, mask, validate: bool) -> _Rows:
         if mask.shape != lead:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match targets shape {tuple(lead)}")
         valid = mask if mask.dtype == torch.bool else mask != 0
-    in_range = (targets >= 0) & (targets < vocab)
+    total_vocab = vocab
+    if process_group is not None:  # logits hold this rank's vocabulary shard
+        from .vocab_parallel import shard_range
+
+        vocab_start, total_vocab = shard_range(vocab, device, process_group)
+    in_range = (targets >= 0) & (targets < total_vocab)
     if validate and torch.compiler.is_compiling():
         # No host sync inside a compiled graph: an asynchronous device assertion instead
         # (a RuntimeError when it fires, rather than the eager path's ValueError).
@@ -110,10 +115,16 @@ def _prepare_rows(logits, targets, mask, validate: bool) -> _Rows:
     elif validate and bool((valid & ~in_range).any()):
         bad = targets[valid & ~in_range]
         raise ValueError(
-            f"targets has ids outside [0, {vocab}) at valid positions, e.g. {bad[:5].tolist()} "
+            f"targets has ids outside [0, {int(total_vocab)}) at valid positions, e.g. {bad[:5].tolist()} "
             "(mask them out, or fix the vocabulary size)"
         )
-    safe = torch.where(valid & in_range, targets, torch.zeros_like(targets)).reshape(-1).contiguous()
+    if process_group is None:
+        safe = torch.where(valid & in_range, targets, torch.zeros_like(targets))
+    else:  # shard-local ids; −1 where another rank owns the target (or the row is masked)
+        local = targets - vocab_start.to(targets.dtype)
+        owned = valid & in_range & (local >= 0) & (local < vocab)
+        safe = torch.where(owned, local, torch.full_like(local, -1))
+    safe = safe.reshape(-1).contiguous()
     return _Rows(rows_view(logits), safe, valid.reshape(-1).contiguous(), lead)
 
 
@@ -176,6 +187,7 @@ def ppo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    process_group=None,
 ) -> PPOLossOutput:
     """Fused PPO loss of SPEC §1–§5 for logits ``[..., V]`` and targets ``[...]``.
 
@@ -183,13 +195,18 @@ def ppo_loss(
     per-token log-probs and entropy (0 where masked) and the metrics of SPEC §5.
     With ``inplace_backward=True`` the backward writes d(loss)/d(logits) into the
     logits' memory: the logits must not be used after ``backward()``.
+
+    With ``process_group``, ``logits`` is this rank's contiguous vocabulary shard
+    ``[..., V_rank]`` (ranks in order; shards may differ in size) and targets are global
+    ids; the loss, per-token outputs and metrics are the full-vocabulary ones on every
+    rank, and the gradient is this shard's (see :mod:`rlhf_fast.vocab_parallel`).
     """
     cfg = make_config(
         clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature,
         has_old=old_logprobs is not None, has_ref=ref_logprobs is not None,
     )
-    rows = _prepare_rows(logits, targets, mask, validate)
+    rows = _prepare_rows(logits, targets, mask, validate, process_group)
     device = logits.device
     adv = _per_row("advantages", advantages, rows, device, allow_per_sequence=True)
     if adv is None:
@@ -198,13 +215,22 @@ def ppo_loss(
     ref = _per_row("ref_logprobs", ref_logprobs, rows, device)
     weights = _weights(rows, loss_agg, global_num_tokens)
     name = backends.resolve(backend, logits)
-    if name == "eager":
+    if name == "eager" and process_group is None:
         return _eager(logits, rows, weights, adv, old, ref, cfg)
-    ops, _ = backends.load_ops(name)
+    ops = _row_ops(name, process_group)
     loss, lp, entropy, ratio, pg, kl = FusedPPOLoss.apply(
         rows.logits3, rows.targets, rows.valid, weights, adv, old, ref, cfg, ops, inplace_backward
     )
     return _finish(loss, lp, entropy, ratio, pg, kl, rows, adv, old, cfg)
+
+
+def _row_ops(name: str, process_group) -> backends.RowOps:
+    ops = backends.REFERENCE_OPS if name == "eager" else backends.load_ops(name)[0]
+    if process_group is not None:
+        from .vocab_parallel import sharded_ops
+
+        ops = sharded_ops(ops, process_group)
+    return ops
 
 
 def _eager(logits, rows: _Rows, weights, adv, old, ref, cfg: LossConfig) -> PPOLossOutput:
@@ -235,19 +261,16 @@ def logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs of the targets ``[...]`` (fp32, no grad, 0 where masked) for old/ref policies.
 
     With ``with_entropy=True`` returns ``(logprobs, entropy)``. Never materialises the
-    full-vocabulary log-softmax on a fused backend.
+    full-vocabulary log-softmax on a fused backend. ``process_group``: as in :func:`ppo_loss`.
     """
     make_config(temperature=temperature)  # validates τ
-    rows = _prepare_rows(logits, targets, mask, validate=True)
-    name = backends.resolve(backend, logits)
-    if name == "eager":
-        ops = backends.REFERENCE_OPS
-    else:
-        ops, _ = backends.load_ops(name)
+    rows = _prepare_rows(logits, targets, mask, True, process_group)
+    ops = _row_ops(backends.resolve(backend, logits), process_group)
     lp, entropy = ops.logprobs(rows.logits3, rows.targets, float(temperature), with_entropy)
     lp = torch.where(rows.valid, lp, torch.zeros_like(lp)).view(rows.shape)
     if not with_entropy:

@@ -117,12 +117,26 @@ def token_forward(
     """What a fused forward returns for logits ``[N, V]`` and per-row vectors ``[N]``."""
     logits = logits.reshape(-1, logits.shape[-1])
     lp, entropy, lse = selective_logprobs_entropy(logits, targets.reshape(-1), cfg.temperature)
-    parts = per_token_loss(lp, entropy, advantages, old_logprobs, ref_logprobs, cfg)
+    return token_math(lp, entropy, lse, advantages, old_logprobs, ref_logprobs, cfg)
+
+
+@torch.no_grad()
+def token_math(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor],
+    ref_logprobs: Optional[torch.Tensor],
+    cfg: LossConfig,
+) -> TokenResults:
+    """The per-token part of the forward, from each row's lp, H and lse ``[N]``."""
+    parts = per_token_loss(logprobs, entropy, advantages, old_logprobs, ref_logprobs, cfg)
     ratio = parts["ratio"]
     dlogp = torch.where(surrogate_active(ratio, advantages, cfg), -advantages * ratio, 0.0)
     if cfg.has_ref and cfg.kl_coef != 0.0:
-        dlogp = dlogp + cfg.kl_coef * kl_grad(lp, ref_logprobs, cfg.kl_estimator)
-    return TokenResults(lp, entropy, lse, ratio, parts["pg"], parts["kl"], parts["loss"], dlogp)
+        dlogp = dlogp + cfg.kl_coef * kl_grad(logprobs, ref_logprobs, cfg.kl_estimator)
+    return TokenResults(logprobs, entropy, lse, ratio, parts["pg"], parts["kl"], parts["loss"], dlogp)
 
 
 @torch.no_grad()
@@ -139,14 +153,16 @@ def token_backward(
 
     ``coef_logprob`` = d(loss)/d lp per row (g times aggregation weight times upstream
     grad); ``coef_entropy`` = η times the same weight: the entropy bonus contributes
-    η·p_j·(log p_j + H) to d(loss)/d x_j.
+    η·p_j·(log p_j + H) to d(loss)/d x_j. A target of −1 means the row's target lies
+    outside these logits (another vocabulary shard): no one-hot term.
     """
     shape = logits.shape
     logits = logits.reshape(-1, shape[-1])
     x = logits.to(_compute_dtype(logits)) / temperature
     log_p = x - lse.unsqueeze(-1)
     p = torch.exp(log_p)
-    one_hot = torch.zeros_like(x).scatter_(-1, targets.reshape(-1, 1).long(), 1.0)
+    columns = torch.arange(x.shape[-1], device=x.device)
+    one_hot = (columns == targets.reshape(-1, 1)).to(x.dtype)
     entropy_term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
     grad = coef_logprob.unsqueeze(-1) * (one_hot - p) + coef_entropy.unsqueeze(-1) * entropy_term
     return (grad / temperature).to(logits.dtype).reshape(shape)
