@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List, Optional
 
 import torch
 
@@ -16,14 +15,15 @@ from . import backends
 from .functional import ppo_loss
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_fast demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="number of tokens N (as B=8 sequences)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.tokens < 8 or args.vocab < 2:
-        parser.error("--tokens must be ≥ 8 and --vocab ≥ 2")
+        raise SystemExit("demo: --tokens must be ≥ 8 and --vocab ≥ 2")
 
     gen = torch.Generator().manual_seed(args.seed)
     batch, seq = 8, args.tokens // 8
@@ -70,4 +70,6 @@ def _runs(name: str, logits: torch.Tensor) -> bool:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _parser = argparse.ArgumentParser(prog="python -m rlhf_fast.demo", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))
