@@ -250,8 +250,10 @@ class Rollout(NamedTuple):
     entropy: torch.Tensor  # [B, R] fp32, sampling policy's entropy at τ
     values: Optional[torch.Tensor]  # [B, R] critic values (GAE) or None
     raw_scores: torch.Tensor  # [B] reward model output
+    norm_scores: torch.Tensor  # [B] raw scores normalised by the RM's calibration (= raw without one)
     scores: torch.Tensor  # [B] normalised (if asked) minus penalties
     rewards: torch.Tensor  # [B, R] per-token reward: −β·k1 (KL in reward) + score at the last token
+    raw_advantages: torch.Tensor  # [B, R] (GAE) or [B] (GRPO, RLOO), before whitening
     advantages: torch.Tensor  # [B, R] (GAE) or [B] (GRPO, RLOO), as fed to the loss
     returns: Optional[torch.Tensor]  # [B, R] value targets (GAE) or None
 
@@ -521,6 +523,161 @@ class _UpdateStats:
         return out
 
 
+# ----------------------------------------------------------------------------- the phases of a step
+
+
+def choose_prompts(prompt_lists: List[List[int]], cfg: PPOConfig, step: int) -> List[List[int]]:
+    """The step's ``batch`` prompts, each repeated ``samples_per_prompt`` times (contiguously).
+
+    Seeded by (seed, step) alone, so a resumed run picks the same prompts without extra state.
+    """
+    chooser = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    chosen = torch.randperm(len(prompt_lists), generator=chooser)[: cfg.batch].tolist()
+    return [prompt_lists[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
+
+
+@torch.no_grad()
+def collect_rollout(
+    cfg: PPOConfig,
+    policy: nn.Module,
+    ref_policy: nn.Module,
+    reward_model: nn.Module,
+    critic: Optional[nn.Module],
+    step_prompts: List[List[int]],
+    beta: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Rollout:
+    """Sample, score and compute advantages for one step (no gradients).
+
+    The models should be in eval mode (:func:`train` sets it): with dropout on, the
+    old log-probs would not match the update's first forward.
+    """
+    # 1. sample replies at τ
+    (input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths,
+     has_eos) = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
+    seqs = _Sequences(input_ids, attention_mask, position_ids, prompt_len)
+
+    # 2. old / reference log-probs at the same τ, and values of the states before each token
+    hidden = response_hidden(policy, seqs)
+    old_logprobs, entropy = token_logprobs(policy, hidden, response_ids, response_mask, cfg)
+    ref_hidden = response_hidden(ref_policy, seqs)
+    ref_logprobs, _ = token_logprobs(ref_policy, ref_hidden, response_ids, response_mask, cfg)
+    values = critic_values(critic, hidden, seqs) * response_mask if critic is not None else None
+
+    # 3. score: reward model at the end, normalised if asked, minus penalties
+    raw_scores = reward_model(input_ids, attention_mask).float()
+    norm_scores = reward_model.normalize(raw_scores) if hasattr(reward_model, "normalize") else raw_scores
+    scores = norm_scores if cfg.reward_normalize else raw_scores
+    scores = scores - cfg.missing_eos_penalty * (~has_eos).float() - cfg.length_penalty * lengths.float()
+
+    # 4. per-token reward: −β·k1 to the reference (KL in the reward), plus the score at the last token
+    k1 = (old_logprobs - ref_logprobs) * response_mask
+    rewards = -(beta if cfg.kl_placement == "reward" else 0.0) * k1
+    rows = torch.arange(len(lengths), device=rewards.device)
+    rewards[rows, lengths - 1] += scores
+
+    # 5. advantages: per token (GAE) or per reply (GRPO, RLOO), then whitening
+    returns = None
+    if cfg.advantage_estimator == "gae":
+        raw_advantages, returns = gae_advantages(rewards, values, response_mask, cfg.gamma, cfg.lam)
+        advantages = whiten(raw_advantages, response_mask) if cfg.whiten else raw_advantages
+    else:
+        reply_rewards = rewards.sum(dim=1)
+        if cfg.advantage_estimator == "grpo":
+            raw_advantages = grpo_advantages(reply_rewards, cfg.samples_per_prompt, cfg.group_std_normalize)
+        else:
+            raw_advantages = rloo_advantages(reply_rewards, cfg.samples_per_prompt)
+        advantages = whiten(raw_advantages) if cfg.whiten else raw_advantages
+    return Rollout(
+        input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths, has_eos,
+        old_logprobs, ref_logprobs, entropy, values, raw_scores, norm_scores, scores, rewards,
+        raw_advantages, advantages, returns,
+    )
+
+
+def ppo_update(
+    cfg: PPOConfig,
+    policy: nn.Module,
+    critic: Optional[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    beta: float,
+) -> Dict[str, float]:
+    """Epochs × minibatches of the PPO loss (+ clipped value loss) on one rollout.
+
+    Stops early when a minibatch's approx_kl exceeds 1.5 × ``early_stop_approx_kl``.
+    Returns the update's metrics (loss metrics averaged over minibatches).
+    """
+    stats = _UpdateStats()
+    n_replies = rollout.response_ids.shape[0]
+    device = rollout.response_ids.device
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    updates, early_stopped = 0, False
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n_replies).to(device)
+        for start in range(0, n_replies, cfg.minibatch_size):
+            rows = order[start : start + cfg.minibatch_size]
+            hidden = response_hidden(policy, rollout, rows)
+            out = policy_loss(policy, hidden, rollout, rows, beta, cfg)
+            loss, extra = out.loss, {}
+            if critic is not None:
+                value_loss, value_clipfrac = clipped_value_loss(
+                    critic_values(critic, hidden, rollout, rows), rollout.values[rows], rollout.returns[rows],
+                    rollout.response_mask[rows], cfg.value_clip,
+                )
+                loss = loss + cfg.vf_coef * value_loss
+                extra.update(value_loss=float(value_loss.detach()), value_clipfrac=float(value_clipfrac))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            optimizer.step()
+            updates += 1
+            stats.add(out.metrics, extra)
+            target = cfg.early_stop_approx_kl
+            if target is not None and float(out.metrics["approx_kl"]) > 1.5 * target:
+                early_stopped = True
+                break
+        if early_stopped:
+            break
+    summary = stats.summary()
+    summary.setdefault("value_loss", 0.0)
+    summary.setdefault("value_clipfrac", 0.0)
+    summary["epochs_run"] = updates / (n_replies // cfg.minibatch_size)
+    summary["early_stopped"] = float(early_stopped)
+    return summary
+
+
+def rollout_metrics(rollout: Rollout, cfg: PPOConfig) -> Dict[str, float]:
+    """The diagnostics of :data:`METRICS` that come from the rollout itself."""
+    mask = rollout.response_mask
+    mask_f = mask.float()
+    n_tokens = mask_f.sum().clamp(min=1.0)
+    k1 = (rollout.old_logprobs - rollout.ref_logprobs) * mask_f
+    k3 = (torch.exp(-k1) + k1 - 1.0) * mask_f
+    per_token = cfg.advantage_estimator == "gae"
+    advantages = rollout.advantages[mask] if per_token else rollout.advantages
+    raw_advantages = rollout.raw_advantages[mask] if per_token else rollout.raw_advantages
+    lengths = rollout.lengths
+    return {
+        "score_raw_mean": float(rollout.raw_scores.mean()), "score_raw_std": _std(rollout.raw_scores),
+        "score_norm_mean": float(rollout.norm_scores.mean()), "score_norm_std": _std(rollout.norm_scores),
+        "score_mean": float(rollout.scores.mean()), "reward_mean": float(rollout.rewards.sum(dim=1).mean()),
+        "kl_ref_k1_sum": float(k1.sum(dim=1).mean()), "kl_ref_k1_mean": float(k1.sum() / n_tokens),
+        "kl_ref_k3_sum": float(k3.sum(dim=1).mean()), "kl_ref_k3_mean": float(k3.sum() / n_tokens),
+        "entropy": float((rollout.entropy * mask_f).sum() / n_tokens),
+        "adv_mean": float(advantages.mean()), "adv_std": _std(advantages), "adv_max": float(advantages.max()),
+        "adv_raw_std": _std(raw_advantages), "adv_raw_max": float(raw_advantages.abs().max()),
+        "response_length_mean": float(lengths.float().mean()), "response_length_max": float(lengths.max()),
+        "frac_truncated": float((~rollout.has_eos).float().mean()),
+        "score_length_corr": _pearson(rollout.raw_scores, lengths),
+        "value_explained_var": (
+            explained_variance(rollout.values, rollout.returns, mask) if rollout.values is not None else 0.0
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -565,31 +722,21 @@ def train(
         raise ValueError("reward_normalize=True but the reward model is not calibrated: run reward.calibrate first")
     from tqdm.auto import tqdm
 
+    # --- setup ---
     seed_everything(cfg.seed)
-    use_critic = cfg.advantage_estimator == "gae"
-    device = next(policy.parameters()).device
-    policy.eval()  # dropout off: the ratio of the first minibatch is exactly 1
-    ref_policy.eval()
-    reward_model.eval()
-    value_head: Optional[ValueHead] = None
-    if use_critic and value_model is None:
-        value_head = ValueHead(_lm_head(policy).weight.shape[1]).to(device)
-    critic = value_model if value_model is not None else value_head
-    if critic is not None:
-        critic.eval()
+    for model in (policy, ref_policy, reward_model):
+        model.eval()  # dropout off: the ratio of the first minibatch is exactly 1
+    critic = None
+    if cfg.advantage_estimator == "gae":
+        critic = value_model if value_model is not None else ValueHead(_lm_head(policy).weight.shape[1])
+        critic.to(next(policy.parameters()).device).eval()
     param_groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
-    if use_critic:
+    if critic is not None:
         param_groups.append({"params": [p for p in critic.parameters() if p.requires_grad],
                              "lr": cfg.value_lr or cfg.lr})
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    loss_options = dict(
-        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
-        kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
-        loss_agg=cfg.loss_agg, backend=cfg.loss_backend,
-    )
-    n_replies = cfg.batch * cfg.samples_per_prompt
 
     # --- resume ---
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -615,135 +762,29 @@ def train(
     for step in range(start_step, cfg.steps):
         started = time.perf_counter()
         beta = kl_ctl.value
+        step_prompts = choose_prompts(prompt_lists, cfg, step)
+        rollout = collect_rollout(cfg, policy, ref_policy, reward_model, critic, step_prompts, beta,
+                                  eos_token_id, pad_token_id)
+        update_metrics = ppo_update(cfg, policy, critic, optimizer, rollout, beta)
 
-        # --- 1. rollout: B = batch × samples_per_prompt replies, the samples of a prompt contiguous ---
-        chooser = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        chosen = torch.randperm(len(prompt_lists), generator=chooser)[: cfg.batch].tolist()
-        step_prompts = [prompt_lists[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
-        (input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths,
-         has_eos) = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
-        seqs = _Sequences(input_ids, attention_mask, position_ids, prompt_len)
-
-        # --- 2. old / reference log-probs at τ, and values ---
-        with torch.no_grad():
-            hidden = response_hidden(policy, seqs)
-            old_logprobs, entropy = token_logprobs(policy, hidden, response_ids, response_mask, cfg)
-            ref_logprobs, _ = token_logprobs(ref_policy, response_hidden(ref_policy, seqs), response_ids,
-                                             response_mask, cfg)
-            values = None
-            if use_critic:
-                values = _critic_values(critic, value_head, hidden, seqs) * response_mask
-
-            # --- 3. score: reward model at the end, normalised if asked, minus penalties ---
-            raw_scores = reward_model(input_ids, attention_mask).float()
-            norm_scores = reward_model.normalize(raw_scores) if hasattr(reward_model, "normalize") else raw_scores
-            scores = norm_scores if cfg.reward_normalize else raw_scores
-            scores = scores - cfg.missing_eos_penalty * (~has_eos).float() - cfg.length_penalty * lengths.float()
-
-            # --- 4. KL to the reference (k1 = log π − log π_ref per token) ---
-            mask_f = response_mask.float()
-            log_ratio_ref = (old_logprobs - ref_logprobs) * mask_f
-            k3_ref = (torch.exp(-log_ratio_ref) + log_ratio_ref - 1.0) * mask_f
-            kl_in_reward = beta if cfg.kl_placement == "reward" else 0.0
-            rewards = -kl_in_reward * log_ratio_ref
-            last = (lengths - 1).clamp(min=0)
-            rows = torch.arange(len(lengths), device=device)
-            rewards[rows, last] += scores
-
-            # --- 5. advantages ---
-            returns = None
-            if cfg.advantage_estimator == "gae":
-                raw_advantages, returns = gae_advantages(rewards, values, response_mask, cfg.gamma, cfg.lam)
-                advantages = whiten(raw_advantages, response_mask) if cfg.whiten else raw_advantages
-                adv_valid, raw_valid = advantages[response_mask], raw_advantages[response_mask]
-            else:
-                sequence_rewards = rewards.sum(dim=1)
-                if cfg.advantage_estimator == "grpo":
-                    raw_advantages = grpo_advantages(sequence_rewards, cfg.samples_per_prompt,
-                                                     cfg.group_std_normalize)
-                else:
-                    raw_advantages = rloo_advantages(sequence_rewards, cfg.samples_per_prompt)
-                advantages = whiten(raw_advantages) if cfg.whiten else raw_advantages
-                adv_valid, raw_valid = advantages, raw_advantages
-        rollout = Rollout(
-            input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths, has_eos,
-            old_logprobs, ref_logprobs, entropy, values, raw_scores, scores, rewards, advantages, returns,
-        )
-
-        # --- 6. epochs × minibatches of the PPO loss (+ clipped value loss) ---
-        stats = _UpdateStats()
-        minibatches_per_epoch = n_replies // cfg.minibatch_size
-        updates, early_stopped = 0, False
-        for _epoch in range(cfg.epochs):
-            order = torch.randperm(n_replies)
-            for start in range(0, n_replies, cfg.minibatch_size):
-                mb = order[start : start + cfg.minibatch_size].to(device)
-                hidden = response_hidden(policy, rollout, mb)
-                out = _policy_loss(policy, hidden, rollout, mb, beta, cfg, loss_options)
-                loss = out.loss
-                extra = {}
-                if use_critic:
-                    new_values = _critic_values(critic, value_head, hidden, rollout, mb)
-                    value_loss, value_clipfrac = clipped_value_loss(
-                        new_values, rollout.values[mb], rollout.returns[mb], rollout.response_mask[mb],
-                        cfg.value_clip,
-                    )
-                    loss = loss + cfg.vf_coef * value_loss
-                    extra.update(value_loss=float(value_loss.detach()), value_clipfrac=float(value_clipfrac))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                optimizer.step()
-                updates += 1
-                stats.add(out.metrics, extra)
-                if cfg.early_stop_approx_kl is not None and float(out.metrics["approx_kl"]) > (
-                    1.5 * cfg.early_stop_approx_kl
-                ):
-                    early_stopped = True
-                    break
-            if early_stopped:
-                break
-
-        # --- 7. KL controller: target = KL per reply (sum over tokens) ---
-        kl_sum = float(log_ratio_ref.sum(dim=1).mean())
-        kl_ctl.update(kl_sum, n_replies)
-
-        # --- 8. diagnostics ---
-        n_tokens = mask_f.sum().clamp(min=1.0)
-        metrics = {
-            "score_raw_mean": float(raw_scores.mean()), "score_raw_std": _std(raw_scores),
-            "score_norm_mean": float(norm_scores.mean()), "score_norm_std": _std(norm_scores),
-            "score_mean": float(scores.mean()), "reward_mean": float(rewards.sum(dim=1).mean()),
-            "kl_ref_k1_sum": kl_sum, "kl_ref_k1_mean": float(log_ratio_ref.sum() / n_tokens),
-            "kl_ref_k3_sum": float(k3_ref.sum(dim=1).mean()), "kl_ref_k3_mean": float(k3_ref.sum() / n_tokens),
-            "kl_coef": beta, "kl_coef_next": kl_ctl.value,
-            **stats.summary(),
-            "entropy": float((entropy * mask_f).sum() / n_tokens),
-            "adv_mean": float(adv_valid.mean()), "adv_std": _std(adv_valid), "adv_max": float(adv_valid.max()),
-            "adv_raw_std": _std(raw_valid), "adv_raw_max": float(raw_valid.abs().max()),
-            "response_length_mean": float(lengths.float().mean()), "response_length_max": float(lengths.max()),
-            "frac_truncated": float((~has_eos).float().mean()),
-            "score_length_corr": _pearson(raw_scores, lengths),
-            "value_explained_var": explained_variance(values, returns, response_mask) if use_critic else 0.0,
-            "epochs_run": updates / minibatches_per_epoch, "early_stopped": float(early_stopped),
-        }
-        for key in ("value_loss", "value_clipfrac"):
-            metrics.setdefault(key, 0.0)
+        # KL controller: the target is the KL per reply (k1 summed over tokens, mean over replies)
+        metrics = rollout_metrics(rollout, cfg)
+        kl_ctl.update(metrics["kl_ref_k1_sum"], len(step_prompts))
+        metrics.update(update_metrics, kl_coef=beta, kl_coef_next=kl_ctl.value)
         if extra_metrics is not None:
-            response_lists = [r[m].tolist() for r, m in zip(response_ids.cpu(), response_mask.cpu())]
-            metrics.update({k: float(v) for k, v in extra_metrics(step_prompts, response_lists).items()})
+            responses = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
+            metrics.update({k: float(v) for k, v in extra_metrics(step_prompts, responses).items()})
         metrics["step_time_s"] = time.perf_counter() - started
+
+        # diagnostics: metrics.jsonl, progress bar, checkpoint (atomic), callback
         record = StepRecord(step + 1, metrics)
         records.append(record)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record.to_dict()) + "\n")
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{kl_sum:.2f}", beta=f"{beta:.3g}",
-                        len=f"{metrics['response_length_mean']:.1f}", clip=f"{metrics['clipfrac']:.2f}")
-
-        # --- 9. checkpoint (atomic) ---
+        bar.set_postfix(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{metrics['kl_ref_k1_sum']:.2f}",
+                        beta=f"{beta:.3g}", len=f"{metrics['response_length_mean']:.1f}",
+                        clip=f"{metrics['clipfrac']:.2f}")
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             atomic_save(
                 {"step": step + 1, "config": dataclasses.asdict(cfg), "policy": policy.state_dict(),
@@ -765,27 +806,35 @@ class _Sequences(NamedTuple):
     prompt_len: int  # P
 
 
-def _critic_values(critic, value_head, hidden, seqs, rows=None) -> torch.Tensor:
-    """Values ``[B, R]`` of the states before each reply token."""
-    if value_head is not None:
-        return value_head(hidden)
+def critic_values(critic: nn.Module, hidden: torch.Tensor, seqs, rows=None) -> torch.Tensor:
+    """Values ``[B, R]`` of the states before each reply token.
+
+    A :class:`ValueHead` reads the policy's ``hidden`` ``[B, R, H]``; a separate critic
+    runs its own forward over the sequences (``rows`` selects a minibatch).
+    """
+    if isinstance(critic, ValueHead):
+        return critic(hidden)
     ids, mask, pos = seqs.input_ids, seqs.attention_mask, seqs.position_ids
     if rows is not None:
         ids, mask, pos = ids[rows], mask[rows], pos[rows]
     return critic.values(ids[:, :-1], mask[:, :-1], pos[:, :-1])[:, seqs.prompt_len - 1 :]
 
 
-def _policy_loss(policy, hidden, rollout: Rollout, rows, beta: float, cfg: PPOConfig, loss_options):
-    """rf.ppo_loss (or its fused-linear twin) on minibatch ``rows`` of the rollout."""
+def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows, beta: float, cfg: PPOConfig):
+    """``rf.ppo_loss`` (or its fused-linear twin) on minibatch ``rows`` of the rollout, all options from cfg."""
     targets, mask = rollout.response_ids[rows], rollout.response_mask[rows]
     args = (targets, rollout.advantages[rows], rollout.old_logprobs[rows], rollout.ref_logprobs[rows], mask)
-    kl_coef = beta if cfg.kl_placement == "loss" else 0.0  # ref is always passed: the KL metric is free
+    options = dict(
+        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+        kl_coef=beta if cfg.kl_placement == "loss" else 0.0,  # ref is always passed: the KL metric is free
+        kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+        loss_agg=cfg.loss_agg, backend=cfg.loss_backend,
+    )
     head = _lm_head(policy)
     if cfg.use_fused_linear:
-        return _fused_linear().fused_linear_ppo_loss(
-            hidden, head.weight, *args, bias=getattr(head, "bias", None), kl_coef=kl_coef, **loss_options
-        )
-    return functional.ppo_loss(head(hidden), *args, kl_coef=kl_coef, **loss_options)
+        bias = getattr(head, "bias", None)
+        return _fused_linear().fused_linear_ppo_loss(hidden, head.weight, *args, bias=bias, **options)
+    return functional.ppo_loss(head(hidden), *args, **options)
 
 
 _RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "out_dir"}

@@ -206,10 +206,10 @@ def train_reward_model(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            loss_sum += float(loss) * chosen.shape[0]
+            loss_sum += float(loss.detach()) * chosen.shape[0]
             acc_sum += float((chosen.detach() > rejected.detach()).float().sum())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         train_loss, train_acc = loss_sum / max(len(perm), 1), acc_sum / max(len(perm), 1)
         model.eval()
         heldout_loss, heldout_acc = _pair_stats(model, *take(heldout), cfg, cfg.batch_size)
