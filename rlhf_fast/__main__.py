@@ -22,7 +22,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m rlhf_fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rlhf_fast", description="rlhf_fast command line")
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (_, help_text) in SUBCOMMANDS.items():
         subparsers.add_parser(name, help=help_text, add_help=False)

@@ -151,7 +151,7 @@ class PPOConfig:
     checkpoint_every: int = 0
     """Write a checkpoint every this many steps and at the end (0 = never)."""
     resume: bool = False
-    """Continue from out_dir/checkpoint.pt when it exists."""
+    """Continue from out_dir/checkpoint.pt when it exists (otherwise start fresh)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -230,9 +230,23 @@ def validate(cfg: PPOConfig) -> None:
 # ----------------------------------------------------------------------------- records
 
 
+class Samples(NamedTuple):
+    """Sampled replies with their prompts, as :func:`sample_replies` returns them."""
+
+    input_ids: torch.Tensor  # [B, P+R] prompt (left-padded) then reply (right-padded)
+    attention_mask: torch.Tensor  # [B, P+R] long, 1 on prompt and reply tokens (EOS included)
+    position_ids: torch.Tensor  # [B, P+R] positions counting valid tokens only
+    prompt_len: int  # P
+    response_ids: torch.Tensor  # [B, R] reply tokens (pad after EOS)
+    response_mask: torch.Tensor  # [B, R] bool, True up to and including EOS
+    lengths: torch.Tensor  # [B] long, reply length in tokens
+    has_eos: torch.Tensor  # [B] bool, False when the reply hit max_new_tokens
+
+
 class Rollout(NamedTuple):
     """One step's replies and everything computed from them before the update.
 
+    The first eight fields are those of :class:`Samples`.
     ``B`` = batch × samples_per_prompt replies (the samples of a prompt are contiguous),
     ``P`` = prompt length (left-padded), ``R`` = longest reply (right-padded after EOS).
     """
@@ -326,21 +340,22 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
-        return self.linear(hidden).squeeze(-1)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] in the head's dtype (fp32)
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
-def response_hidden(model: nn.Module, rollout_like, rows=None) -> torch.Tensor:
+def response_hidden(model: nn.Module, seqs: Union[Samples, Rollout], rows=None) -> torch.Tensor:
     """Final hidden states ``[B, R, H]`` at the positions that predict the reply tokens.
 
     Position ``P−1+t`` predicts reply token ``t``; the last input token is never needed.
+    ``rows`` selects a minibatch.
     """
-    ids, mask, pos = rollout_like.input_ids, rollout_like.attention_mask, rollout_like.position_ids
+    ids, mask, pos = seqs.input_ids, seqs.attention_mask, seqs.position_ids
     if rows is not None:
         ids, mask, pos = ids[rows], mask[rows], pos[rows]
     body = getattr(model, "base_model", model)
     out = body(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])
-    return out.last_hidden_state[:, rollout_like.prompt_len - 1 :]
+    return out.last_hidden_state[:, seqs.prompt_len - 1 :]
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
@@ -440,33 +455,30 @@ def _prompt_lists(prompts) -> List[List[int]]:
 @torch.no_grad()
 def sample_replies(
     policy: nn.Module, prompt_lists: List[List[int]], cfg: PPOConfig, eos_token_id: int, pad_token_id: int
-):
-    """Sample one reply per prompt row; returns the sequence tensors of a :class:`Rollout`."""
+) -> Samples:
+    """One reply per prompt row: ``generate`` with do_sample at τ, no top-k / top-p, up to max_new_tokens."""
     from transformers import GenerationConfig
 
-    prompt_ids, prompt_mask = left_pad(prompt_lists, pad_token_id)
     device = next(policy.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_lists, pad_token_id))
     generation = GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
-    out = policy.generate(
-        input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=generation
-    )
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
     prompt_len = prompt_ids.shape[1]
     response = out[:, prompt_len:]
-    if response.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes sane
-        response = torch.full((out.shape[0], 1), pad_token_id, dtype=out.dtype, device=device)
     width = response.shape[1]
     is_eos = response == eos_token_id
     has_eos = is_eos.any(dim=1)
     lengths = torch.where(has_eos, is_eos.long().argmax(dim=1) + 1, torch.full_like(has_eos, width, dtype=torch.long))
     response_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
     response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
-    attention_mask = torch.cat([prompt_mask.to(device), response_mask.long()], dim=1)
-    input_ids = torch.cat([prompt_ids.to(device), response], dim=1)
-    return input_ids, attention_mask, position_ids_from_mask(attention_mask), prompt_len, response, \
-        response_mask, lengths, has_eos
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return Samples(
+        torch.cat([prompt_ids, response], dim=1), attention_mask, position_ids_from_mask(attention_mask),
+        prompt_len, response, response_mask, lengths, has_eos,
+    )
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -554,9 +566,8 @@ def collect_rollout(
     old log-probs would not match the update's first forward.
     """
     # 1. sample replies at τ
-    (input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths,
-     has_eos) = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
-    seqs = _Sequences(input_ids, attention_mask, position_ids, prompt_len)
+    seqs = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
+    response_ids, response_mask, lengths, has_eos = seqs.response_ids, seqs.response_mask, seqs.lengths, seqs.has_eos
 
     # 2. old / reference log-probs at the same τ, and values of the states before each token
     hidden = response_hidden(policy, seqs)
@@ -566,7 +577,7 @@ def collect_rollout(
     values = critic_values(critic, hidden, seqs) * response_mask if critic is not None else None
 
     # 3. score: reward model at the end, normalised if asked, minus penalties
-    raw_scores = reward_model(input_ids, attention_mask).float()
+    raw_scores = reward_model(seqs.input_ids, seqs.attention_mask).float()
     norm_scores = reward_model.normalize(raw_scores) if hasattr(reward_model, "normalize") else raw_scores
     scores = norm_scores if cfg.reward_normalize else raw_scores
     scores = scores - cfg.missing_eos_penalty * (~has_eos).float() - cfg.length_penalty * lengths.float()
@@ -590,8 +601,7 @@ def collect_rollout(
             raw_advantages = rloo_advantages(reply_rewards, cfg.samples_per_prompt)
         advantages = whiten(raw_advantages) if cfg.whiten else raw_advantages
     return Rollout(
-        input_ids, attention_mask, position_ids, prompt_len, response_ids, response_mask, lengths, has_eos,
-        old_logprobs, ref_logprobs, entropy, values, raw_scores, norm_scores, scores, rewards,
+        *seqs, old_logprobs, ref_logprobs, entropy, values, raw_scores, norm_scores, scores, rewards,
         raw_advantages, advantages, returns,
     )
 
@@ -799,14 +809,7 @@ def train(
     return records
 
 
-class _Sequences(NamedTuple):
-    input_ids: torch.Tensor  # [B, P+R]
-    attention_mask: torch.Tensor  # [B, P+R]
-    position_ids: torch.Tensor  # [B, P+R]
-    prompt_len: int  # P
-
-
-def critic_values(critic: nn.Module, hidden: torch.Tensor, seqs, rows=None) -> torch.Tensor:
+def critic_values(critic: nn.Module, hidden: torch.Tensor, seqs: Union[Samples, Rollout], rows=None) -> torch.Tensor:
     """Values ``[B, R]`` of the states before each reply token.
 
     A :class:`ValueHead` reads the policy's ``hidden`` ``[B, R, H]``; a separate critic

@@ -43,7 +43,7 @@ class RewardModel(nn.Module):
     """``backbone`` (any ``transformers`` model, with or without an LM head) + a linear scalar head.
 
     The score of a sequence is the head applied to the final hidden state at its last
-    non-padding token. Buffers ``score_mean`` / ``score_std`` (0 and 1 until
+    non-padding token (the head stays fp32 under a low-precision backbone). Buffers ``score_mean`` / ``score_std`` (0 and 1 until
     :func:`calibrate`) travel with ``state_dict`` and :func:`save_reward_model`.
     """
 
@@ -73,7 +73,8 @@ class RewardModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """The head at every position ``[B, L]`` (what a critic initialised from the RM reads)."""
-        return self.head(self.hidden_states(input_ids, attention_mask, position_ids)).squeeze(-1)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
@@ -82,7 +83,7 @@ class RewardModel(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         last = last_token_index(attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.head(hidden[rows, last]).squeeze(-1)
+        return self.head(hidden[rows, last].to(self.head.weight.dtype)).squeeze(-1)
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """``(scores − score_mean) / score_std``: mean 0, std 1 on the calibration samples."""
