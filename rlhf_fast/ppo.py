@@ -565,6 +565,8 @@ def collect_rollout(
     The models should be in eval mode (:func:`train` sets it): with dropout on, the
     old log-probs would not match the update's first forward.
     """
+    if cfg.advantage_estimator == "gae" and critic is None:
+        raise ValueError("advantage_estimator='gae' needs a critic (a ValueHead or a value model)")
     # 1. sample replies at τ
     seqs = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
     response_ids, response_mask, lengths, has_eos = seqs.response_ids, seqs.response_mask, seqs.lengths, seqs.has_eos
@@ -786,7 +788,7 @@ def train(
             metrics.update({k: float(v) for k, v in extra_metrics(step_prompts, responses).items()})
         metrics["step_time_s"] = time.perf_counter() - started
 
-        # diagnostics: metrics.jsonl, progress bar, checkpoint (atomic), callback
+        # diagnostics: metrics.jsonl, progress bar, callback, checkpoint (atomic)
         record = StepRecord(step + 1, metrics)
         records.append(record)
         with open(metrics_path, "a") as f:
@@ -795,6 +797,8 @@ def train(
         bar.set_postfix(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{metrics['kl_ref_k1_sum']:.2f}",
                         beta=f"{beta:.3g}", len=f"{metrics['response_length_mean']:.1f}",
                         clip=f"{metrics['clipfrac']:.2f}")
+        if log_fn is not None:  # before the checkpoint: RNG it draws is captured, so resume stays exact
+            log_fn(record)
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             atomic_save(
                 {"step": step + 1, "config": dataclasses.asdict(cfg), "policy": policy.state_dict(),
@@ -803,8 +807,6 @@ def train(
                  "records": [{"step": r.step, "metrics": r.metrics} for r in records]},
                 checkpoint_path,
             )
-        if log_fn is not None:
-            log_fn(record)
     bar.close()
     return records
 

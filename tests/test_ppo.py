@@ -352,3 +352,65 @@ def test_training_exports_are_lazy():
         "assert 'transformers' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sampling_distribution_is_the_one_the_loss_sees(tmp_path):
+    """generate samples from softmax(logits / τ) with no top-k/top-p: its scores at the sampled
+    tokens equal the old log-probs that go into the loss; the rewards carry −β·k1 and the score."""
+    from rlhf_fast.ppo import sample_replies
+
+    policy, ref, reward_model, prompts = build("llama")
+    for model in (policy, ref, reward_model):
+        model.eval()
+    with torch.no_grad():  # make the reference differ so that k1 ≠ 0
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = base_config(tmp_path, temperature=0.7, kl_coef=0.3, length_penalty=0.1, missing_eos_penalty=1.0,
+                      advantage_estimator="rloo")
+    captured = {}
+    original_generate = policy.generate
+
+    def spy(**kwargs):
+        captured.update(kwargs)
+        return original_generate(**kwargs)
+
+    policy.generate = spy
+    step_prompts = [p for p in prompts[:3] for _ in range(2)]
+    seed_everything(0)
+    rollout = collect_rollout(cfg, policy, ref, reward_model, None, step_prompts, cfg.kl_coef, EOS, PAD["llama"])
+    generation = captured["generation_config"]
+    assert generation.do_sample and generation.temperature == 0.7 and generation.top_k == 0
+    assert generation.top_p == 1.0 and generation.max_new_tokens == 5
+
+    seed_everything(0)  # same draw again, now with the sampler's own scores
+    samples = sample_replies(policy, step_prompts, cfg, EOS, PAD["llama"])
+    assert torch.equal(samples.response_ids, rollout.response_ids)
+    seed_everything(0)
+    out = original_generate(input_ids=captured["input_ids"], attention_mask=captured["attention_mask"],
+                            generation_config=generation.__class__(**{**generation.to_dict(),
+                                                                      "output_scores": True,
+                                                                      "return_dict_in_generate": True}))
+    scores = torch.stack(out.scores, dim=1).log_softmax(-1)  # [B, R, V], processed (÷τ) logits
+    sampled = scores.gather(-1, rollout.response_ids[:, : scores.shape[1], None]).squeeze(-1)
+    mask = rollout.response_mask[:, : scores.shape[1]]
+    torch.testing.assert_close(sampled[mask], rollout.old_logprobs[:, : scores.shape[1]][mask], rtol=1e-4, atol=1e-4)
+
+    k1 = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask
+    assert float(k1.abs().sum()) > 0
+    expected_scores = rollout.raw_scores - 1.0 * (~rollout.has_eos).float() - 0.1 * rollout.lengths.float()
+    torch.testing.assert_close(rollout.scores, expected_scores)
+    torch.testing.assert_close(rollout.rewards.sum(dim=1), rollout.scores - 0.3 * k1.sum(dim=1))
+    assert torch.all(rollout.rewards[~rollout.response_mask] == 0)
+
+
+def test_normalised_reward_uses_the_calibration(tmp_path):
+    from rlhf_fast.reward import calibrate
+
+    policy, ref, reward_model, prompts = build("gpt2")
+    ids = torch.randint(2, VOCAB, (16, 6), generator=torch.Generator().manual_seed(5))
+    mean, std = calibrate(reward_model, ids, torch.ones_like(ids))
+    cfg = base_config(tmp_path, steps=1, reward_normalize=True, advantage_estimator="rloo")
+    (record,) = train(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"])
+    m = record.metrics
+    assert m["score_norm_mean"] == pytest.approx((m["score_raw_mean"] - mean) / std, rel=1e-4, abs=1e-5)
+    assert m["score_mean"] == pytest.approx(m["score_norm_mean"], rel=1e-5, abs=1e-6)
