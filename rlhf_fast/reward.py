@@ -43,8 +43,9 @@ class RewardModel(nn.Module):
     """``backbone`` (any ``transformers`` model, with or without an LM head) + a linear scalar head.
 
     The score of a sequence is the head applied to the final hidden state at its last
-    non-padding token (the head stays fp32 under a low-precision backbone). Buffers ``score_mean`` / ``score_std`` (0 and 1 until
-    :func:`calibrate`) travel with ``state_dict`` and :func:`save_reward_model`.
+    non-padding token (the head stays fp32 under a low-precision backbone). Buffers
+    ``score_mean`` / ``score_std`` (0 and 1 until :func:`calibrate`) travel with
+    ``state_dict`` and :func:`save_reward_model`.
     """
 
     def __init__(self, backbone: nn.Module):
