@@ -128,7 +128,7 @@ class RewardTrainConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clip (0 or less disables it)."""
     seed: int = 0
-    """Seed of the held-out split, the shuffling and the head initialisation order."""
+    """Seed of the held-out split and of the shuffling."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
