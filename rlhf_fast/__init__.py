@@ -6,6 +6,7 @@ anything; backends load on first use.
 
 from .config import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from .functional import PPOLossOutput, logprobs, ppo_loss
+from .fused_linear import fused_linear_logprobs, fused_linear_ppo_loss
 from .module import PPOLoss
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "PPOLoss",
     "PPOLossOutput",
+    "fused_linear_logprobs",
+    "fused_linear_ppo_loss",
     "logprobs",
     "ppo_loss",
 ]
