@@ -265,8 +265,9 @@ def loss_metrics(
         "clipfrac": fraction(clipped),
         "clipfrac_lower": fraction(dual),
         "ratio_mean": mean(r),
-        "ratio_min": torch.where(count > 0, torch.where(v, r, inf).amin(), zero),
-        "ratio_max": torch.where(count > 0, torch.where(v, r, -inf).amax(), zero),
+        # the appended ±inf keeps the reduction defined when there are no tokens at all (N = 0)
+        "ratio_min": torch.where(count > 0, torch.cat([torch.where(v, r, inf), inf.view(1)]).amin(), zero),
+        "ratio_max": torch.where(count > 0, torch.cat([torch.where(v, r, -inf), -inf.view(1)]).amax(), zero),
         "ratio_above": fraction(above),
         "ratio_below": fraction(below),
         "approx_kl": mean((r - 1.0) - log_ratio.reshape(-1)),

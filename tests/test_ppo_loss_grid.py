@@ -47,6 +47,7 @@ def test_grid_matches_reference(backend, options, use_backend):
 EDGE_CASES = {
     "V=1000": dict(shape=(2, 7, 1000)),
     "one-token": dict(shape=(1, 1, 129), mask="none"),
+    "zero-tokens": dict(shape=(2, 0, 129), mask="none"),
     "all-masked": dict(shape=(2, 4, 129), mask="all-masked"),
     "int32-targets": dict(shape=(3, 5, 129), int32_targets=True),
     "per-sequence-advantages": dict(shape=(3, 5, 129), per_sequence_advantages=True),
