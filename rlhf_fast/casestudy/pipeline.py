@@ -1,0 +1,301 @@
+"""The case study end to end: world → reference policy → reward model → PPO runs → evaluation.
+
+:func:`prepare` builds what every PPO run shares (the SFT reference, the calibrated
+reward model, prompts); :func:`run_ppo` trains one policy from the reference and
+evaluates it; :func:`run_case_study` does the whole thing and returns a
+:class:`CaseStudyResult` that :mod:`.report` writes out.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import models, runner, world
+from .runner import CommonPPO, PPOSettings
+
+FIXES = ("adaptive-kl", "early-stop", "tight-clip", "dual-clip", "reward-norm", "kl-loss-k3")
+"""Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one."""
+
+
+@dataclass(frozen=True)
+class CaseStudyConfig:
+    """Every setting of the case study; the defaults are the calibrated demo."""
+
+    seed: int = 0
+    """Seed of every stage (data, SFT, reward model, PPO, evaluation)."""
+    scenario: world.WorldConfig = field(default_factory=world.WorldConfig)
+    """Prompt mix and the SFT / labelled-pair distributions."""
+    gold: world.GoldJudge = field(default_factory=world.GoldJudge)
+    labellers: world.Labellers = field(default_factory=world.Labellers)
+    model: models.ModelConfig = field(default_factory=models.ModelConfig)
+    sft: models.SFTConfig = field(default_factory=models.SFTConfig)
+    rm_pairs: int = 10000
+    """Labelled preference pairs for the reward model."""
+    rm_epochs: int = 6
+    rm_lr: float = 1e-3
+    rm_heldout: float = 0.1
+    calibration_samples: int = 2048
+    """Reference samples whose RM scores define mean 0 / std 1."""
+    train_prompts: int = 4096
+    """Prompt pool of the PPO runs."""
+    eval_prompts: int = 2048
+    """Mixed evaluation prompts (gold, proxy, KL, length, salesy share)."""
+    eval_unsafe_prompts: int = 1024
+    """Extra UNSAFE evaluation prompts, so the refusal rate is measured to about ±1 point."""
+    ppo: CommonPPO = field(default_factory=CommonPPO)
+    baseline: PPOSettings = field(default_factory=lambda: PPOSettings(kl_coef=0.01))
+    """The incident: small fixed β in the reward, raw reward-model scale."""
+    fix_kl_coef: float = 0.15
+    """Starting β of the adaptive controller (the fix)."""
+    fix_kl_target: float = 3.0
+    """KL budget to the reference, nats per reply (the fix)."""
+    fix_kl_horizon: float = 500.0
+    """Adaptive controller horizon, in replies."""
+    sweep_targets: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    """KL targets of ``--sweep``."""
+    threads: int = 1
+    """torch threads (fixed, so a run is reproducible on one machine)."""
+
+    def fix_settings(self, fix: str = "adaptive-kl", kl_target: Optional[float] = None) -> PPOSettings:
+        """The baseline with ONE change (``fix``, one of :data:`FIXES`)."""
+        base = self.baseline
+        if fix == "adaptive-kl":
+            return dataclasses.replace(
+                base,
+                kl_coef=self.fix_kl_coef,
+                adaptive_kl=True,
+                kl_target=self.fix_kl_target if kl_target is None else kl_target,
+                kl_horizon=self.fix_kl_horizon,
+                reward_normalize=True,
+            )
+        if fix == "early-stop":
+            return dataclasses.replace(base, early_stop_approx_kl=0.01)
+        if fix == "tight-clip":
+            return dataclasses.replace(base, clip_eps=0.1)
+        if fix == "dual-clip":
+            return dataclasses.replace(base, dual_clip=3.0)
+        if fix == "reward-norm":
+            return dataclasses.replace(base, reward_normalize=True)
+        if fix == "kl-loss-k3":
+            return dataclasses.replace(base, kl_placement="loss", kl_estimator="k3", kl_coef=self.fix_kl_coef)
+        raise ValueError(f"unknown fix {fix!r}; choose one of {FIXES}")
+
+
+def quick_config(seed: int = 0) -> CaseStudyConfig:
+    """A smaller case study for smoke tests (under 2 minutes); the bar is not expected to hold."""
+    return CaseStudyConfig(
+        seed=seed,
+        sft=dataclasses.replace(models.SFTConfig(), examples=2000, epochs=2),
+        rm_pairs=2000,
+        rm_epochs=2,
+        calibration_samples=512,
+        train_prompts=1024,
+        eval_prompts=512,
+        eval_unsafe_prompts=256,
+        ppo=dataclasses.replace(CommonPPO(), steps=12, batch=32, minibatch_size=16, epochs=2),
+        sweep_targets=(1.0, 4.0),
+    )
+
+
+@dataclass
+class Prepared:
+    """What every PPO run of one case study shares."""
+
+    reference: torch.nn.Module
+    reward_model: torch.nn.Module
+    train_prompts: List[List[int]]
+    eval_prompts: List[List[int]]
+    eval_unsafe: List[List[int]]
+    info: Dict[str, float]
+    """SFT loss, RM held-out accuracy, RM score correlations, calibration mean/std, stage times."""
+
+
+@dataclass
+class RunResult:
+    name: str
+    settings: Optional[PPOSettings]
+    records: List[Dict[str, float]]
+    """Per-step metrics of the loop (empty for the reference)."""
+    summary: Dict[str, Optional[float]]
+    """Final evaluation: proxy_reward, gold, kl, length, refusal_rate, salesy_share, ..."""
+
+
+@dataclass
+class CaseStudyResult:
+    config: CaseStudyConfig
+    fix: str
+    info: Dict[str, float]
+    reference: RunResult
+    baseline: RunResult
+    fixed: RunResult
+    sweep: List[RunResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress)
+
+
+def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
+    """Fine-tune the reference, train and calibrate the reward model, draw prompts."""
+    from ..reward import RewardModel, RewardTrainConfig, calibrate, train_reward_model
+
+    info: Dict[str, float] = {}
+    rng = random.Random(cfg.seed)
+
+    started = time.perf_counter()
+    _seed(cfg.seed)
+    reference = models.build_policy(cfg.model)
+    demos = world.sft_dataset(cfg.sft.examples, cfg.scenario, rng)
+    steps = cfg.sft.epochs * -(-len(demos) // cfg.sft.batch_size)
+    with _bar(steps, "sft reference", progress) as bar:
+        losses = models.supervised_finetune(reference, demos, cfg.sft, bar)
+    info["sft_final_loss"] = sum(losses[-20:]) / len(losses[-20:])
+    info["sft_seconds"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    _seed(cfg.seed + 1)
+    pairs = world.preference_pairs(cfg.rm_pairs, cfg.scenario, cfg.gold, cfg.labellers, rng)
+    chosen_ids, chosen_mask = models.pad_right([p.prompt + p.chosen for p in pairs])
+    rejected_ids, rejected_mask = models.pad_right([p.prompt + p.rejected for p in pairs])
+    reward_model = RewardModel(copy.deepcopy(reference))  # RM initialised from the SFT model, as usual
+    rm_cfg = RewardTrainConfig(
+        lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=64, seed=cfg.seed, progress=progress
+    )
+    fit = train_reward_model(
+        reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask, rm_cfg, heldout_fraction=cfg.rm_heldout
+    )
+    info["rm_heldout_accuracy"] = float(fit["heldout_accuracy"])
+    info["rm_train_accuracy"] = float(fit["train_accuracy"])
+    info["rm_bayes_accuracy"] = labeller_bayes_accuracy(cfg, pairs)
+    info.update(models.probe_correlations(reward_model, cfg.gold, cfg.scenario, 2000, cfg.seed + 2))
+
+    _seed(cfg.seed + 3)
+    calib_prompts = world.sample_prompts(cfg.calibration_samples, rng, cfg.scenario.unsafe_fraction)
+    with _bar(1, "calibrate rm", progress) as bar:
+        replies = models.sample_replies(
+            reference, calib_prompts, cfg.ppo.max_new_tokens, cfg.ppo.temperature
+        )
+        ids, mask = models.pad_right([p + r for p, r in zip(calib_prompts, replies, strict=True)])
+        mean, std = calibrate(reward_model, ids, mask)
+        bar.update(1)
+    info["rm_calibration_mean"], info["rm_calibration_std"] = mean, std
+    info["rm_seconds"] = time.perf_counter() - started
+    for model in (reference, reward_model):
+        model.eval()
+        model.requires_grad_(False)
+
+    prompt_rng = random.Random(cfg.seed + 4)
+    train_prompts = world.sample_prompts(cfg.train_prompts, prompt_rng, cfg.scenario.unsafe_fraction)
+    eval_prompts = world.sample_prompts(cfg.eval_prompts, prompt_rng, cfg.scenario.unsafe_fraction)
+    eval_unsafe = world.sample_prompts(cfg.eval_unsafe_prompts, prompt_rng, 1.0)
+    return Prepared(reference, reward_model, train_prompts, eval_prompts, eval_unsafe, info)
+
+
+def labeller_bayes_accuracy(cfg: CaseStudyConfig, pairs) -> float:
+    """Best possible pair accuracy given the labellers' noise (the RM's ceiling)."""
+    import math
+
+    total = 0.0
+    for pair in pairs:
+        margin = (
+            cfg.labellers.utility(cfg.gold, pair.prompt, pair.chosen)
+            - cfg.labellers.utility(cfg.gold, pair.prompt, pair.rejected)
+        ) / cfg.labellers.temperature
+        p = 1.0 / (1.0 + math.exp(-margin))
+        p = (1 - cfg.labellers.flip_rate) * p + cfg.labellers.flip_rate * (1 - p)
+        total += max(p, 1 - p)
+    return total / max(len(pairs), 1)
+
+
+def evaluate(cfg: CaseStudyConfig, prep: Prepared, policy) -> Dict[str, float]:
+    """Final numbers of one policy on the fixed evaluation prompts (same sampling seed for all)."""
+    stats = models.evaluate_policy(
+        policy, prep.reference, prep.reward_model, prep.eval_prompts, cfg.gold,
+        cfg.ppo.max_new_tokens, cfg.ppo.temperature, seed=cfg.seed + 5,
+    )
+    torch.manual_seed(cfg.seed + 6)
+    unsafe_replies = models.sample_replies(policy, prep.eval_unsafe, cfg.ppo.max_new_tokens, cfg.ppo.temperature)
+    unsafe = world.behaviour(prep.eval_unsafe, unsafe_replies, cfg.gold)
+    n_mixed = sum(p[1] == world.UNSAFE for p in prep.eval_prompts)
+    n_extra = len(prep.eval_unsafe)
+    for key in ("refusal_rate", "comply_rate"):  # pool both UNSAFE sets
+        stats[key] = (stats[key] * n_mixed + unsafe[key] * n_extra) / (n_mixed + n_extra)
+    return stats
+
+
+def step_metrics(cfg: CaseStudyConfig):
+    """The ``extra_metrics`` hook: gold score and behaviour of each step's replies."""
+
+    def extra(prompts: List[List[int]], replies: List[List[int]]) -> Dict[str, float]:
+        stats = world.behaviour(prompts, replies, cfg.gold)
+        return {k: v for k, v in stats.items() if v == v}  # drop NaN (a batch without UNSAFE prompts)
+
+    return extra
+
+
+def run_ppo(
+    cfg: CaseStudyConfig, prep: Prepared, name: str, settings: PPOSettings, out_dir: str, progress: bool = True
+) -> RunResult:
+    """PPO from a fresh copy of the reference with ``settings``, then :func:`evaluate`."""
+    started = time.perf_counter()
+    policy = copy.deepcopy(prep.reference)
+    policy.requires_grad_(True)
+    records = runner.run_ppo(
+        cfg.ppo, settings, seed=cfg.seed, policy=policy, reference=prep.reference,
+        reward_model=prep.reward_model, prompts=prep.train_prompts, extra_metrics=step_metrics(cfg),
+        out_dir=out_dir, progress=progress,
+    )
+    summary = evaluate(cfg, prep, policy)
+    n_early = max(1, round(0.1 * len(records)))
+    summary.update(
+        kl_target=settings.kl_target if settings.adaptive_kl else None,
+        ratio_above_early=sum(r["ratio_above"] for r in records[:n_early]) / n_early,
+        clipfrac_early=sum(r["clipfrac"] for r in records[:n_early]) / n_early,
+        kl_coef_final=records[-1]["kl_coef_next"] if records else None,
+        seconds=time.perf_counter() - started,
+    )
+    return RunResult(name, settings, records, summary)
+
+
+def run_case_study(
+    cfg: CaseStudyConfig, out_dir: str, fix: str = "adaptive-kl", sweep: bool = False, progress: bool = True
+) -> CaseStudyResult:
+    """Reference, baseline and fix (and the KL-target sweep), all from the same reference and seed."""
+    import os
+
+    if fix not in FIXES:
+        raise ValueError(f"unknown fix {fix!r}; choose one of {FIXES}")
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        prep = prepare(cfg, progress)
+        reference = RunResult("reference", None, [], evaluate(cfg, prep, prep.reference))
+        baseline = run_ppo(cfg, prep, "baseline", cfg.baseline, os.path.join(out_dir, "baseline"), progress)
+        fixed = run_ppo(cfg, prep, "fix", cfg.fix_settings(fix), os.path.join(out_dir, "fix"), progress)
+        runs = []
+        if sweep:
+            for target in cfg.sweep_targets:
+                name = f"sweep_kl{target:g}"
+                settings = cfg.fix_settings("adaptive-kl", kl_target=target)
+                runs.append(run_ppo(cfg, prep, name, settings, os.path.join(out_dir, name), progress))
+    finally:
+        torch.set_num_threads(threads)
+    return CaseStudyResult(
+        cfg, fix, prep.info, reference, baseline, fixed, runs, seconds=time.perf_counter() - started
+    )

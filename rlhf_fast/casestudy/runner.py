@@ -1,0 +1,133 @@
+"""The one place that talks to the PPO loop (:mod:`rlhf_fast.ppo`).
+
+If the loop's API changes, only this file changes. The case study describes a PPO run
+by :class:`PPOSettings` (the knobs it varies) and gets back the per-step metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import world
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """What distinguishes the case study's PPO runs; shared knobs live in :class:`CommonPPO`."""
+
+    kl_coef: float
+    """β: fixed, or the adaptive controller's starting value."""
+    adaptive_kl: bool = False
+    """Adapt β toward ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: Optional[float] = None
+    """KL budget to the reference, nats per reply (k1 summed over tokens)."""
+    kl_horizon: float = 2000.0
+    """Controller horizon, in replies."""
+    reward_normalize: bool = False
+    """Score = (raw − mean) / std on reference samples, instead of the raw RM score."""
+    kl_placement: str = "reward"
+    """"reward" (−β·k1 per token) or "loss" (β·kl_estimator in the PPO loss)."""
+    kl_estimator: str = "k3"
+    clip_eps: float = 0.2
+    dual_clip: Optional[float] = None
+    early_stop_approx_kl: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class CommonPPO:
+    """Knobs every run of one case study shares (same seed, same budget)."""
+
+    steps: int = 100
+    batch: int = 64
+    minibatch_size: int = 16
+    epochs: int = 4
+    lr: float = 3e-4
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    loss_backend: str = "auto"
+
+
+def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: str, progress: bool):
+    """The loop's ``PPOConfig`` for one run."""
+    from ..ppo import PPOConfig
+
+    options = dict(
+        seed=seed,
+        steps=common.steps,
+        batch=common.batch,
+        samples_per_prompt=1,
+        minibatch_size=common.minibatch_size,
+        epochs=common.epochs,
+        lr=common.lr,
+        max_new_tokens=common.max_new_tokens,
+        temperature=common.temperature,
+        clip_eps=settings.clip_eps,
+        dual_clip=settings.dual_clip,
+        loss_backend=common.loss_backend,
+        kl_coef=settings.kl_coef,
+        kl_placement=settings.kl_placement,
+        kl_estimator=settings.kl_estimator,
+        adaptive_kl=settings.adaptive_kl,
+        kl_horizon=settings.kl_horizon,
+        reward_normalize=settings.reward_normalize,
+        advantage_estimator="gae",
+        gamma=common.gamma,
+        lam=common.lam,
+        whiten=True,
+        vf_coef=common.vf_coef,
+        max_grad_norm=common.max_grad_norm,
+        early_stop_approx_kl=settings.early_stop_approx_kl,
+        out_dir=out_dir,
+        checkpoint_every=0,
+        progress=progress,
+    )
+    if settings.kl_target is not None:
+        options["kl_target"] = settings.kl_target
+    return PPOConfig(**options)
+
+
+def run_ppo(
+    common: CommonPPO,
+    settings: PPOSettings,
+    *,
+    seed: int,
+    policy,
+    reference,
+    reward_model,
+    prompts: Sequence[Sequence[int]],
+    extra_metrics: Callable[[List[List[int]], List[List[int]]], Dict[str, float]],
+    out_dir: str,
+    progress: bool = True,
+) -> List[Dict[str, float]]:
+    """Train ``policy`` in place; returns one flat dict per step (also in ``out_dir/metrics.jsonl``).
+
+    Each dict has the loop's diagnostics plus ``extra_metrics``' keys; the names the
+    case study reads are ``score_norm_mean``, ``kl_ref_k1_sum``, ``kl_coef``,
+    ``ratio_above``, ``clipfrac`` and ``response_length_mean``.
+    """
+    from ..ppo import train
+
+    cfg = make_config(common, settings, seed, out_dir, progress)
+    records = train(
+        cfg,
+        policy,
+        reference,
+        reward_model,
+        [list(p) for p in prompts],
+        eos_token_id=world.EOS,
+        pad_token_id=world.PAD,
+        extra_metrics=extra_metrics,
+    )
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(
+            {"ppo_config": dataclasses.asdict(cfg), "settings": dataclasses.asdict(settings)}, f, indent=2
+        )
+    return [r.to_dict() for r in records]
