@@ -1,0 +1,330 @@
+"""Inputs, implementations and measurements of the ``rf.ppo_loss`` benchmark.
+
+Shared by ``bench_ppo_loss.py`` (pytest-benchmark) and ``gpu_check.sh``, which runs this
+file as a script so that a GPU machine without pytest-benchmark still gets the table:
+``python benchmarks/ppo_loss_cases.py --out DIR``.
+
+Implementations, on the same inputs in the same run:
+
+* ``eager``: ``rf.ppo_loss(..., backend="eager")``, the reference (autograd);
+* ``compiled``: ``torch.compile`` of that same eager call (Inductor);
+* ``fused``: ``rf.ppo_loss(..., backend="auto")``: Triton on CUDA, C++ on CPU;
+* ``kernels`` (CUDA only): the Triton row ops called directly (forward, then backward
+  into a fresh buffer), without autograd and aggregation: the kernels' own speed.
+
+Bytes model: the bytes the fused kernels must move, b = bytes per logit, per-row vectors
+(O(N), under 0.1 %) left out:
+
+* forward: read the logits once, N·V·b;
+* forward + backward: forward N·V·b, backward reads the logits again and writes
+  d(logits) once, 2·N·V·b; in all 3·N·V·b.
+
+Effective GB/s = that byte count / time, for every implementation (so GB/s ratios are
+speed ratios). The roofline is the device's copy bandwidth measured in the same run
+(``dst.copy_(src)`` of a 4 GiB buffer, read + write); the issue's bar is fused
+forward + backward ≥ 85 % of it.
+
+Peak memory: above what the inputs and leftovers hold when the step starts (CUDA:
+``max_memory_allocated``; CPU: peak RSS via ``/proc/self/clear_refs``, when available).
+A forward + backward step includes the logits' ``.grad`` (N·V·b) in every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast import backends
+
+OPTIONS = dict(kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01, clip_eps=0.2, validate=False)
+"""A PPO step with a KL penalty and an entropy bonus; validation off (it is O(N), not the loss)."""
+
+IMPLS = ("eager", "compiled", "fused", "kernels")
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+    vocab: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def label(self) -> str:
+        return f"N={self.rows} V={self.vocab} {self.dtype}"
+
+
+CPU_SHAPES = (Shape(4, 128, 8192, "float32"),)
+GPU_SHAPES = tuple(Shape(16, 1024, v, "bfloat16") for v in (151936, 32000, 128256))
+
+
+def bytes_moved(shape: Shape, mode: str) -> int:
+    """The fused kernels' bytes (module docstring): N·V·b forward, 3·N·V·b with backward."""
+    logits_bytes = shape.rows * shape.vocab * torch.empty((), dtype=shape.torch_dtype).element_size()
+    return logits_bytes * (1 if mode == "fwd" else 3)
+
+
+def make_inputs(shape: Shape, device: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Logits ``[B, T, V]`` (a leaf with grad) and per-token tensors ``[B, T]``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, t, v = shape.batch, shape.seq, shape.vocab
+    logits = torch.randn(b, t, v, device=device, generator=gen, dtype=torch.float32).mul_(2.0)
+    logits = logits.to(shape.torch_dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (b, t), device=device, generator=gen)
+    with torch.no_grad():
+        lp = rf.logprobs(logits.detach(), targets, backend="eager")
+    noise = lambda: 0.3 * torch.randn(b, t, device=device, generator=gen)  # noqa: E731
+    return dict(logits=logits, targets=targets, advantages=torch.randn(b, t, device=device, generator=gen),
+                old_logprobs=lp + noise(), ref_logprobs=lp + noise())
+
+
+def _loss_call(backend: str) -> Callable:
+    def call(logits, targets, advantages, old_logprobs, ref_logprobs):
+        return rf.ppo_loss(logits, targets, advantages, old_logprobs, ref_logprobs, backend=backend,
+                           **OPTIONS).loss
+
+    return call
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def availability(impl: str, device: str) -> Optional[str]:
+    """None when ``impl`` can run on ``device``, else why not."""
+    if impl in ("eager", "compiled"):
+        return None
+    if device == "cuda":
+        ops, why = backends.load_ops("triton")
+        return None if ops is not None else f"triton backend: {why}"
+    if impl == "kernels":
+        return "the kernels-only column is CUDA only"
+    ops, why = backends.load_ops("cpp")
+    return None if ops is not None else f"C++ backend not built ({why}); the Triton interpreter is too slow"
+
+
+def make_step(impl: str, mode: str, device: str) -> Callable[[Dict[str, torch.Tensor]], None]:
+    """One benchmark step on the inputs: forward (the loss, graph kept) or forward + backward."""
+    if impl == "kernels":
+        return _kernels_step(mode)
+    if impl == "compiled":
+        loss = _COMPILED.setdefault(device, torch.compile(_loss_call("eager")))
+    else:
+        loss = _loss_call("eager" if impl == "eager" else "auto")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(inputs):
+        inputs["logits"].grad = None
+        value = loss(**inputs)
+        if mode == "fwd+bwd":
+            value.backward()
+        sync()
+
+    return step
+
+
+def _kernels_step(mode: str):
+    from rlhf_fast.config import make_config
+    from rlhf_fast.functional import rows_view
+
+    ops = backends.load_ops("triton")[0]
+    cfg = make_config(clip_eps=OPTIONS["clip_eps"], kl_coef=OPTIONS["kl_coef"], kl_estimator=OPTIONS["kl_estimator"],
+                      entropy_coef=OPTIONS["entropy_coef"], has_old=True, has_ref=True)
+
+    def step(inputs):
+        logits = rows_view(inputs["logits"].detach())
+        targets = inputs["targets"].reshape(-1)
+        vectors = [inputs[k].reshape(-1).float() for k in ("advantages", "old_logprobs", "ref_logprobs")]
+        res = ops.forward(logits, targets, *vectors, cfg)
+        if mode == "fwd+bwd":
+            out = torch.empty_like(logits)
+            coef_entropy = torch.full_like(res.lse, cfg.entropy_coef / targets.numel())
+            ops.backward(logits, targets, res.lse, res.entropy, res.dlogp / targets.numel(), coef_entropy,
+                         cfg.temperature, out)
+        torch.cuda.synchronize()
+
+    return step
+
+
+def time_step(step, inputs, device: str, rounds: int, warmup: int = 1) -> List[float]:
+    """Seconds per step: CUDA events on a GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        step(inputs)
+    times = []
+    for _ in range(rounds):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step(inputs)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_above(step, inputs, device: str) -> Optional[int]:
+    """Peak bytes one step allocates above what is held when it starts."""
+    inputs["logits"].grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(inputs)
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        _release_freed_memory()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak-RSS counter (VmHWM)
+    except OSError:
+        return None
+    base = _status_kib("VmRSS")
+    step(inputs)
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def _release_freed_memory() -> None:
+    """Have glibc serve allocations above 64 KiB by mmap, so that freed tensors leave the RSS.
+
+    Otherwise a step reuses heap pages freed by the previous one and its peak RSS shows
+    nothing. (M_MMAP_THRESHOLD is mallopt's parameter -3; setting it also stops glibc
+    from raising the threshold by itself.)
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except (OSError, AttributeError) as exc:
+        raise OSError("no glibc mallopt") from exc
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def copy_bandwidth(device: str, gib: float = 4.0, rounds: int = 10) -> float:
+    """Measured device bandwidth, bytes/s: read + write of a ``gib`` GiB copy."""
+    numel = int(gib * 2**30) // 2
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+
+    def step(buffers):
+        buffers["dst"].copy_(buffers["src"])
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = statistics.median(time_step(step, dict(src=src, dst=dst), device, rounds, warmup=2))
+    return 2 * numel * 2 / seconds
+
+
+def measure(impl: str, mode: str, shape: Shape, inputs, device: str, rounds: int) -> dict:
+    """One row of the table: median time, effective GB/s, peak memory (or why it was skipped)."""
+    row = dict(impl=impl, mode=mode, **asdict(shape), rows=shape.rows, device=device)
+    why = availability(impl, device)
+    if why is not None:
+        return dict(row, skipped=why)
+    try:
+        step = make_step(impl, mode, device)
+        times = time_step(step, inputs, device, rounds)
+        peak = peak_memory_above(step, inputs, device)
+    except torch.cuda.OutOfMemoryError as exc:
+        return dict(row, skipped=f"out of memory: {str(exc).splitlines()[0]}")
+    finally:
+        inputs["logits"].grad = None
+    median = statistics.median(times)
+    return dict(row, median_s=median, min_s=min(times), rounds=len(times),
+                gb_per_s=bytes_moved(shape, mode) / median / 1e9, peak_mem_bytes=peak)
+
+
+def markdown_table(results: List[dict], copy_gb_per_s: Optional[float], device_name: str) -> str:
+    bandwidth = f"measured copy bandwidth {copy_gb_per_s:.0f} GB/s" if copy_gb_per_s else "no copy bandwidth"
+    lines = [f"Device: {device_name}; torch {torch.__version__}; {bandwidth}",
+             "",
+             "| shape | mode | impl | median ms | eff. GB/s | % of copy BW | vs eager | vs compiled | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in results:
+        if "median_s" in r:
+            base[(r["vocab"], r["rows"], r["dtype"], r["mode"], r["impl"])] = r["median_s"]
+    for r in results:
+        label = f"N={r['rows']} V={r['vocab']} {r['dtype']}"
+        if "median_s" not in r:
+            lines.append(f"| {label} | {r['mode']} | {r['impl']} | skipped: {r.get('skipped', '?')} |  |  |  |  |  |")
+            continue
+        key = (r["vocab"], r["rows"], r["dtype"], r["mode"])
+        eager, compiled = (base.get(key + (other,)) for other in ("eager", "compiled"))
+        ratio = lambda other, median=r["median_s"]: f"{other / median:.2f}×" if other else "–"  # noqa: E731
+        pct = f"{100 * r['gb_per_s'] / copy_gb_per_s:.0f} %" if copy_gb_per_s else "–"
+        peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "–"
+        lines.append(f"| {label} | {r['mode']} | {r['impl']} | {1e3 * r['median_s']:.2f} | {r['gb_per_s']:.1f} | "
+                     f"{pct} | {ratio(eager)} | {ratio(compiled)} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=".", help="folder for ppo_loss_raw.jsonl and ppo_loss_table.md")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--vocab", type=int, nargs="*", help="only these vocabulary sizes")
+    parser.add_argument("--impls", nargs="*", default=list(IMPLS))
+    args = parser.parse_args(argv)
+    device = args.device
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    if args.vocab:
+        shapes = tuple(s for s in shapes if s.vocab in args.vocab)
+    os.makedirs(args.out, exist_ok=True)
+    raw_path = os.path.join(args.out, "ppo_loss_raw.jsonl")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    copy_bw = copy_bandwidth(device) / 1e9 if device == "cuda" else None
+    results = []
+    with open(raw_path, "w") as raw:
+        raw.write(json.dumps(dict(device_name=device_name, copy_gb_per_s=copy_bw, torch=torch.__version__)) + "\n")
+        for shape in shapes:
+            inputs = make_inputs(shape, device)
+            for mode in MODES:
+                for impl in args.impls:
+                    t0 = time.perf_counter()
+                    row = measure(impl, mode, shape, inputs, device, args.rounds)
+                    row["wall_s"] = time.perf_counter() - t0  # includes compilation
+                    results.append(row)
+                    raw.write(json.dumps(row) + "\n")
+                    raw.flush()  # a run cut short by a time limit keeps what it measured
+                    print(json.dumps(row), flush=True)
+            del inputs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    table = markdown_table(results, copy_bw, device_name)
+    with open(os.path.join(args.out, "ppo_loss_table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    measured = sum("median_s" in r for r in results)
+    print(f"{measured} measured, {len(results) - measured} skipped; table in {args.out}/ppo_loss_table.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
