@@ -32,6 +32,15 @@ What the caller should know:
   (``create_graph=True``) are not supported. Call the function again instead.
 * "In place" concerns only the internal logits buffer: the caller's ``hidden``,
   ``weight`` and ``bias`` are never written.
+* Vocabulary-parallel (``process_group=``): each rank holds a contiguous row shard
+  ``weight [V_rank, H]`` (and ``bias [V_rank]``) of the LM head, ranks in order, sizes
+  may differ; ``hidden`` is replicated. The row work is
+  :func:`rlhf_fast.vocab_parallel.sharded_ops` (two small collectives per chunk), d(W)
+  and d(b) stay local to the shard, and d(hidden) = Σ_rank dlogits_rank·W_rank is summed
+  with **one** all-reduce of the fp32 ``[N, H]`` accumulator after the last chunk
+  (rather than one per chunk): the same bytes in one collective instead of N/chunk
+  latency-bound ones, and a single rounding to the hidden dtype, as in one process.
+  Every rank returns the full d(hidden): do not all-reduce it again.
 * A per-token upstream gradient would be needed only if the caller differentiated a
   function of the per-token terms that is not the scalar loss, e.g. a custom non-linear
   aggregation or ``backward(gradient=v)`` of a vector of token losses. Then d(logits)
@@ -45,9 +54,10 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import backends
+from . import backends, functional
 from .backends import RowOps
 from .config import LossConfig, make_config
 from .functional import PPOLossOutput, _finish, _per_row, _prepare_rows, _Rows, _weights
@@ -121,12 +131,14 @@ def _check_linear(hidden, weight, bias, chunk_size) -> None:
             raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
 
 
-def _prepare(hidden, weight, bias, targets, mask, chunk_size, validate, **tensors) -> Tuple[_Rows, int]:
+def _prepare(hidden, weight, bias, targets, mask, chunk_size, validate, process_group=None,
+             **tensors) -> Tuple[_Rows, int]:
     """Checks, then functional's row preparation on a stand-in for the logits.
 
     The stand-in has the logits' shape ``[..., V]``, dtype and device but owns only V
     elements (zero strides on the leading dims), so functional's target/mask/range checks
-    and backend resolution apply unchanged without any [N, V] allocation.
+    and backend resolution apply unchanged without any [N, V] allocation. With a
+    ``process_group`` the targets come back shard-local (−1 where another rank owns them).
     """
     _check_linear(hidden, weight, bias, chunk_size)
     lead = hidden.shape[:-1]
@@ -140,17 +152,34 @@ def _prepare(hidden, weight, bias, targets, mask, chunk_size, validate, **tensor
         )
     vocab = weight.shape[0]
     stand_in = hidden.new_empty(vocab).as_strided(tuple(lead) + (vocab,), (0,) * len(lead) + (1,))
-    rows = _prepare_rows(stand_in, targets, mask, validate)
+    rows = _prepare_rows(stand_in, targets, mask, validate, process_group)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(vocab, hidden.shape[-1])
     return rows, chunk
 
 
-def _row_ops(backend: str, rows: _Rows) -> RowOps:
-    name = backends.resolve(backend, rows.logits3)
-    if name == "eager":
-        return backends.REFERENCE_OPS
-    ops, _ = backends.load_ops(name)
-    return ops
+def _row_ops(backend: str, rows: _Rows, process_group=None) -> RowOps:
+    return functional._row_ops(backends.resolve(backend, rows.logits3), process_group)
+
+
+def _agree_across_ranks(chunk: int, n_rows: int, wants_hidden_grad: bool, device, group) -> int:
+    """The chunk size every rank uses (the smallest asked for), after checking that the ranks agree.
+
+    Each chunk runs collectives, so every rank must walk the same chunks: shard sizes (hence
+    the default chunk) may differ, the number of tokens and whether d(hidden) is all-reduced
+    may not. One small collective (and a host sync) per call.
+    """
+    flags = torch.tensor([-chunk, n_rows, -n_rows, int(wants_hidden_grad), -int(wants_hidden_grad)],
+                         dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    neg_chunk, most_rows, neg_fewest_rows, any_grad, neg_all_grad = flags.tolist()
+    if most_rows != -neg_fewest_rows:
+        raise ValueError(
+            f"hidden must be replicated across the process group: ranks have between {-neg_fewest_rows} and "
+            f"{most_rows} tokens"
+        )
+    if any_grad != -neg_all_grad:
+        raise ValueError("hidden requires grad on some ranks of the process group but not on others")
+    return -neg_chunk
 
 
 # ----------------------------------------------------------------------------------
@@ -213,6 +242,7 @@ def _chunked_pass(
     ops: RowOps,
     chunk: int,
     needs_grad: Tuple[bool, bool, bool],  # hidden, weight, bias
+    process_group=None,  # vocabulary shards: weight/bias are this rank's rows
 ) -> _Pass:
     n_rows, hidden_size = hidden2d.shape
     vocab = weight.shape[0]
@@ -220,8 +250,11 @@ def _chunked_pass(
     acc_dtype = _result_dtype(hidden2d)
     out = _Pass(n_rows, hidden2d, acc_dtype)
     need_h, need_w, need_b = needs_grad
+    # Sharded: each rank's d(hidden) is a partial sum, kept in fp32 until the all-reduce.
+    sum_hidden_grad = need_h and process_group is not None and hidden2d.dtype != acc_dtype
     if need_h:
-        out.grad_hidden = torch.empty(n_rows, hidden_size, dtype=hidden2d.dtype, device=device)
+        grad_dtype = acc_dtype if sum_hidden_grad else hidden2d.dtype
+        out.grad_hidden = torch.empty(n_rows, hidden_size, dtype=grad_dtype, device=device)
     if need_w:
         out.grad_weight = torch.zeros(vocab, hidden_size, dtype=acc_dtype, device=device)
     if need_b:
@@ -253,12 +286,16 @@ def _chunked_pass(
         # d(loss)/d(logits) overwrites the logits: the buffer is ours and used only here.
         ops.backward(logits3, targets, res.lse, res.entropy, coef_logprob, coef_entropy,
                      cfg.temperature, logits3)
-        if need_h:
+        if sum_hidden_grad:
+            _accumulate_mm(out.grad_hidden[span].zero_(), logits, weight)
+        elif need_h:
             torch.mm(logits, weight, out=out.grad_hidden[span])
         if need_w:
             _accumulate_mm(out.grad_weight, logits.t(), h)
         if need_b:
             out.grad_bias.add_(logits.sum(0, dtype=acc_dtype))
+    if need_h and process_group is not None and n_rows > 0:
+        dist.all_reduce(out.grad_hidden, group=process_group)  # Σ_rank dlogits_rank·W_rank
     return out
 
 
@@ -271,9 +308,10 @@ class _FusedLinearPPOLoss(torch.autograd.Function):
     """Forward: the chunked pass with gradients; backward: scale them by the upstream scalar."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk):
+    def forward(ctx, hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk, process_group):
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        p = _chunked_pass(hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk, needs)
+        p = _chunked_pass(hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk, needs,
+                          process_group)
         ctx.grads = (p.grad_hidden, p.grad_weight, p.grad_bias)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         outputs = (p.logprobs, p.entropy, p.ratio, p.pg, p.kl)
@@ -297,7 +335,7 @@ class _FusedLinearPPOLoss(torch.autograd.Function):
                 continue
             grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
             scaled.append(grad.to(dtype))
-        return tuple(scaled) + (None,) * 8
+        return tuple(scaled) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------
@@ -327,6 +365,7 @@ def fused_linear_ppo_loss(
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
     validate: bool = True,
     backend: str = "auto",
+    process_group=None,
 ) -> PPOLossOutput:
     """PPO loss of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -339,6 +378,13 @@ def fused_linear_ppo_loss(
 
     Returns :class:`~rlhf_fast.PPOLossOutput`; ``loss`` carries gradients for hidden,
     weight and bias, computed during this call (see the module docstring).
+
+    With ``process_group``, ``weight`` ``[V_rank, H]`` and ``bias`` ``[V_rank]`` are this
+    rank's contiguous vocabulary shard (ranks in order, sizes may differ), ``hidden`` and
+    every per-token input are replicated, and targets are global ids. Every rank gets the
+    full-vocabulary loss, per-token outputs and metrics, the full d(hidden) (already summed
+    over ranks) and the gradient of its own weight/bias shard. Every rank must make the
+    call; ``chunk_size`` is the smallest any rank asks for.
     """
     cfg = make_config(
         clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
@@ -346,7 +392,7 @@ def fused_linear_ppo_loss(
         has_old=old_logprobs is not None, has_ref=ref_logprobs is not None,
     )
     rows, chunk = _prepare(
-        hidden, weight, bias, targets, mask, chunk_size, validate,
+        hidden, weight, bias, targets, mask, chunk_size, validate, process_group,
         advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
     )
     device = hidden.device
@@ -356,12 +402,16 @@ def fused_linear_ppo_loss(
     old = _per_row("old_logprobs", old_logprobs, rows, device)
     ref = _per_row("ref_logprobs", ref_logprobs, rows, device)
     weights = _weights(rows, loss_agg, global_num_tokens)
-    ops = _row_ops(backend, rows)
+    ops = _row_ops(backend, rows, process_group)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     inputs = (hidden, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if process_group is not None:
+        chunk = _agree_across_ranks(chunk, hidden2d.shape[0], with_grad and hidden.requires_grad, device,
+                                    process_group)
+    if with_grad:
         loss, lp, entropy, ratio, pg, kl = _FusedLinearPPOLoss.apply(
-            hidden2d, weight, bias, rows, weights, adv, old, ref, cfg, ops, chunk
+            hidden2d, weight, bias, rows, weights, adv, old, ref, cfg, ops, chunk, process_group
         )
     else:  # nothing to differentiate: skip the gradient work
         p = _chunked_pass(hidden2d, weight, bias, rows, weights, adv, old, ref, cfg, ops, chunk,
@@ -382,16 +432,21 @@ def fused_linear_logprobs(
     with_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs ``[...]`` of the targets under ``hidden @ weight.T (+ bias)``; no grad.
 
     The fused-linear counterpart of :func:`rlhf_fast.logprobs` (fp32, 0 where masked;
     ``(logprobs, entropy)`` with ``with_entropy=True``), for old/reference log-probs.
+    ``process_group``: weight/bias are this rank's vocabulary shard, as in
+    :func:`fused_linear_ppo_loss`.
     """
     make_config(temperature=temperature)  # validates τ
-    rows, chunk = _prepare(hidden, weight, bias, targets, mask, chunk_size, validate=True)
-    ops = _row_ops(backend, rows)
+    rows, chunk = _prepare(hidden, weight, bias, targets, mask, chunk_size, True, process_group)
+    ops = _row_ops(backend, rows, process_group)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    if process_group is not None:
+        chunk = _agree_across_ranks(chunk, hidden2d.shape[0], False, hidden.device, process_group)
     n_rows, vocab = hidden2d.shape[0], weight.shape[0]
     dtype = _result_dtype(hidden)
     lp = torch.zeros(n_rows, dtype=dtype, device=hidden.device)

@@ -1,0 +1,124 @@
+"""Vocabulary-parallel fused-linear loss on torch.distributed (gloo, 2 and 3 processes) vs one process.
+
+Every rank builds the same full inputs (hidden ``[B, T, H]``, LM head ``[V, H]``, bias ``[V]``),
+computes the single-process truth, ``rf.ppo_loss(hidden @ W.T + b, backend="eager")``
+differentiated by autograd, then ``rf.fused_linear_ppo_loss`` over its own (uneven) row shard
+of W and b. Loss, per-token outputs and metrics must equal the truth on every rank; d(hidden)
+is the full gradient on every rank and d(W_rank), d(b_rank) the matching slices
+(SPEC §7 fp32 tolerances).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import HAS_CPP
+
+# Every estimator, the entropy bonus, dual clip, clip-higher, τ and every aggregation.
+OPTION_SETS = [
+    dict(kl_estimator="k1", kl_coef=0.1, entropy_coef=0.02),
+    dict(kl_estimator="k2", kl_coef=0.1, entropy_coef=0.02, dual_clip=3.0, loss_agg="seq-mean-token-sum"),
+    dict(kl_estimator="k3", kl_coef=0.1, entropy_coef=0.01, temperature=0.7, clip_eps_high=0.28,
+         global_num_tokens=40),
+    dict(kl_estimator="k3+", kl_coef=0.2, loss_agg="seq-mean-token-mean"),
+    dict(kl_estimator="k3", kl_coef=0.05, entropy_coef=0.03, loss_agg="seq-mean-token-sum-norm"),
+]
+
+
+def _make_inputs(batch: int, seq: int, hidden_size: int, vocab: int, seed: int, per_sequence: bool):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * (1.5 / hidden_size**0.5)
+    bias = torch.randn(vocab, generator=gen)
+    targets = torch.randint(0, vocab, (batch, seq), generator=gen)
+    banned = [v for v in torch.randperm(vocab, generator=gen).tolist() if not (targets == v).any()][:3]
+    bias[banned] = float("-inf")  # banned tokens (−inf logits), never a target
+    lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = lp + 0.4 * torch.randn(lp.shape, generator=gen)
+    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen)
+    advantages = torch.randn((batch,) if per_sequence else (batch, seq), generator=gen)
+    mask = torch.rand(batch, seq, generator=gen) > 0.25
+    mask[0] = False  # a fully masked row
+    mask[1, 0] = True
+    targets = torch.where(mask, targets, torch.full_like(targets, -100))  # padding ids
+    return hidden, weight, bias, targets, advantages, old, ref, mask
+
+
+def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import TOLERANCES
+
+    import rlhf_fast as rf
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    try:
+        bounds = torch.tensor_split(torch.arange(vocab), world)[rank]
+        lo, hi = int(bounds[0]), int(bounds[-1]) + 1
+        tol = TOLERANCES[torch.float32]
+        for i, options in enumerate(OPTION_SETS):
+            with_bias = i != 2
+            hidden, weight, bias, targets, adv, old, ref_lp, mask = _make_inputs(
+                3, 9, 16, vocab, seed=30 + i, per_sequence=i == 1)
+            if not with_bias:
+                bias = None
+            # single-process truth: eager loss on the materialised logits, autograd to hidden/W/b
+            h_full = hidden.clone().requires_grad_(True)
+            w_full = weight.clone().requires_grad_(True)
+            b_full = bias.clone().requires_grad_(True) if with_bias else None
+            logits = h_full @ w_full.T + (b_full if with_bias else 0.0)
+            truth = rf.ppo_loss(logits, targets, adv, old, ref_lp, mask, backend="eager", **options)
+            truth.loss.backward()
+            # this rank: its rows of W and b; rank-dependent chunk sizes (the smallest one is used)
+            h = hidden.clone().requires_grad_(True)
+            w = weight[lo:hi].clone().requires_grad_(True)
+            b = bias[lo:hi].clone().requires_grad_(True) if with_bias else None
+            chunk = None if i == 0 else 5 + rank
+            out = rf.fused_linear_ppo_loss(h, w, targets, adv, old, ref_lp, mask, bias=b, chunk_size=chunk,
+                                           backend=backend, process_group=group, **options)
+            out.loss.backward()
+            what = f"rank {rank}/{world} {backend} {options}"
+            pairs = {"loss": (out.loss, truth.loss), "logprobs": (out.logprobs, truth.logprobs),
+                     "entropy": (out.entropy, truth.entropy), "grad hidden": (h.grad, h_full.grad),
+                     "grad weight shard": (w.grad, w_full.grad[lo:hi])}
+            if with_bias:
+                pairs["grad bias shard"] = (b.grad, b_full.grad[lo:hi])
+            assert set(out.metrics) == set(truth.metrics)
+            pairs.update({f"metric {k}": (out.metrics[k], v) for k, v in truth.metrics.items()})
+            for name, (got, expected) in pairs.items():
+                torch.testing.assert_close(got, expected, **tol, msg=lambda m, n=name: f"{what} {n}: {m}")
+            valid_targets = targets[mask]
+            assert ((valid_targets >= lo) & (valid_targets < hi)).any(), f"{what}: no target on this shard"
+            # no-grad pass for old/ref log-probs
+            lp, entropy = rf.fused_linear_logprobs(hidden, weight[lo:hi], targets, mask, bias=b,
+                                                   temperature=0.9, with_entropy=True, chunk_size=chunk,
+                                                   backend=backend, process_group=group)
+            lp_truth, entropy_truth = rf.logprobs(logits.detach(), targets, mask, temperature=0.9,
+                                                  with_entropy=True, backend="eager")
+            torch.testing.assert_close(lp, lp_truth, **tol, msg=lambda m: f"{what} fused_linear_logprobs: {m}")
+            torch.testing.assert_close(entropy, entropy_truth, **tol, msg=lambda m: f"{what} entropy: {m}")
+        # hidden must be replicated: a different token count on one rank is an error on every rank
+        n_tokens = 4 if rank == 0 else 5
+        try:
+            rf.fused_linear_logprobs(torch.randn(n_tokens, 16), torch.randn(hi - lo, 16),
+                                     torch.zeros(n_tokens, dtype=torch.long), backend=backend, process_group=group)
+        except ValueError as exc:
+            assert "replicated" in str(exc), exc
+        else:
+            raise AssertionError("hidden of different lengths across ranks was accepted")
+    finally:
+        dist.destroy_process_group()
+
+
+BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world,vocab", [(2, 129), (3, 130)])
+def test_fused_linear_vocab_parallel_matches_single_process(world, vocab, backend, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), backend, vocab), nprocs=world, join=True)
