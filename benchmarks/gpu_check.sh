@@ -4,12 +4,12 @@
 # bandwidth; peak memory). Meant for an H100/H200 with PyTorch and Triton and nothing
 # else: no network, pytest and pytest-benchmark optional.
 #
-#   OUT=/path/to/results benchmarks/gpu_check.sh        # about 8 minutes at most
+#   OUT=/path/to/results benchmarks/gpu_check.sh        # under 8 minutes (step limits sum to 440 s)
 #
-# Writes $OUT/gpu_results.md (summary table), $OUT/ppo_loss_raw.jsonl (one JSON row per
-# measurement), $OUT/*.log (each step's output) and $OUT/junit_*.xml. Every step has a
-# time limit and a failing step does not stop the next; each step's exit code is in the
-# summary (124 = cut by its time limit).
+# Writes $OUT/gpu_results.md (summary), $OUT/ppo_loss_raw.jsonl (one JSON row per
+# measurement), $OUT/launch_sweep.{md,jsonl}, $OUT/*.log (each step's output) and
+# $OUT/junit_*.xml. Every step has a time limit and a failing step does not stop the
+# next; each step's exit code is in the summary (124 = cut by its time limit).
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_check_out}"
@@ -69,18 +69,21 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --rootdir "$REPO" -c "$REPO/p
 
 # -- 1. the Triton kernels' own tests (CUDA: bf16/fp16 double baseline, V up to 151936) ---
 if [ "$HAVE_PYTEST" = 1 ]; then
-    run_step tests_triton 110 "${PYTEST[@]}" --junitxml="$OUT/junit_triton.xml" \
+    run_step tests_triton 100 "${PYTEST[@]}" --junitxml="$OUT/junit_triton.xml" \
         "$REPO/tests/test_triton_kernels.py" "$REPO/tests/test_triton_aot.py"
 else
     printf 'tests_triton\tno pytest\t0\n' >> "$STEPS"
 fi
 
 # -- 2. the benchmark table (no pytest needed) --------------------------------------------
-run_step bench_ppo_loss 240 "$PY" "$REPO/benchmarks/ppo_loss_cases.py" --out "$OUT" --rounds 5
+run_step bench_ppo_loss 200 "$PY" "$REPO/benchmarks/ppo_loss_cases.py" --out "$OUT" --rounds 5
+
+# -- 2b. launch-config sweep of the kernels alone (data for tuning launch_config) --------
+run_step launch_sweep 50 "$PY" "$REPO/benchmarks/ppo_loss_cases.py" --sweep --out "$OUT"
 
 # -- 3. the shared backend grid and the compile test, Triton on CUDA ----------------------
 if [ "$HAVE_PYTEST" = 1 ]; then
-    run_step tests_grid 100 "${PYTEST[@]}" --junitxml="$OUT/junit_grid.xml" -k "triton" \
+    run_step tests_grid 90 "${PYTEST[@]}" --junitxml="$OUT/junit_grid.xml" -k "triton" \
         "$REPO/tests/test_ppo_loss_grid.py" "$REPO/tests/test_compile.py"
 else
     printf 'tests_grid\tno pytest\t0\n' >> "$STEPS"
@@ -108,7 +111,8 @@ for row in read("steps.tsv").splitlines():
 lines += ["", "## rf.ppo_loss benchmark", "", read("ppo_loss_table.md") or "(no table: see bench_ppo_loss.log)", "",
           "Effective GB/s = bytes the fused kernels must move (forward N·V·b, forward + backward 3·N·V·b) / time; "
           "% of copy BW against the device copy bandwidth measured in the same run. "
-          "Bars (issue 2): fused fwd+bwd ≥ 85 % of the roofline, ≥ 4× eager and ≥ 1.5× compiled at V = 151936."]
+          "Bars (issue 2): fused fwd+bwd ≥ 85 % of the roofline, ≥ 4× eager and ≥ 1.5× compiled at V = 151936.",
+          "", "## Launch-config sweep", "", read("launch_sweep.md") or "(no sweep: see launch_sweep.log)"]
 for name in ("tests_triton", "tests_grid"):
     log = read(f"{name}.log")
     failed = [l for l in log.splitlines() if l.startswith(("FAILED", "ERROR"))]

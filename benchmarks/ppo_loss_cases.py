@@ -259,6 +259,48 @@ def measure(impl: str, mode: str, shape: Shape, inputs, device: str, rounds: int
                 gb_per_s=bytes_moved(shape, mode) / median / 1e9, peak_mem_bytes=peak)
 
 
+SWEEP_FORWARD = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))
+SWEEP_BACKWARD = ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+
+
+def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
+    """GB/s of the forward and backward kernels alone for a few (BLOCK_V, num_warps).
+
+    Data for tuning ``launch_config`` on a new GPU: the kernels are launched directly,
+    without autograd, each configuration after one warm-up (which compiles it).
+    """
+    from rlhf_fast.kernels import ppo_loss as kernels
+
+    from rlhf_fast.functional import rows_view
+
+    inputs = make_inputs(shape, "cuda")
+    logits = rows_view(inputs["logits"].detach())
+    targets = inputs["targets"].reshape(-1)
+    adv, old, ref = (inputs[k].reshape(-1).float() for k in ("advantages", "old_logprobs", "ref_logprobs"))
+    outputs = [torch.empty_like(adv) for _ in range(8)]
+    grad = torch.empty_like(logits)
+    current = kernels.launch_config(shape.vocab, shape.torch_dtype)
+    rows = []
+    for kind, choices in (("forward", SWEEP_FORWARD), ("backward", SWEEP_BACKWARD)):
+        for block, warps in choices:
+            config = kernels.LaunchConfig(block, warps, block, warps)
+            if kind == "forward":
+                launch = lambda _, c=config: kernels.ppo_forward(  # noqa: E731
+                    logits, targets, adv, old, ref, outputs, 0.8, 1.2, 0.0, 0.05, 2, 0.01, 1.0, config=c)
+                moved = bytes_moved(shape, "fwd")
+                is_default = (block, warps) == (current.block_v, current.num_warps)
+            else:
+                launch = lambda _, c=config: kernels.ppo_backward(  # noqa: E731
+                    logits, targets, outputs[2], outputs[1], adv, adv, 1.0, grad, config=c)
+                moved = 2 * bytes_moved(shape, "fwd")
+                is_default = (block, warps) == (current.bwd_block_v, current.bwd_num_warps)
+            seconds = statistics.median(time_step(launch, None, "cuda", rounds, warmup=1))
+            rows.append(dict(kernel=kind, block_v=block, num_warps=warps, default=is_default,
+                             median_s=seconds, gb_per_s=moved / seconds / 1e9, **asdict(shape)))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def markdown_table(results: List[dict], copy_gb_per_s: Optional[float], device_name: str) -> str:
     bandwidth = f"measured copy bandwidth {copy_gb_per_s:.0f} GB/s" if copy_gb_per_s else "no copy bandwidth"
     lines = [f"Device: {device_name}; torch {torch.__version__}; {bandwidth}",
@@ -291,8 +333,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--vocab", type=int, nargs="*", help="only these vocabulary sizes")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS))
+    parser.add_argument("--sweep", action="store_true", help="only sweep the kernels' launch configs (CUDA)")
     args = parser.parse_args(argv)
     device = args.device
+    if args.sweep:
+        return _sweep_main(args)
     shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
     if args.vocab:
         shapes = tuple(s for s in shapes if s.vocab in args.vocab)
@@ -323,6 +368,24 @@ def main(argv=None) -> int:
     print(table)
     measured = sum("median_s" in r for r in results)
     print(f"{measured} measured, {len(results) - measured} skipped; table in {args.out}/ppo_loss_table.md")
+    return 0
+
+
+def _sweep_main(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    shape = next(s for s in GPU_SHAPES if not args.vocab or s.vocab in args.vocab)
+    rows = sweep_launch_configs(shape)
+    lines = [f"Launch-config sweep, {shape.label()}, {torch.cuda.get_device_name()} (* = launch_config's choice)",
+             "", "| kernel | BLOCK_V | num_warps | median ms | GB/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        mark = " *" if r["default"] else ""
+        lines.append(f"| {r['kernel']} | {r['block_v']}{mark} | {r['num_warps']} | {1e3 * r['median_s']:.3f} | "
+                     f"{r['gb_per_s']:.0f} |")
+    with open(os.path.join(args.out, "launch_sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "launch_sweep.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print("\n".join(lines))
     return 0
 
 
