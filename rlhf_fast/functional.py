@@ -70,9 +70,10 @@ def rows_view(logits: torch.Tensor) -> torch.Tensor:
         return logits.view(1, -1, logits.shape[-1])
     while len(dims) < 2:
         dims.insert(0, (1, 0))
-    (b, sb), (t, st) = dims
-    v = logits.shape[-1]
-    return logits.as_strided((b, t, v), (sb, st, 1))
+    (b, _), (t, _) = dims
+    # view, not as_strided: as_strided's backward scatters into a zeroed copy of the whole
+    # storage (two extra passes over [N, V]) and defeats inplace_backward under compile.
+    return logits.view(b, t, logits.shape[-1])
 
 
 def _prepare_rows(logits, targets, mask, validate: bool, process_group=None) -> _Rows:

@@ -204,18 +204,7 @@ def test_every_kernel_compiles_ahead_of_time(capability):
                 assert r["vector_stores"] > 0, r
 
 
-@pytest.mark.parametrize(
-    "inplace",
-    [
-        False,
-        pytest.param(True, marks=pytest.mark.xfail(
-            reason="rows_view builds the [B, T, V] view with as_strided, which functionalization cannot "
-                   "mutate through (pytorch#104505); the in-place backward then needs a graph break",
-            strict=False,
-        )),
-    ],
-    ids=["new-buffer", "inplace"],
-)  # fmt: skip
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
 def test_compiled_step_traces_into_the_kernels(inplace):
     graphs = _run_here("trace", str(int(inplace)))
     kernels = [k for graph in graphs for k in graph]

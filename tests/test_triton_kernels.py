@@ -237,13 +237,7 @@ def test_launch_config():
     assert launch_config(151936, torch.bfloat16) == launch_config(32000, torch.bfloat16)
 
 
-AS_STRIDED_XFAIL = pytest.mark.xfail(
-    HAS_CUDA, strict=False,
-    reason="rows_view's as_strided view cannot be mutated under functionalization (see test_triton_aot.py)",
-)
-
-
-@pytest.mark.parametrize("inplace", [False, pytest.param(True, marks=AS_STRIDED_XFAIL)], ids=["new-buffer", "inplace"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
 def test_ppo_loss_in_compiled_step(inplace, triton_env):
     """``rf.ppo_loss`` inside ``torch.compile(fullgraph=True)``: no graph break, same values.
 
