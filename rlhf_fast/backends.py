@@ -10,14 +10,17 @@ A fused backend is a :class:`RowOps`: three functions over logits viewed as
 
 Targets arrive sanitised (every id in [0, V)), as contiguous int32 or int64; the other
 vectors as contiguous fp32. ``backward`` also accepts a target of −1: the row's target
-lies on another vocabulary shard (``process_group``), so there is no one-hot term. Backends never import each other; each is loaded lazily so
-that ``import rlhf_fast`` imports neither triton nor the C++ extension.
+lies on another vocabulary shard (``process_group``), so there is no one-hot term.
+
+Backends never import each other; each is loaded lazily so that ``import rlhf_fast``
+imports neither triton nor the C++ extension.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -47,24 +50,44 @@ _HOW_TO_GET = {
     "cpp": "build the C++ extension: pip install -e . with a C++ compiler and "
     "RLHF_FAST_BUILD_EXT unset (or =1); see README 'Install'",
 }
-_loaded: Dict[str, RowOps] = {}
-_failures: Dict[str, str] = {}
+_loaded: Dict[str, RowOps] = {}  # ops registered by hand (tests); imported backends live in their modules
+_failures: Dict[str, str] = {}  # why a backend's import failed
+
+
+def _assume_constant_result(fn):
+    # What torch.compiler.assume_constant_result does, without importing torch._dynamo
+    # (and with it triton) at ``import rlhf_fast``; test_compile.py checks it still works.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _import_ops(name: str) -> bool:
+    """Import a backend once; remember why if it fails.
+
+    Inside ``torch.compile`` this runs at trace time (an import cannot be traced) and
+    its answer is a constant of the graph.
+    """
+    if name not in _failures:
+        try:
+            importlib.import_module(_MODULES[name])
+        except Exception as exc:  # remember why; explicit requests report it
+            _failures[name] = f"{type(exc).__name__}: {exc}"
+    return name not in _failures
+
+
+@_assume_constant_result
+def _failure(name: str) -> str:
+    return _failures[name]  # read live: a traced read of the dict could be a stale snapshot
 
 
 def load_ops(name: str) -> Tuple[Optional[RowOps], str]:
     """The backend's :class:`RowOps`, or ``None`` and why it cannot be loaded."""
-    if name in _loaded:
+    if name in _loaded:  # tests may register a backend here
         return _loaded[name], ""
-    if name in _failures:
-        return None, _failures[name]
-    try:
-        module = importlib.import_module(_MODULES[name])
-        ops = module.ROW_OPS
-    except Exception as exc:  # remember why; explicit requests report it
-        _failures[name] = f"{type(exc).__name__}: {exc}"
-        return None, _failures[name]
-    _loaded[name] = ops
-    return ops, ""
+    if not _import_ops(name):
+        return None, _failure(name)
+    return getattr(sys.modules[__package__], _MODULES[name].rsplit(".", 1)[1]).ROW_OPS, ""
 
 
 def triton_interpret() -> bool:

@@ -29,3 +29,20 @@ def test_fullgraph_compile_matches_eager(backend, validate, use_backend):
     out.loss.backward()
     ref_out, ref_grad = run_loss(case, "eager", **options)
     assert_outputs_close(out, x.grad, ref_out, ref_grad, what=f"compiled {backend}")
+
+
+@pytest.mark.skipif("cpp" not in FAST_BACKENDS, reason="needs the C++ extension")
+def test_first_call_inside_compile_loads_the_backend():
+    """The backend's lazy import happens at trace time, not as a graph break."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, rlhf_fast as rf\n"
+        "x = torch.randn(2, 4, 33, requires_grad=True)\n"
+        "t = torch.randint(0, 33, (2, 4)); a = torch.randn(2, 4)\n"
+        "f = torch.compile(lambda x: rf.ppo_loss(x, t, a, backend='cpp').loss, backend='aot_eager', fullgraph=True)\n"
+        "f(x).backward()\n"
+        "assert torch.isfinite(x.grad).all()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
