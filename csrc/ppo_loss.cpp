@@ -1,0 +1,195 @@
+// The rlhf_fast CPU operators: schemas (TORCH_LIBRARY), argument checks and the CPU
+// implementations, which hand raw pointers to the row kernels of the best instruction set
+// that both this build and ATen's CPU capability allow (ATEN_CPU_CAPABILITY can lower it).
+// Fake (meta) implementations for torch.compile live in rlhf_fast/cpp_ops.py.
+#include <Python.h>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "ppo_loss.h"
+
+namespace rlhf_fast {
+namespace {
+
+using at::Tensor;
+
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+    const std::string capability = at::get_cpu_capability();
+    (void)capability;
+#ifdef RLHF_FAST_HAVE_AVX512
+    if (capability == "AVX512") return &AVX512::kKernels;
+#endif
+#ifdef RLHF_FAST_HAVE_AVX2
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::kKernels;
+#endif
+    return &DEFAULT::kKernels;
+  }();
+  return *table;
+}
+
+RowsLayout rows_layout(const Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be a [B, T, V] view, got ", logits.dim(), " dims");
+  TORCH_CHECK(logits.size(2) > 0, op, ": logits has an empty vocabulary dimension");
+  TORCH_CHECK(logits.stride(2) == 1 || logits.size(2) == 1, op,
+              ": logits must have stride 1 on the vocabulary dimension, got strides ", logits.strides());
+  LogitsType type;
+  switch (logits.scalar_type()) {
+    case at::kFloat: type = LogitsType::kFloat; break;
+    case at::kBFloat16: type = LogitsType::kBFloat16; break;
+    case at::kHalf: type = LogitsType::kHalf; break;
+    default: TORCH_CHECK(false, op, ": logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  }
+  return {logits.data_ptr(), type, logits.size(0), logits.size(1), logits.size(2), logits.stride(0),
+          logits.stride(1)};
+}
+
+Targets targets_of(const Tensor& targets, int64_t rows, const char* op) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
+              ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK(targets.device().is_cpu() && targets.is_contiguous() && targets.numel() == rows, op,
+              ": targets must be a contiguous CPU tensor of ", rows, " ids, got shape ", targets.sizes());
+  return {targets.data_ptr(), targets.scalar_type() == at::kLong};
+}
+
+const float* row_vector(const Tensor& t, int64_t rows, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() && t.numel() == rows,
+              op, ": ", name, " must be a contiguous float32 CPU tensor of ", rows, " values, got ",
+              t.scalar_type(), " ", t.sizes());
+  return t.const_data_ptr<float>();
+}
+
+void check_targets(int64_t bad_rows, int64_t vocab, const char* op) {
+  TORCH_CHECK(bad_rows == 0, op, ": ", bad_rows, " target ids outside [0, ", vocab, ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
+    const Tensor& logits, const Tensor& targets, const Tensor& advantages,
+    const std::optional<Tensor>& old_logprobs, const std::optional<Tensor>& ref_logprobs,
+    double clip_eps_low, double clip_eps_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double entropy_coef, double temperature) {
+  constexpr const char* op = "rlhf_fast::ppo_forward";
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, op, ": kl_estimator must be 0..3, got ", kl_estimator);
+  ForwardArgs a{};
+  a.logits = rows_layout(logits, op);
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  a.targets = targets_of(targets, rows, op);
+  a.advantages = row_vector(advantages, rows, "advantages", op);
+  a.old_logprobs = old_logprobs.has_value() ? row_vector(*old_logprobs, rows, "old_logprobs", op) : nullptr;
+  a.ref_logprobs = ref_logprobs.has_value() ? row_vector(*ref_logprobs, rows, "ref_logprobs", op) : nullptr;
+  // Thresholds rounded to fp32 as the reference's tensor-vs-scalar comparisons do.
+  a.params.ratio_low = static_cast<float>(1.0 - clip_eps_low);
+  a.params.ratio_high = static_cast<float>(1.0 + clip_eps_high);
+  a.params.dual_clip = static_cast<float>(dual_clip);
+  a.params.has_dual_clip = dual_clip > 0.0;
+  a.params.kl_coef = static_cast<float>(kl_coef);
+  a.params.kl_estimator = static_cast<int>(kl_estimator);
+  a.params.entropy_coef = static_cast<float>(entropy_coef);
+  a.params.temperature = static_cast<float>(temperature);
+  a.params.has_old = a.old_logprobs != nullptr;
+  a.params.has_ref = a.ref_logprobs != nullptr;
+
+  const auto options = logits.options().dtype(at::kFloat);
+  Tensor out[8];
+  for (auto& t : out) t = at::empty({rows}, options);
+  a.logprobs = out[0].data_ptr<float>();
+  a.entropy = out[1].data_ptr<float>();
+  a.lse = out[2].data_ptr<float>();
+  a.ratio = out[3].data_ptr<float>();
+  a.pg = out[4].data_ptr<float>();
+  a.kl = out[5].data_ptr<float>();
+  a.loss = out[6].data_ptr<float>();
+  a.dlogp = out[7].data_ptr<float>();
+  check_targets(kernels().forward(a), a.logits.vocab, op);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+}
+
+void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& entropy,
+                  const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
+                  const Tensor& out) {
+  constexpr const char* op = "rlhf_fast::ppo_backward";
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  BackwardArgs a{};
+  a.logits = rows_layout(logits, op);
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  a.targets = targets_of(targets, rows, op);
+  a.lse = row_vector(lse, rows, "lse", op);
+  a.entropy = row_vector(entropy, rows, "entropy", op);
+  a.coef_logprob = row_vector(coef_logprob, rows, "coef_logprob", op);
+  a.coef_entropy = row_vector(coef_entropy, rows, "coef_entropy", op);
+  a.temperature = static_cast<float>(temperature);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
+              op, ": out must be a CPU tensor like logits (", logits.sizes(), ", ", logits.scalar_type(),
+              "), got ", out.sizes(), ", ", out.scalar_type());
+  TORCH_CHECK(out.stride(2) == 1 || out.size(2) == 1, op, ": out must have stride 1 on the vocabulary dimension");
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out has elements that share memory (an expanded tensor); it cannot be written");
+  TORCH_CHECK(at::get_overlap_status(out, logits) != at::MemOverlapStatus::Partial, op,
+              ": out partially overlaps logits; pass logits itself (in place) or a separate buffer");
+  a.out = out.data_ptr();
+  a.out_stride_b = out.stride(0);
+  a.out_stride_t = out.stride(1);
+  check_targets(kernels().backward(a), a.logits.vocab, op);
+}
+
+std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,
+                                    bool with_entropy) {
+  constexpr const char* op = "rlhf_fast::logprobs";
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  LogprobsArgs a{};
+  a.logits = rows_layout(logits, op);
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  a.targets = targets_of(targets, rows, op);
+  a.temperature = static_cast<float>(temperature);
+  const auto options = logits.options().dtype(at::kFloat);
+  Tensor lp = at::empty({rows}, options);
+  Tensor entropy = at::empty({with_entropy ? rows : 0}, options);
+  a.logprobs = lp.data_ptr<float>();
+  a.entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  check_targets(kernels().logprobs(a), a.logits.vocab, op);
+  return {lp, entropy};
+}
+
+std::string cpu_capability() {
+  return kernels().name;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rlhf_fast, m) {
+  m.def(
+      "ppo_forward(Tensor logits, Tensor targets, Tensor advantages, Tensor? old_logprobs, "
+      "Tensor? ref_logprobs, float clip_eps_low, float clip_eps_high, float dual_clip, float kl_coef, "
+      "int kl_estimator, float entropy_coef, float temperature) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor ratio, Tensor pg, Tensor kl, Tensor loss, "
+      "Tensor dlogp)");
+  m.def(
+      "ppo_backward(Tensor logits, Tensor targets, Tensor lse, Tensor entropy, Tensor coef_logprob, "
+      "Tensor coef_entropy, float temperature, Tensor(a!) out) -> ()");
+  m.def("logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> (Tensor, Tensor)");
+  m.def("cpu_capability() -> str", &cpu_capability);
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("ppo_forward", &ppo_forward);
+  m.impl("ppo_backward", &ppo_backward);
+  m.impl("logprobs", &logprobs);
+}
+
+}  // namespace rlhf_fast
+
+// `import rlhf_fast._C` loads this library, which registers the operators above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rlhf_fast CPU operators", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,406 @@
+// Row kernels of the fused PPO loss (SPEC §2 and §4) on at::vec, one row per task of
+// at::parallel_for. Included by kernels_<isa>.cpp, each of which defines CPU_CAPABILITY
+// (and CPU_CAPABILITY_<ISA>) first, so every instruction set gets its own namespace,
+// exactly like ATen's own per-ISA kernels.
+//
+// Accuracy: fp32 math for every logits dtype, exp from at::vec (Sleef u10 on AVX2/AVX-512,
+// std::exp otherwise), x = logit / τ with a true division (the reference's rounding).
+// Banned tokens (x = −inf) never form 0·(−inf): differences x − m are clamped to the lowest
+// finite float before they multiply a probability. NaN anywhere in a row reaches every
+// output of that row through the NaN-propagating max.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including ppo_loss_kernels.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "ppo_loss.h"
+
+namespace rlhf_fast {
+namespace CPU_CAPABILITY {
+
+using VecF = at::vec::Vectorized<float>;
+constexpr int64_t kVec = VecF::size();
+constexpr int64_t kChunk = 2 * kVec;  // logits per load: one Vectorized<bf16|fp16> = two float vectors
+// Logits of one row held in an L1 buffer between the two sweeps of a block (8 KiB).
+constexpr int64_t kBlock = 2048;
+static_assert(kBlock % kChunk == 0, "a block holds whole chunks");
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline float nan_max(float a, float b) {
+  return (std::isnan(a) || a > b) ? a : b;  // b wins ties and carries its own NaN
+}
+
+inline float nan_min(float a, float b) {
+  return (std::isnan(a) || a < b) ? a : b;
+}
+
+inline float reduce_max(const VecF& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < kVec; ++i) m = nan_max(lanes[i], m);
+  return m;
+}
+
+inline float reduce_sum(const VecF& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) s += lanes[i];
+  return s;
+}
+
+// Loads and stores of kChunk logits as two fp32 vectors.
+template <typename T>
+struct Io {
+  static_assert(at::vec::Vectorized<T>::size() == kChunk, "one reduced vector is two float vectors");
+  static void load(const T* p, VecF& a, VecF& b) { at::vec::load_to_float<T>(p, a, b); }
+  static void store(T* p, const VecF& a, const VecF& b) { at::vec::convert_from_float<T>(a, b).store(p); }
+};
+
+template <>
+struct Io<float> {
+  static void load(const float* p, VecF& a, VecF& b) {
+    a = VecF::loadu(p);
+    b = VecF::loadu(p + kVec);
+  }
+  static void store(float* p, const VecF& a, const VecF& b) {
+    a.store(p);
+    b.store(p + kVec);
+  }
+};
+
+inline int64_t row_offset(int64_t row, int64_t seq, int64_t stride_b, int64_t stride_t) {
+  return (row / seq) * stride_b + (row % seq) * stride_t;  // int64: N·V exceeds 2^31
+}
+
+inline int64_t rows_grain(int64_t vocab) {
+  return std::max<int64_t>(1, 32768 / vocab);  // ~32k logits per task at least
+}
+
+template <typename scalar_t, bool kScaled>
+inline float load_x(const scalar_t* p, float tau) {
+  const float x = static_cast<float>(*p);
+  return kScaled ? x / tau : x;
+}
+
+// ---------------------------------------------------------------------------------
+// The online-softmax step, written once: m = max x, s = Σ e^(x−m), t = Σ e^(x−m)·(x−m)
+// in one streaming pass over a row. lse = m + log s, H = log s − t/s.
+// ---------------------------------------------------------------------------------
+
+struct SoftmaxStats {
+  float max;   // m: −inf when every logit is −inf, NaN when any is NaN
+  float sum;   // s
+  float dsum;  // t (0 unless requested)
+};
+
+// Each block of kBlock logits is converted (x = logit/τ) into `buf` while its max is
+// taken, then swept once from L1 for Σ exp and Σ exp·(x − m); the running sums are
+// rescaled by e^(m_old − m_new) only when a block raises the max.
+template <typename scalar_t, bool kScaled, bool kEntropy>
+SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float* buf) {
+  float m = kNegInf;
+  VecF sum(0.f), dsum(0.f);
+  const VecF vtau(tau), lowest(kLowest);
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - start);
+    const scalar_t* src = row + start;
+    VecF vmax(kNegInf);
+    int64_t j = 0;
+    for (; j + kChunk <= n; j += kChunk) {
+      VecF a, b;
+      Io<scalar_t>::load(src + j, a, b);
+      if constexpr (kScaled) {
+        a = a / vtau;
+        b = b / vtau;
+      }
+      a.store(buf + j);
+      b.store(buf + j + kVec);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+    }
+    float block_max = reduce_max(vmax);
+    for (; j < n; ++j) {
+      buf[j] = load_x<scalar_t, kScaled>(src + j, tau);
+      block_max = nan_max(buf[j], block_max);
+    }
+    const int64_t padded = (n + kVec - 1) / kVec * kVec;
+    for (int64_t k = n; k < padded; ++k) buf[k] = kNegInf;  // e^(−inf) = 0: padding adds nothing
+
+    const float m_new = nan_max(block_max, m);
+    if (!(m_new == m)) {  // the max grew, or turned NaN
+      if (m != kNegInf) {
+        const float shift = m - m_new;
+        const VecF scale(std::exp(shift));
+        dsum = (dsum + sum * VecF(shift)) * scale;  // Σ e'(x − m_new) = e^shift·(t + s·shift)
+        sum = sum * scale;
+      }
+      m = m_new;
+    }
+    if (m == kNegInf) continue;  // every logit so far is −inf (banned): nothing to add
+
+    const VecF vm(m);
+    VecF block_sum(0.f), block_dsum(0.f);
+    for (int64_t k = 0; k < padded; k += kVec) {
+      const VecF d = at::vec::clamp_min(VecF::loadu(buf + k) - vm, lowest);
+      const VecF e = d.exp();
+      block_sum = block_sum + e;
+      if constexpr (kEntropy) block_dsum = at::vec::fmadd(e, d, block_dsum);
+    }
+    sum = sum + block_sum;  // two-level sums: per block, then per row
+    if constexpr (kEntropy) dsum = dsum + block_dsum;
+  }
+  return {m, reduce_sum(sum), kEntropy ? reduce_sum(dsum) : 0.f};
+}
+
+struct RowLogprob {
+  float lp;
+  float entropy;
+  float lse;
+};
+
+template <typename scalar_t, bool kScaled, bool kEntropy>
+inline RowLogprob row_logprob(const scalar_t* row, int64_t vocab, int64_t target, float tau, float* buf) {
+  const SoftmaxStats st = softmax_stats<scalar_t, kScaled, kEntropy>(row, vocab, tau, buf);
+  const float log_s = std::log(st.sum);
+  const float lse = st.max + log_s;  // torch.logsumexp's own rounding: m + log s
+  const float x_y = load_x<scalar_t, kScaled>(row + target, tau);
+  const float entropy = kEntropy ? log_s - st.dsum / st.sum : 0.f;
+  return {x_y - lse, entropy, lse};
+}
+
+// ---------------------------------------------------------------------------------
+// Per-token loss (SPEC §2) and g = dℓ/d lp (SPEC §4), in the reference's fp32 order.
+// ---------------------------------------------------------------------------------
+
+struct TokenLoss {
+  float ratio, pg, kl, loss, dlogp;
+};
+
+inline TokenLoss token_loss(float lp, float entropy, float adv, float old_lp, float ref_lp, const LossParams& p) {
+  const float log_ratio = lp - old_lp;
+  const float ratio = std::exp(log_ratio);
+  const float clipped = ratio < p.ratio_low ? p.ratio_low : (ratio > p.ratio_high ? p.ratio_high : ratio);
+  float pg = nan_max(-adv * ratio, -adv * clipped);
+  if (p.has_dual_clip && adv < 0.f) pg = nan_min(pg, -p.dual_clip * adv);
+
+  float kl = 0.f, kl_grad = 0.f;
+  if (p.has_ref) {
+    const float delta = ref_lp - lp;
+    const float k2 = 0.5f * delta * delta;
+    const float k3 = std::exp(delta) - delta - 1.0f;
+    switch (p.kl_estimator) {
+      case 0: kl = -delta; kl_grad = 1.0f; break;
+      case 1: kl = k2; kl_grad = lp - ref_lp; break;
+      case 2: kl = k3; kl_grad = 1.0f - std::exp(ref_lp - lp); break;
+      default: kl = k2 + (k3 - k2); kl_grad = lp - ref_lp; break;  // k3+: value of k3, gradient of k2
+    }
+  }
+  const float loss = pg + p.kl_coef * kl - p.entropy_coef * entropy;
+
+  const bool inactive = (adv > 0.f && ratio > p.ratio_high) || (adv < 0.f && ratio < p.ratio_low) ||
+                        (p.has_dual_clip && adv < 0.f && ratio > p.dual_clip);
+  float dlogp = inactive ? 0.f : -adv * ratio;
+  if (p.has_ref && p.kl_coef != 0.f) dlogp = dlogp + p.kl_coef * kl_grad;
+  return {ratio, pg, kl, loss, dlogp};
+}
+
+// ---------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------
+
+template <typename scalar_t, typename index_t, bool kScaled>
+int64_t forward_rows(const ForwardArgs& a) {
+  const RowsLayout& L = a.logits;
+  const auto* logits = static_cast<const scalar_t*>(L.data);
+  const auto* targets = static_cast<const index_t*>(a.targets.data);
+  const float tau = a.params.temperature;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, L.batch * L.seq, rows_grain(L.vocab), [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = static_cast<int64_t>(targets[r]);
+      if (y < 0 || y >= L.vocab) {
+        bad.fetch_add(1, std::memory_order_relaxed);
+        a.logprobs[r] = a.entropy[r] = a.lse[r] = a.ratio[r] = kNaN;
+        a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = kNaN;
+        continue;
+      }
+      const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
+      const RowLogprob rl = row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf);
+      const float old_lp = a.old_logprobs != nullptr ? a.old_logprobs[r] : rl.lp;
+      const float ref_lp = a.ref_logprobs != nullptr ? a.ref_logprobs[r] : 0.f;
+      const TokenLoss t = token_loss(rl.lp, rl.entropy, a.advantages[r], old_lp, ref_lp, a.params);
+      a.logprobs[r] = rl.lp;
+      a.entropy[r] = rl.entropy;
+      a.lse[r] = rl.lse;
+      a.ratio[r] = t.ratio;
+      a.pg[r] = t.pg;
+      a.kl[r] = t.kl;
+      a.loss[r] = t.loss;
+      a.dlogp[r] = t.dlogp;
+    }
+  });
+  return bad.load();
+}
+
+template <typename scalar_t, typename index_t, bool kScaled>
+int64_t logprobs_rows(const LogprobsArgs& a) {
+  const RowsLayout& L = a.logits;
+  const auto* logits = static_cast<const scalar_t*>(L.data);
+  const auto* targets = static_cast<const index_t*>(a.targets.data);
+  const float tau = a.temperature;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, L.batch * L.seq, rows_grain(L.vocab), [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = static_cast<int64_t>(targets[r]);
+      if (y < 0 || y >= L.vocab) {
+        bad.fetch_add(1, std::memory_order_relaxed);
+        a.logprobs[r] = kNaN;
+        if (a.entropy != nullptr) a.entropy[r] = kNaN;
+        continue;
+      }
+      const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
+      if (a.entropy != nullptr) {
+        const RowLogprob rl = row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf);
+        a.logprobs[r] = rl.lp;
+        a.entropy[r] = rl.entropy;
+      } else {
+        a.logprobs[r] = row_logprob<scalar_t, kScaled, false>(row, L.vocab, y, tau, buf).lp;
+      }
+    }
+  });
+  return bad.load();
+}
+
+// d(loss)/d x_j / τ for a non-target j, as p·((c_H/τ)·(x_j − lse) + (c_H·H − c_lp)/τ):
+// `ch_p = (c_H/τ)·p` multiplies the clamped log p, so a banned token gives 0·finite = 0.
+template <typename scalar_t, typename index_t, bool kScaled>
+int64_t backward_rows(const BackwardArgs& a) {
+  const RowsLayout& L = a.logits;
+  const auto* logits = static_cast<const scalar_t*>(L.data);
+  auto* out = static_cast<scalar_t*>(a.out);
+  const auto* targets = static_cast<const index_t*>(a.targets.data);
+  const float tau = a.temperature;
+  const float inv_tau = kScaled ? 1.0f / tau : 1.0f;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, L.batch * L.seq, rows_grain(L.vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* in_row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
+      scalar_t* out_row = out + row_offset(r, L.seq, a.out_stride_b, a.out_stride_t);
+      const int64_t y = static_cast<int64_t>(targets[r]);  // −1: target on another vocabulary shard
+      if (y < -1 || y >= L.vocab) {
+        bad.fetch_add(1, std::memory_order_relaxed);
+        for (int64_t j = 0; j < L.vocab; ++j) out_row[j] = static_cast<scalar_t>(kNaN);
+        continue;
+      }
+      const float lse = a.lse[r], entropy = a.entropy[r];
+      const float c_lp = a.coef_logprob[r], c_h = a.coef_entropy[r];
+      const float x_y = y >= 0 ? load_x<scalar_t, kScaled>(in_row + y, tau) : 0.f;  // before an in-place sweep
+      const float ch_tau = c_h * inv_tau;
+      const float k_tau = (c_h * entropy - c_lp) * inv_tau;
+      const VecF vlse(lse), vch(ch_tau), vk(k_tau), vtau(tau), lowest(kLowest);
+      int64_t j = 0;
+      for (; j + kChunk <= L.vocab; j += kChunk) {
+        VecF xa, xb;
+        Io<scalar_t>::load(in_row + j, xa, xb);
+        if constexpr (kScaled) {
+          xa = xa / vtau;
+          xb = xb / vtau;
+        }
+        const VecF la = xa - vlse, lb = xb - vlse;
+        const VecF pa = la.exp(), pb = lb.exp();
+        const VecF ga = at::vec::fmadd(vch * pa, at::vec::clamp_min(la, lowest), pa * vk);
+        const VecF gb = at::vec::fmadd(vch * pb, at::vec::clamp_min(lb, lowest), pb * vk);
+        Io<scalar_t>::store(out_row + j, ga, gb);
+      }
+      for (; j < L.vocab; ++j) {
+        const float lpj = load_x<scalar_t, kScaled>(in_row + j, tau) - lse;
+        const float p = std::exp(lpj);
+        out_row[j] = static_cast<scalar_t>((ch_tau * p) * std::max(lpj, kLowest) + p * k_tau);
+      }
+      if (y < 0) continue;
+      // The target's entry, in the reference's form: (c_lp·(1 − p) + c_H·p·(log p + H)) / τ.
+      const float lp_y = x_y - lse;
+      const float p_y = std::exp(lp_y);
+      const float ent_y = p_y > 0.f ? p_y * (lp_y + entropy) : 0.f;
+      const float g_y = c_lp * (1.0f - p_y) + c_h * ent_y;
+      out_row[y] = static_cast<scalar_t>(kScaled ? g_y / tau : g_y);
+    }
+  });
+  return bad.load();
+}
+
+// ---------------------------------------------------------------------------------
+// Dtype / index / temperature dispatch and the table the operator layer picks from.
+// ---------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <template <typename, typename, bool> class Kernel, typename Args>
+int64_t dispatch(const Args& a, float temperature) {
+  const bool scaled = temperature != 1.0f;
+  auto with_index = [&](auto scalar_tag) -> int64_t {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    if (a.targets.is_int64) {
+      return scaled ? Kernel<scalar_t, int64_t, true>::run(a) : Kernel<scalar_t, int64_t, false>::run(a);
+    }
+    return scaled ? Kernel<scalar_t, int32_t, true>::run(a) : Kernel<scalar_t, int32_t, false>::run(a);
+  };
+  switch (a.logits.type) {
+    case LogitsType::kBFloat16: return with_index(TypeTag<c10::BFloat16>{});
+    case LogitsType::kHalf: return with_index(TypeTag<c10::Half>{});
+    default: return with_index(TypeTag<float>{});
+  }
+}
+
+template <typename S, typename I, bool kScaled>
+struct ForwardKernel {
+  static int64_t run(const ForwardArgs& a) { return forward_rows<S, I, kScaled>(a); }
+};
+template <typename S, typename I, bool kScaled>
+struct BackwardKernel {
+  static int64_t run(const BackwardArgs& a) { return backward_rows<S, I, kScaled>(a); }
+};
+template <typename S, typename I, bool kScaled>
+struct LogprobsKernel {
+  static int64_t run(const LogprobsArgs& a) { return logprobs_rows<S, I, kScaled>(a); }
+};
+
+inline int64_t forward(const ForwardArgs& a) {
+  return dispatch<ForwardKernel>(a, a.params.temperature);
+}
+inline int64_t backward(const BackwardArgs& a) {
+  return dispatch<BackwardKernel>(a, a.temperature);
+}
+inline int64_t logprobs(const LogprobsArgs& a) {
+  return dispatch<LogprobsKernel>(a, a.temperature);
+}
+
+extern const KernelTable kKernels;
+const KernelTable kKernels = {C10_STRINGIZE(CPU_CAPABILITY), &forward, &backward, &logprobs};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace rlhf_fast
