@@ -33,13 +33,19 @@ def selective_logprobs_entropy(
     logits ``[..., V]``, targets ``[...]`` (valid ids). Returns ``(lp, H, lse)`` ``[...]``.
     """
     x = logits.to(_compute_dtype(logits)) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    lp = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    p = torch.exp(x - lse.unsqueeze(-1))
-    # A −inf logit (banned token) has p = 0; replace it by 0 in Σ p·x so that
+    # Centre on the row max: H = log s − Σ p·z with z = x − max has no cancellation
+    # between large numbers (lse − Σ p·x loses |lse|·ulp, which can exceed fp32 tolerance).
+    row_max = x.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    z = x - row_max
+    log_s = torch.logsumexp(z, dim=-1)
+    lse = row_max.squeeze(-1) + log_s
+    lp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
+    p = torch.exp(z - log_s.unsqueeze(-1))
+    # A −inf logit (banned token) has p = 0; replace it by 0 in Σ p·z so that
     # 0·(−inf) never makes a NaN, in the value or in the gradient.
-    x_finite = torch.where(x == float("-inf"), torch.zeros_like(x), x)
-    entropy = lse - (p * x_finite).sum(-1)
+    z_finite = torch.where(z == float("-inf"), torch.zeros_like(z), z)
+    entropy = log_s - (p * z_finite).sum(-1)
     return lp, entropy, lse
 
 
