@@ -244,22 +244,26 @@ def loss_metrics(
     entropy: torch.Tensor,
     cfg: LossConfig,
 ) -> Dict[str, torch.Tensor]:
-    """Token means over valid tokens (SPEC §5); fp32 scalars, 0 with no valid token, no host sync."""
+    """Token means over valid tokens (SPEC §5); fp32 scalars, 0 with no valid token, no host sync.
+
+    fp64 inputs (the ground truth of the accuracy tests) keep fp64 metrics.
+    """
+    dtype = torch.float64 if ratio.dtype == torch.float64 else torch.float32
     v = valid.reshape(-1)
     count = v.sum()
-    denom = count.clamp_min(1).to(torch.float32)
+    denom = count.clamp_min(1).to(dtype)
 
     def mean(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1).to(torch.float32)
+        x = x.reshape(-1).to(dtype)
         return torch.where(v, x, torch.zeros_like(x)).sum() / denom
 
     def fraction(flag: torch.Tensor) -> torch.Tensor:
-        return mean(flag.to(torch.float32))
+        return mean(flag.to(dtype))
 
-    r = ratio.reshape(-1).to(torch.float32)
+    r = ratio.reshape(-1).to(dtype)
     a = advantages.reshape(-1)
-    zero = torch.zeros((), dtype=torch.float32, device=r.device)
-    inf = torch.full((), float("inf"), dtype=torch.float32, device=r.device)
+    zero = torch.zeros((), dtype=dtype, device=r.device)
+    inf = torch.full((), float("inf"), dtype=dtype, device=r.device)
     above = r > 1.0 + cfg.clip_eps_high
     below = r < 1.0 - cfg.clip_eps_low
     clipped = ((a > 0) & above) | ((a < 0) & below)
