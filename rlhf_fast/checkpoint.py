@@ -1,11 +1,13 @@
-"""Atomic checkpoint files and RNG state capture, so a killed run resumes exactly."""
+"""Atomic checkpoint files and RNG state capture, so a killed run resumes exactly; sharded
+``torch.distributed.checkpoint`` directories for data-parallel runs."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -83,3 +85,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if np is not None:
         np.random.seed(seed % 2**32)
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+_LATEST = "latest"
+"""Name of the file in a sharded checkpoint directory that names the current step directory."""
+
+
+def save_sharded(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 meta: Dict[str, Any], group=None) -> None:
+    """Collective: model and optimizer with ``torch.distributed.checkpoint`` (DCP), plus ``meta``.
+
+    Writes ``directory/step-NNNNNNNN/`` (the DCP files and rank 0's ``meta.pt``), then makes it
+    current by rewriting ``directory/latest`` atomically and removes older step directories; a
+    crash mid-save leaves the previous checkpoint current. State dicts are keyed by parameter
+    name (``get_state_dict``), so DDP and FSDP2 runs of any world size can load them. The
+    directory must be on a file system every rank sees.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    is_main = dist.get_rank(group) == 0
+    name = f"step-{step:08d}"
+    path = os.path.join(directory, name)
+    if is_main:
+        shutil.rmtree(path, ignore_errors=True)  # a partial save of this step by a crashed run
+        os.makedirs(path)
+    dist.barrier(group=group)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path, process_group=group)
+    if is_main:
+        atomic_save(meta, os.path.join(path, "meta.pt"))
+        atomic_write_text(name, os.path.join(directory, _LATEST))
+        for entry in os.listdir(directory):
+            if entry.startswith("step-") and entry != name:
+                shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    dist.barrier(group=group)
+
+
+def latest_sharded(directory: str) -> Optional[str]:
+    """The current step directory of a :func:`save_sharded` checkpoint, or ``None``."""
+    try:
+        with open(os.path.join(directory, _LATEST)) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return os.path.join(directory, name)
+
+
+def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None) -> None:
+    """Collective: load a :func:`save_sharded` step directory into ``model`` and ``optimizer`` in place.
+
+    Any world size and either wrapper (DDP or FSDP2); DCP reshards as needed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import functional
+from . import distributed, functional
 from .advantages import (
     ADVANTAGE_ESTIMATORS,
     explained_variance,
@@ -50,7 +51,16 @@ from .advantages import (
     rloo_advantages,
     whiten,
 )
-from .checkpoint import atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    latest_sharded,
+    load_sharded,
+    rng_state,
+    save_sharded,
+    seed_everything,
+    set_rng_state,
+)
 from .checkpoint import load as load_checkpoint
 from .config import BACKENDS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from .kl_control import AdaptiveKLController, FixedKLController
@@ -154,6 +164,9 @@ class PPOConfig:
     """Continue from out_dir/checkpoint.pt when it exists (otherwise start fresh)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    # --- distributed ---
+    data_parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
+    """Under torchrun: "auto" (DDP if torch.distributed is initialised, else one process), "ddp", "fsdp2", "none"."""
 
 
 def validate(cfg: PPOConfig) -> None:
@@ -218,6 +231,25 @@ def validate(cfg: PPOConfig) -> None:
         f"early_stop_approx_kl must be > 0 or None, got {cfg.early_stop_approx_kl}",
     )
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    one_of("data_parallel", cfg.data_parallel, distributed.DATA_PARALLEL_MODES)
+    sizes_ok = all(isinstance(getattr(cfg, k), int) and getattr(cfg, k) >= 1
+                   for k in ("batch", "samples_per_prompt", "minibatch_size"))
+    if sizes_ok and cfg.data_parallel in distributed.DATA_PARALLEL_MODES and (
+        distributed.resolve_data_parallel(cfg.data_parallel) is not None
+    ):
+        if not (dist.is_available() and dist.is_initialized()):
+            errors.append(f"data_parallel={cfg.data_parallel!r} needs torch.distributed initialised (use torchrun)")
+        else:
+            world = dist.get_world_size()
+            need(
+                cfg.batch * cfg.samples_per_prompt % world == 0,
+                f"batch × samples_per_prompt = {cfg.batch * cfg.samples_per_prompt} replies must split evenly "
+                f"over {world} data-parallel ranks",
+            )
+            need(
+                cfg.minibatch_size % world == 0,
+                f"minibatch_size = {cfg.minibatch_size} must split evenly over {world} data-parallel ranks",
+            )
     if cfg.use_fused_linear:
         need(
             importlib.util.find_spec("rlhf_fast.fused_linear") is not None,
@@ -454,9 +486,13 @@ def _prompt_lists(prompts) -> List[List[int]]:
 
 @torch.no_grad()
 def sample_replies(
-    policy: nn.Module, prompt_lists: List[List[int]], cfg: PPOConfig, eos_token_id: int, pad_token_id: int
+    policy: nn.Module, prompt_lists: List[List[int]], cfg: PPOConfig, eos_token_id: int, pad_token_id: int,
+    synced_gpus: bool = False,
 ) -> Samples:
-    """One reply per prompt row: ``generate`` with do_sample at τ, no top-k / top-p, up to max_new_tokens."""
+    """One reply per prompt row: ``generate`` with do_sample at τ, no top-k / top-p, up to max_new_tokens.
+
+    ``synced_gpus``: every rank runs forwards until all ranks are done (sharded parameters, FSDP2).
+    """
     from transformers import GenerationConfig
 
     device = next(policy.parameters()).device
@@ -465,7 +501,8 @@ def sample_replies(
         do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+    synced = {"synced_gpus": True} if synced_gpus else {}
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation, **synced)
     prompt_len = prompt_ids.shape[1]
     response = out[:, prompt_len:]
     width = response.shape[1]
@@ -493,19 +530,24 @@ def _std(x: torch.Tensor) -> float:
 
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    clip: Optional[float],
+    clip: Optional[float], num_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """½·mean over valid tokens of max((V − G)², (V_clip − G)²), V_clip = V_old + clamp(V − V_old, ±clip).
 
-    Returns ``(loss, clipfrac)``; ``clip=None`` is the plain squared error.
+    Returns ``(loss, clipfrac)``; ``clip=None`` is the plain squared error. ``num_tokens``:
+    divide the sums by this (a data-parallel rank's share of the global minibatch's mean).
     """
+
+    def mean(x):
+        return masked_mean(x, mask) if num_tokens is None else (x * mask.to(x.dtype)).sum() / num_tokens
+
     unclipped = (values - returns) ** 2
     if clip is None:
-        return 0.5 * masked_mean(unclipped, mask), torch.zeros(())
+        return 0.5 * mean(unclipped), torch.zeros(())
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask).detach()
+    loss = 0.5 * mean(torch.maximum(unclipped, clipped))
+    return loss, mean((clipped > unclipped).float()).detach()
 
 
 class _UpdateStats:
@@ -548,6 +590,18 @@ def choose_prompts(prompt_lists: List[List[int]], cfg: PPOConfig, step: int) -> 
     return [prompt_lists[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
 
 
+class _Scored(NamedTuple):
+    """A rollout's per-reply data before rewards and advantages (gathered across data-parallel ranks)."""
+
+    samples: Samples
+    old_logprobs: torch.Tensor  # [B, R]
+    ref_logprobs: torch.Tensor  # [B, R]
+    entropy: torch.Tensor  # [B, R]
+    values: Optional[torch.Tensor]  # [B, R] or None
+    raw_scores: torch.Tensor  # [B]
+    norm_scores: torch.Tensor  # [B]
+
+
 @torch.no_grad()
 def collect_rollout(
     cfg: PPOConfig,
@@ -559,17 +613,35 @@ def collect_rollout(
     beta: float,
     eos_token_id: int,
     pad_token_id: int,
+    dp: Optional[distributed.DataParallel] = None,
 ) -> Rollout:
     """Sample, score and compute advantages for one step (no gradients).
 
     The models should be in eval mode (:func:`train` sets it): with dropout on, the
-    old log-probs would not match the update's first forward.
+    old log-probs would not match the update's first forward. With ``dp``, ``step_prompts``
+    are this rank's and the returned rollout is the global one (every rank's replies, in
+    rank order): rewards and advantages are computed on it as in one process.
     """
     if cfg.advantage_estimator == "gae" and critic is None:
         raise ValueError("advantage_estimator='gae' needs a critic (a ValueHead or a value model)")
+    if dp is None:
+        scored = _sample_and_score(policy, critic, cfg, ref_policy, reward_model, step_prompts,
+                                   eos_token_id, pad_token_id)
+    else:
+        scored = dp.no_grad_call(_sample_and_score, cfg, ref_policy, reward_model, step_prompts, eos_token_id,
+                                 pad_token_id, dp.kind == "fsdp2")
+        scored = _gather_scored(scored, dp.group, pad_token_id)
+    return _rewards_and_advantages(cfg, scored, beta)
+
+
+def _sample_and_score(
+    policy: nn.Module, critic: Optional[nn.Module], cfg: PPOConfig, ref_policy: nn.Module, reward_model: nn.Module,
+    step_prompts: List[List[int]], eos_token_id: int, pad_token_id: int, synced_gpus: bool = False,
+) -> _Scored:
+    """Steps 1–3 of a rollout on these prompts: replies, log-probs, values, reward-model scores."""
     # 1. sample replies at τ
-    seqs = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id)
-    response_ids, response_mask, lengths, has_eos = seqs.response_ids, seqs.response_mask, seqs.lengths, seqs.has_eos
+    seqs = sample_replies(policy, step_prompts, cfg, eos_token_id, pad_token_id, synced_gpus)
+    response_ids, response_mask = seqs.response_ids, seqs.response_mask
 
     # 2. old / reference log-probs at the same τ, and values of the states before each token
     hidden = response_hidden(policy, seqs)
@@ -578,9 +650,48 @@ def collect_rollout(
     ref_logprobs, _ = token_logprobs(ref_policy, ref_hidden, response_ids, response_mask, cfg)
     values = critic_values(critic, hidden, seqs) * response_mask if critic is not None else None
 
-    # 3. score: reward model at the end, normalised if asked, minus penalties
+    # 3. score: reward model at the end (normalised if asked, below)
     raw_scores = reward_model(seqs.input_ids, seqs.attention_mask).float()
     norm_scores = reward_model.normalize(raw_scores) if hasattr(reward_model, "normalize") else raw_scores
+    return _Scored(seqs, old_logprobs, ref_logprobs, entropy, values, raw_scores, norm_scores)
+
+
+def _gather_scored(local: _Scored, group, pad_token_id: int) -> _Scored:
+    """Every rank's :class:`_Scored` in rank order, re-padded to the global prompt and reply widths.
+
+    Prompts stay left-padded and replies right-padded (pad id, mask 0, zeros in the per-token
+    tensors), as one process's ``generate`` over all prompts lays them out.
+    """
+    seqs = local.samples
+    device = seqs.input_ids.device
+    prompt_len, reply_len = distributed.max_over_ranks([seqs.prompt_len, seqs.response_ids.shape[1]], device, group)
+
+    def rows(t, width=None, left=False, value=0):
+        return distributed.all_gather_rows(t, group, width, left, value)
+
+    def sequence(t, value):  # [b, P + R]: prompt part left-padded, reply part right-padded
+        return torch.cat([rows(t[:, : seqs.prompt_len], prompt_len, True, value),
+                          rows(t[:, seqs.prompt_len :], reply_len, False, value)], dim=1)
+
+    attention_mask = sequence(seqs.attention_mask, 0)
+    samples = Samples(
+        sequence(seqs.input_ids, pad_token_id), attention_mask, position_ids_from_mask(attention_mask), prompt_len,
+        rows(seqs.response_ids, reply_len, value=pad_token_id), rows(seqs.response_mask, reply_len, value=False),
+        rows(seqs.lengths), rows(seqs.has_eos),
+    )
+    return _Scored(
+        samples, rows(local.old_logprobs, reply_len), rows(local.ref_logprobs, reply_len),
+        rows(local.entropy, reply_len), None if local.values is None else rows(local.values, reply_len),
+        rows(local.raw_scores), rows(local.norm_scores),
+    )
+
+
+def _rewards_and_advantages(cfg: PPOConfig, scored: _Scored, beta: float) -> Rollout:
+    """Steps 3–5 of a rollout: shaped scores, per-token rewards, advantages."""
+    seqs, old_logprobs, ref_logprobs = scored.samples, scored.old_logprobs, scored.ref_logprobs
+    response_mask, lengths, has_eos = seqs.response_mask, seqs.lengths, seqs.has_eos
+    raw_scores, norm_scores, values = scored.raw_scores, scored.norm_scores, scored.values
+    # 3. the score entering the reward: normalised if asked, minus penalties
     scores = norm_scores if cfg.reward_normalize else raw_scores
     scores = scores - cfg.missing_eos_penalty * (~has_eos).float() - cfg.length_penalty * lengths.float()
 
@@ -603,7 +714,7 @@ def collect_rollout(
             raw_advantages = rloo_advantages(reply_rewards, cfg.samples_per_prompt)
         advantages = whiten(raw_advantages) if cfg.whiten else raw_advantages
     return Rollout(
-        *seqs, old_logprobs, ref_logprobs, entropy, values, raw_scores, norm_scores, scores, rewards,
+        *seqs, old_logprobs, ref_logprobs, scored.entropy, values, raw_scores, norm_scores, scores, rewards,
         raw_advantages, advantages, returns,
     )
 
@@ -615,11 +726,20 @@ def ppo_update(
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
     beta: float,
+    *,
+    generator: Optional[torch.Generator] = None,
+    dp: Optional[distributed.DataParallel] = None,
 ) -> Dict[str, float]:
     """Epochs × minibatches of the PPO loss (+ clipped value loss) on one rollout.
 
     Stops early when a minibatch's approx_kl exceeds 1.5 × ``early_stop_approx_kl``.
     Returns the update's metrics (loss metrics averaged over minibatches).
+    ``generator`` draws the minibatch order (default: torch's global RNG).
+
+    With ``dp``, ``rollout`` is the global one (every rank holds it) and so is the order:
+    each global minibatch of ``minibatch_size`` replies is split into contiguous per-rank
+    parts, each normalised by the global minibatch, so the summed gradient and the
+    combined metrics equal one process's on the same minibatch.
     """
     stats = _UpdateStats()
     n_replies = rollout.response_ids.shape[0]
@@ -628,27 +748,31 @@ def ppo_update(
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     updates, early_stopped = 0, False
     for _epoch in range(cfg.epochs):
-        order = torch.randperm(n_replies).to(device)
+        order = torch.randperm(n_replies, generator=generator).to(device)
         for start in range(0, n_replies, cfg.minibatch_size):
             rows = order[start : start + cfg.minibatch_size]
-            hidden = response_hidden(policy, rollout, rows)
-            out = policy_loss(policy, hidden, rollout, rows, beta, cfg)
-            loss, extra = out.loss, {}
-            if critic is not None:
-                value_loss, value_clipfrac = clipped_value_loss(
-                    critic_values(critic, hidden, rollout, rows), rollout.values[rows], rollout.returns[rows],
-                    rollout.response_mask[rows], cfg.value_clip,
-                )
-                loss = loss + cfg.vf_coef * value_loss
-                extra.update(value_loss=float(value_loss.detach()), value_clipfrac=float(value_clipfrac))
+            if dp is None:
+                loss, out, extra = _minibatch_loss(policy, critic, rollout, rows, beta, cfg)
+            else:
+                part = rows[distributed.shard_slice(len(rows), dp.rank, dp.world)]
+                loss, out, extra = dp.module(_minibatch_loss, rollout, part, beta, cfg, rows)
+                loss = loss * dp.world  # DDP and FSDP2 average gradients; the parts are shares of one loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            extra["grad_norm"] = float(grad_norm) if dp is None else distributed.grad_norm_value(grad_norm)
             optimizer.step()
             updates += 1
-            stats.add(out.metrics, extra)
+            metrics = out.metrics
+            if dp is not None:  # the global minibatch's metrics, identical on every rank
+                value_keys = [k for k in ("value_loss", "value_clipfrac") if k in extra]
+                combined = distributed.all_reduce_minibatch_metrics(
+                    out.metrics, {k: extra[k] for k in value_keys}, rollout.response_mask[part].sum(), dp.group)
+                metrics = {k: combined[k] for k in out.metrics}
+                extra.update({k: float(combined[k]) for k in value_keys})
+            stats.add(metrics, extra)
             target = cfg.early_stop_approx_kl
-            if target is not None and float(out.metrics["approx_kl"]) > 1.5 * target:
+            if target is not None and float(metrics["approx_kl"]) > 1.5 * target:
                 early_stopped = True
                 break
         if early_stopped:
@@ -659,6 +783,39 @@ def ppo_update(
     summary["epochs_run"] = updates / (n_replies // cfg.minibatch_size)
     summary["early_stopped"] = float(early_stopped)
     return summary
+
+
+def _minibatch_loss(
+    policy: nn.Module, critic: Optional[nn.Module], rollout: Rollout, rows: torch.Tensor, beta: float,
+    cfg: PPOConfig, global_rows: Optional[torch.Tensor] = None,
+):
+    """Loss of minibatch ``rows``: ``(loss, PPOLossOutput, extra)``; extra holds the value-loss floats.
+
+    ``global_rows`` (data parallel): ``rows`` are this rank's part of that minibatch, and the
+    loss is its share of the minibatch's loss (see :mod:`rlhf_fast.distributed`); the value
+    loss and clipfrac in ``extra`` are then shares too (0-d tensors, summed over ranks).
+    """
+    hidden = response_hidden(policy, rollout, rows)
+    num_tokens = scale = None
+    if global_rows is not None:
+        num_tokens = rollout.response_mask[global_rows].sum().clamp_min(1)
+        scale = distributed.global_loss_scale(cfg.loss_agg, rollout.response_mask, rows, global_rows)
+    out = policy_loss(policy, hidden, rollout, rows, beta, cfg,
+                      global_num_tokens=num_tokens if cfg.loss_agg == "token-mean" else None)
+    if scale is not None:
+        out = out._replace(loss=out.loss * scale)
+    loss, extra = out.loss, {}
+    if critic is not None:
+        value_loss, value_clipfrac = clipped_value_loss(
+            critic_values(critic, hidden, rollout, rows), rollout.values[rows], rollout.returns[rows],
+            rollout.response_mask[rows], cfg.value_clip, num_tokens,
+        )
+        loss = loss + cfg.vf_coef * value_loss
+        if global_rows is None:
+            extra.update(value_loss=float(value_loss.detach()), value_clipfrac=float(value_clipfrac))
+        else:
+            extra.update(value_loss=value_loss.detach(), value_clipfrac=value_clipfrac)
+    return loss, out, extra
 
 
 def rollout_metrics(rollout: Rollout, cfg: PPOConfig) -> Dict[str, float]:
@@ -718,6 +875,14 @@ def train(
     state. extra_metrics(prompt_ids, response_ids) receives unpadded token lists (replies
     include EOS) and its floats join each step's metrics. log_fn(record) is called after
     each step. Returns the records of all steps so far (resumed ones included).
+
+    Data parallel (``cfg.data_parallel``, under torchrun; see :mod:`rlhf_fast.distributed`):
+    every rank calls ``train`` with the same arguments and models on its own device; each
+    samples its part of the step's prompts, the update runs on DDP/FSDP2 with gradients of
+    the global batch, every rank returns the same records, rank 0 writes ``metrics.jsonl``
+    and the progress bar, and checkpoints are ``torch.distributed.checkpoint`` directories
+    (``out_dir/checkpoint``) that resume under any world size. extra_metrics runs on rank 0
+    over the global batch; log_fn runs on every rank.
     """
     # --- checks: everything that can fail does so before any work ---
     validate(cfg)
@@ -742,6 +907,9 @@ def train(
     if cfg.advantage_estimator == "gae":
         critic = value_model if value_model is not None else ValueHead(_lm_head(policy).weight.shape[1])
         critic.to(next(policy.parameters()).device).eval()
+    dp_kind = distributed.resolve_data_parallel(cfg.data_parallel)
+    dp = distributed.wrap(policy, critic, dp_kind) if dp_kind is not None else None  # before the optimizer
+    is_main = dp is None or dp.is_main
     param_groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
     if critic is not None:
         param_groups.append({"params": [p for p in critic.parameters() if p.requires_grad],
@@ -753,10 +921,20 @@ def train(
     # --- resume ---
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt" if dp is None else "checkpoint")
     records: List[StepRecord] = []
     start_step = 0
-    if cfg.resume and os.path.exists(checkpoint_path):
+    if cfg.resume:
+        _check_checkpoint_kind(cfg.out_dir, dp is not None)
+    if cfg.resume and dp is not None and latest_sharded(checkpoint_path) is not None:
+        step_dir = latest_sharded(checkpoint_path)
+        state = load_checkpoint(os.path.join(step_dir, "meta.pt"))
+        _check_same_config(state["config"], cfg)
+        load_sharded(step_dir, dp.models, optimizer, dp.group)
+        kl_ctl.load_state_dict(state["kl_controller"])
+        start_step = state["step"]  # no RNG state: under torch.distributed it derives from (seed, step, rank)
+        records = [StepRecord(r["step"], r["metrics"]) for r in state["records"]]
+    elif cfg.resume and dp is None and os.path.exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path)
         _check_same_config(state["config"], cfg)
         policy.load_state_dict(state["policy"])
@@ -768,38 +946,59 @@ def train(
         start_step = state["step"]
         records = [StepRecord(r["step"], r["metrics"]) for r in state["records"]]
     # metrics.jsonl holds exactly the checkpointed steps (drops lines of steps lost in a crash)
-    atomic_write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), metrics_path)
+    if is_main:
+        atomic_write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), metrics_path)
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", disable=not (cfg.progress and is_main))
     for step in range(start_step, cfg.steps):
         started = time.perf_counter()
         beta = kl_ctl.value
         step_prompts = choose_prompts(prompt_lists, cfg, step)
-        rollout = collect_rollout(cfg, policy, ref_policy, reward_model, critic, step_prompts, beta,
-                                  eos_token_id, pad_token_id)
-        update_metrics = ppo_update(cfg, policy, critic, optimizer, rollout, beta)
+        if dp is None:
+            rollout = collect_rollout(cfg, policy, ref_policy, reward_model, critic, step_prompts, beta,
+                                      eos_token_id, pad_token_id)
+            update_metrics = ppo_update(cfg, policy, critic, optimizer, rollout, beta)
+        else:  # this rank samples its slice of the prompts; the rollout comes back global
+            torch.manual_seed(distributed.derived_seed(cfg.seed, step, dp.rank))
+            local_prompts = step_prompts[distributed.shard_slice(len(step_prompts), dp.rank, dp.world)]
+            rollout = collect_rollout(cfg, policy, ref_policy, reward_model, critic, local_prompts, beta,
+                                      eos_token_id, pad_token_id, dp=dp)
+            order = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, step, -1))
+            update_metrics = ppo_update(cfg, policy, critic, optimizer, rollout, beta, generator=order, dp=dp)
 
         # KL controller: the target is the KL per reply (k1 summed over tokens, mean over replies)
         metrics = rollout_metrics(rollout, cfg)
         kl_ctl.update(metrics["kl_ref_k1_sum"], len(step_prompts))
         metrics.update(update_metrics, kl_coef=beta, kl_coef_next=kl_ctl.value)
-        if extra_metrics is not None:
+        from_main = {}  # computed by rank 0 alone
+        if extra_metrics is not None and is_main:
             responses = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
-            metrics.update({k: float(v) for k, v in extra_metrics(step_prompts, responses).items()})
-        metrics["step_time_s"] = time.perf_counter() - started
+            from_main.update({k: float(v) for k, v in extra_metrics(step_prompts, responses).items()})
+        from_main["step_time_s"] = time.perf_counter() - started
+        if dp is not None:  # every rank returns the same records
+            from_main = distributed.broadcast_object(from_main, dp.group)
+        metrics.update(from_main)
 
         # diagnostics: metrics.jsonl, progress bar, callback, checkpoint (atomic)
         record = StepRecord(step + 1, metrics)
         records.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record.to_dict()) + "\n")
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record.to_dict()) + "\n")
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{metrics['kl_ref_k1_sum']:.2f}",
                         beta=f"{beta:.3g}", len=f"{metrics['response_length_mean']:.1f}",
                         clip=f"{metrics['clipfrac']:.2f}")
         if log_fn is not None:  # before the checkpoint: RNG it draws is captured, so resume stays exact
             log_fn(record)
-        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps) and dp:
+            save_sharded(
+                checkpoint_path, step + 1, dp.models, optimizer,
+                {"step": step + 1, "config": dataclasses.asdict(cfg), "kl_controller": kl_ctl.state_dict(),
+                 "records": [{"step": r.step, "metrics": r.metrics} for r in records]},
+                dp.group,
+            )
+        elif cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             atomic_save(
                 {"step": step + 1, "config": dataclasses.asdict(cfg), "policy": policy.state_dict(),
                  "critic": critic.state_dict() if critic is not None else None,
@@ -825,8 +1024,12 @@ def critic_values(critic: nn.Module, hidden: torch.Tensor, seqs: Union[Samples, 
     return critic.values(ids[:, :-1], mask[:, :-1], pos[:, :-1])[:, seqs.prompt_len - 1 :]
 
 
-def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows, beta: float, cfg: PPOConfig):
-    """``rf.ppo_loss`` (or its fused-linear twin) on minibatch ``rows`` of the rollout, all options from cfg."""
+def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows, beta: float, cfg: PPOConfig,
+                global_num_tokens: Optional[torch.Tensor] = None):
+    """``rf.ppo_loss`` (or its fused-linear twin) on minibatch ``rows`` of the rollout, all options from cfg.
+
+    ``global_num_tokens``: the token-mean denominator when ``rows`` are one rank's part of a minibatch.
+    """
     targets, mask = rollout.response_ids[rows], rollout.response_mask[rows]
     args = (targets, rollout.advantages[rows], rollout.old_logprobs[rows], rollout.ref_logprobs[rows], mask)
     options = dict(
@@ -835,6 +1038,8 @@ def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows,
         kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
         loss_agg=cfg.loss_agg, backend=cfg.loss_backend,
     )
+    if global_num_tokens is not None:
+        options["global_num_tokens"] = global_num_tokens
     head = _lm_head(policy)
     if cfg.use_fused_linear:
         bias = getattr(head, "bias", None)
@@ -842,7 +1047,23 @@ def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows,
     return functional.ppo_loss(head(hidden), *args, **options)
 
 
-_RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "out_dir"}
+_RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "out_dir", "data_parallel"}
+
+
+def _check_checkpoint_kind(out_dir: str, sharded: bool) -> None:
+    """A single-process checkpoint.pt and a torch.distributed one are not interchangeable."""
+    single = os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
+    dcp_dir = latest_sharded(os.path.join(out_dir, "checkpoint")) is not None
+    if sharded and single and not dcp_dir:
+        raise ValueError(
+            f"cannot resume: {out_dir} holds a single-process checkpoint.pt; resume it without torch.distributed "
+            "(or set data_parallel='none')"
+        )
+    if not sharded and dcp_dir and not single:
+        raise ValueError(
+            f"cannot resume: {out_dir} holds a torch.distributed checkpoint (checkpoint/); resume it under torchrun "
+            "(--nproc_per_node 1 works)"
+        )
 
 
 def _check_same_config(saved: Dict[str, Any], cfg: PPOConfig) -> None:
@@ -884,17 +1105,26 @@ def _read_prompts(path: str) -> List[List[int]]:
 
 
 def main(args) -> int:
-    """Entry point of ``python -m rlhf_fast ppo``: trains, then saves the policy to out_dir/policy."""
+    """Entry point of ``python -m rlhf_fast ppo``: trains, then saves the policy to out_dir/policy.
+
+    Under ``torchrun`` it joins the process group first (NCCL on ``cuda:LOCAL_RANK``, gloo on
+    CPU) and trains data-parallel (``--data-parallel``); rank 0 prints and saves.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .cli import dataclass_from_args
     from .reward import load_reward_model
 
     cfg = dataclass_from_args(PPOConfig, args)
+    joins_group = not (dist.is_available() and dist.is_initialized())
+    device = distributed.init_from_env()  # None unless launched by torchrun
     validate(cfg)
     policy = AutoModelForCausalLM.from_pretrained(args.policy)
     ref_policy = AutoModelForCausalLM.from_pretrained(args.ref_policy or args.policy)
     reward_model = load_reward_model(args.reward_model)
+    if device is not None:
+        for model in (policy, ref_policy, reward_model):
+            model.to(device)
     eos = args.eos_token_id if args.eos_token_id is not None else policy.config.eos_token_id
     pad = args.pad_token_id if args.pad_token_id is not None else policy.config.pad_token_id
     pad = eos if pad is None else pad
@@ -902,7 +1132,17 @@ def main(args) -> int:
     reward_tok = AutoTokenizer.from_pretrained(args.reward_tokenizer) if args.reward_tokenizer else None
     records = train(cfg, policy, ref_policy, reward_model, _read_prompts(args.prompts), eos_token_id=eos,
                     pad_token_id=pad, policy_tokenizer=policy_tok, reward_tokenizer=reward_tok)
-    policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-    if records:
+    policy_dir = os.path.join(cfg.out_dir, "policy")
+    if distributed.resolve_data_parallel(cfg.data_parallel) is None:
+        policy.save_pretrained(policy_dir)
+        is_main = True
+    else:
+        weights = distributed.full_state_dict(policy)  # collective (FSDP2 gathers the shards); rank 0 gets it
+        is_main = dist.get_rank() == 0
+        if is_main:
+            policy.save_pretrained(policy_dir, state_dict=weights)
+    if records and is_main:
         print(json.dumps(records[-1].to_dict()))
+    if device is not None and joins_group:
+        dist.destroy_process_group()
     return 0
