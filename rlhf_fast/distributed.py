@@ -17,10 +17,11 @@ How a step is split (:func:`rlhf_fast.ppo.train` under ``torchrun``):
 * metrics — each part's token means are combined weighted by its token count
   (:func:`all_reduce_minibatch_metrics`).
 
-Every sampled token is world-size independent except the sampling itself: ``generate``
-draws a batch's tokens from one RNG stream, so the same prompts split over different ranks
-give different samples. Everything after sampling is equal to one process up to summation
-order.
+Only the sampling depends on the world size: ``generate`` draws a whole batch's tokens from
+one RNG stream, so the same prompts split over a different number of ranks get different
+replies. Given the replies, everything else equals one process up to summation order, and a
+checkpoint resumes under any world size (no RNG state is saved: it derives from seed, step
+and rank). The data-parallel group is the default (world) group.
 """
 
 from __future__ import annotations

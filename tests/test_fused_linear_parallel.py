@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             assert set(out.metrics) == set(truth.metrics)
             pairs.update({f"metric {k}": (out.metrics[k], v) for k, v in truth.metrics.items()})
             for name, (got, expected) in pairs.items():
-                torch.testing.assert_close(got, expected, **tol, msg=lambda m, n=name: f"{what} {n}: {m}")
+                torch.testing.assert_close(got, expected, **tol, msg=lambda m, n=name, w=what: f"{w} {n}: {m}")
             valid_targets = targets[mask]
             assert ((valid_targets >= lo) & (valid_targets < hi)).any(), f"{what}: no target on this shard"
             # no-grad pass for old/ref log-probs
@@ -100,8 +100,8 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
                                                    backend=backend, process_group=group)
             lp_truth, entropy_truth = rf.logprobs(logits.detach(), targets, mask, temperature=0.9,
                                                   with_entropy=True, backend="eager")
-            torch.testing.assert_close(lp, lp_truth, **tol, msg=lambda m: f"{what} fused_linear_logprobs: {m}")
-            torch.testing.assert_close(entropy, entropy_truth, **tol, msg=lambda m: f"{what} entropy: {m}")
+            torch.testing.assert_close(lp, lp_truth, **tol, msg=lambda m, w=what: f"{w} lp: {m}")
+            torch.testing.assert_close(entropy, entropy_truth, **tol, msg=lambda m, w=what: f"{w} entropy: {m}")
         # hidden must be replicated: a different token count on one rank is an error on every rank
         n_tokens = 4 if rank == 0 else 5
         try:
