@@ -142,7 +142,7 @@ def wrap(policy: nn.Module, critic: Optional[nn.Module], kind: str, group=None) 
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(
-            models, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
+            models, device_ids=None, process_group=group,  # inputs are already on the device
             forward_sync_buffers=False,  # buffers (causal masks, rotary tables) are constants
             static_graph=True,  # the same parameters every minibatch; also tolerates unused ones
         )

@@ -49,6 +49,38 @@ def _make_inputs(batch: int, seq: int, hidden_size: int, vocab: int, seed: int, 
     return hidden, weight, bias, targets, advantages, old, ref, mask
 
 
+def _check_bf16(rank: int, world: int, lo: int, hi: int, vocab: int, backend: str) -> None:
+    """bf16 (SPEC §7 double baseline): the sharded loss's error against fp64 truth is at most 2× the
+    eager reference's own bf16 error; d(hidden) is summed over ranks in fp32 and rounded once."""
+    from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, max_error
+
+    import rlhf_fast as rf
+
+    hidden, weight, bias, targets, adv, old, ref_lp, mask = _make_inputs(4, 40, 32, vocab, 7, False)
+    options = dict(kl_coef=0.1, entropy_coef=0.01, temperature=0.8)
+
+    def run(dtype, w, b, **extra):
+        h = hidden.to(dtype).requires_grad_(True)
+        w, b = w.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
+        if extra:  # sharded fused-linear
+            out = rf.fused_linear_ppo_loss(h, w, targets, adv, old, ref_lp, mask, bias=b, chunk_size=64, **extra,
+                                           **options)
+        else:  # eager on the materialised logits
+            out = rf.ppo_loss(h @ w.T + b, targets, adv, old, ref_lp, mask, backend="eager", **options)
+        out.loss.backward()
+        return {"loss": out.loss, "logprobs": out.logprobs, "grad hidden": h.grad, "grad weight": w.grad}
+
+    truth = run(torch.float64, weight, bias)
+    eager = run(torch.bfloat16, weight, bias)
+    sharded = run(torch.bfloat16, weight[lo:hi], bias[lo:hi], backend=backend, process_group=dist.group.WORLD)
+    for name in ("grad weight",):  # compare this rank's rows only
+        truth[name], eager[name] = truth[name][lo:hi], eager[name][lo:hi]
+    for name, exact in truth.items():
+        err, bound = max_error(sharded[name], exact), DOUBLE_BASELINE_FACTOR * max_error(eager[name], exact)
+        what = f"rank {rank}/{world} {backend} bf16 {name}"
+        assert err <= bound + DOUBLE_BASELINE_ATOL, f"{what}: error {err:.3g} > bound {bound:.3g}"
+
+
 def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers import TOLERANCES
@@ -102,6 +134,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
                                                   with_entropy=True, backend="eager")
             torch.testing.assert_close(lp, lp_truth, **tol, msg=lambda m, w=what: f"{w} lp: {m}")
             torch.testing.assert_close(entropy, entropy_truth, **tol, msg=lambda m, w=what: f"{w} entropy: {m}")
+        _check_bf16(rank, world, lo, hi, vocab, backend)
         # hidden must be replicated: a different token count on one rank is an error on every rank
         n_tokens = 4 if rank == 0 else 5
         try:
