@@ -63,9 +63,9 @@ def pad_right(seqs: Sequence[Sequence[int]], length: int = 0) -> Tuple[torch.Ten
 
 @dataclass(frozen=True)
 class SFTConfig:
-    examples: int = 4000
+    examples: int = 6000
     """Demonstrations drawn from :func:`world.sft_dataset`."""
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 2e-3
 
@@ -197,8 +197,12 @@ def evaluate_policy(
 def probe_correlations(reward_model, gold: world.GoldJudge, cfg: world.WorldConfig, n: int, seed: int):
     """Correlation of the RM score (and, for contrast, of gold) with reply length and upsell count.
 
-    Measured on fresh candidate replies to safe prompts (the labellers' distribution).
+    Measured on fresh well-formed candidate replies to safe prompts (the labellers'
+    distribution without stray tokens, off-format starts or missing EOS).
     """
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, pair_stray=0.0, pair_off_format=0.0, pair_missing_eos=0.0)
     rng = random.Random(seed)
     prompts = world.sample_prompts(n, rng, 0.0)
     replies = [world.candidate_reply(p, cfg, rng) for p in prompts]

@@ -36,9 +36,9 @@ class CaseStudyConfig:
     labellers: world.Labellers = field(default_factory=world.Labellers)
     model: models.ModelConfig = field(default_factory=models.ModelConfig)
     sft: models.SFTConfig = field(default_factory=models.SFTConfig)
-    rm_pairs: int = 10000
+    rm_pairs: int = 16000
     """Labelled preference pairs for the reward model."""
-    rm_epochs: int = 6
+    rm_epochs: int = 8
     rm_lr: float = 1e-3
     rm_heldout: float = 0.1
     calibration_samples: int = 2048
@@ -54,7 +54,7 @@ class CaseStudyConfig:
     """The incident: small fixed β in the reward, raw reward-model scale."""
     fix_kl_coef: float = 0.15
     """Starting β of the adaptive controller (the fix)."""
-    fix_kl_target: float = 3.0
+    fix_kl_target: float = 2.0
     """KL budget to the reference, nats per reply (the fix)."""
     fix_kl_horizon: float = 500.0
     """Adaptive controller horizon, in replies."""
@@ -125,6 +125,8 @@ class RunResult:
     """Per-step metrics of the loop (empty for the reference)."""
     summary: Dict[str, Optional[float]]
     """Final evaluation: proxy_reward, gold, kl, length, refusal_rate, salesy_share, ..."""
+    policy: Optional[torch.nn.Module] = None
+    """The trained policy (the reference itself for the reference run)."""
 
 
 @dataclass
@@ -269,7 +271,7 @@ def run_ppo(
         kl_coef_final=records[-1]["kl_coef_next"] if records else None,
         seconds=time.perf_counter() - started,
     )
-    return RunResult(name, settings, records, summary)
+    return RunResult(name, settings, records, summary, policy)
 
 
 def run_case_study(
@@ -285,7 +287,7 @@ def run_case_study(
     torch.set_num_threads(cfg.threads)
     try:
         prep = prepare(cfg, progress)
-        reference = RunResult("reference", None, [], evaluate(cfg, prep, prep.reference))
+        reference = RunResult("reference", None, [], evaluate(cfg, prep, prep.reference), prep.reference)
         baseline = run_ppo(cfg, prep, "baseline", cfg.baseline, os.path.join(out_dir, "baseline"), progress)
         fixed = run_ppo(cfg, prep, "fix", cfg.fix_settings(fix), os.path.join(out_dir, "fix"), progress)
         runs = []

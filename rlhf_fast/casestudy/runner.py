@@ -41,7 +41,7 @@ class PPOSettings:
 class CommonPPO:
     """Knobs every run of one case study shares (same seed, same budget)."""
 
-    steps: int = 100
+    steps: int = 150
     batch: int = 64
     minibatch_size: int = 16
     epochs: int = 4
@@ -52,7 +52,9 @@ class CommonPPO:
     lam: float = 0.95
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
-    loss_backend: str = "auto"
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a reply cut at max_new_tokens (common practice, both runs)."""
+    loss_backend: str = "eager"
 
 
 def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: str, progress: bool):
@@ -85,6 +87,7 @@ def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: st
         vf_coef=common.vf_coef,
         max_grad_norm=common.max_grad_norm,
         early_stop_approx_kl=settings.early_stop_approx_kl,
+        missing_eos_penalty=common.missing_eos_penalty,
         out_dir=out_dir,
         checkpoint_every=0,
         progress=progress,
