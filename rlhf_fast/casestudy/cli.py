@@ -14,7 +14,6 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional
 
 from .pipeline import FIXES, CaseStudyConfig, quick_config, run_case_study
 
@@ -56,9 +55,3 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nrun folder: {args.out} (report.md, summary.json, plots); {time.perf_counter() - started:.0f} s")
     return 0
 
-
-def console_main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``rlhf-fast`` console script: ``rlhf-fast casestudy ...``."""
-    from ..__main__ import main as dispatch
-
-    return dispatch(argv)
