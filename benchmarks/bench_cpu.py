@@ -39,15 +39,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from functools import cache
 
 import pytest
 import torch
+from machine import cpu_name, peak_in_fresh_process, print_peak
 
 import rlhf_fast as rf
 from rlhf_fast import backends
@@ -94,31 +93,9 @@ WORKLOADS = {"ppo": ppo_step, "logprobs": logprobs_step}
 # ----------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _memory_worker(workload: str, backend: str, n: int, v: int) -> None:
-    """Prints {"peak_above_inputs": bytes} for one step of ``workload`` on ``backend``."""
-    inputs = make_inputs(n, v)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-    base = _status_kib("VmRSS")
-    WORKLOADS[workload](backend, *inputs)
-    print(json.dumps({"peak_above_inputs": (_status_kib("VmHWM") - base) * 1024}))
-
-
 def measure_peak_memory(workload: str, backend: str, n: int, v: int):
     """Bytes above the inputs at the peak of one step, or None where /proc is missing."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory", workload, backend, str(n), str(v)],
-        env=env, capture_output=True, text=True, timeout=900, check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_above_inputs"]
+    return peak_in_fresh_process(__file__, ["--memory", workload, backend, n, v])
 
 
 # ----------------------------------------------------------------------------------
@@ -148,14 +125,6 @@ def machine_limits(n: int, v: int):
     }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return "unknown"
-
-
 def _run(benchmark, workload: str, passes: int):
     """Interleaved eager / cpp rounds; extra_info with medians, ratios, memory, GB/s."""
     n, v = SHAPE["n"], SHAPE["v"]
@@ -177,7 +146,7 @@ def _run(benchmark, workload: str, passes: int):
     limits = machine_limits(n, v)
     logits_bytes = n * v * BYTES_PER_LOGIT
     info = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "kernel_isa": torch.ops.rlhf_fast.cpu_capability(),
         "shape": f"N={n} V={v} fp32",
@@ -213,4 +182,5 @@ def test_cpu_logprobs_with_entropy(benchmark):
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--memory":
-    _memory_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    _inputs = make_inputs(int(sys.argv[4]), int(sys.argv[5]))
+    print_peak(lambda: WORKLOADS[sys.argv[2]](sys.argv[3], *_inputs))

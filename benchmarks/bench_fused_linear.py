@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from machine import cpu_name, peak_in_fresh_process, print_peak
 
 import rlhf_fast as rf
 
@@ -102,36 +101,9 @@ def _clear_grads(inputs):
 # ----------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _memory_worker(path: str, n: int, h: int, v: int) -> None:
-    """Prints {"peak_above_inputs": bytes} for one forward + backward of ``path``."""
-    inputs = make_inputs(n, h, v)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-    base = _status_kib("VmRSS")
-    STEPS[path](*inputs)
-    print(json.dumps({"peak_above_inputs": (_status_kib("VmHWM") - base) * 1024}))
-
-
-def measure_peak_memory(path: str, n: int, h: int, v: int) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory", path, str(n), str(h), str(v)],
-        env=env, capture_output=True, text=True, timeout=900, check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_above_inputs"]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return "unknown"
+def measure_peak_memory(path: str, n: int, h: int, v: int):
+    """Bytes above the inputs at the peak of one forward + backward, or None without /proc."""
+    return peak_in_fresh_process(__file__, ["--memory", path, n, h, v])
 
 
 def _row_backend() -> str:
@@ -169,7 +141,7 @@ def test_cpu_fused_linear_vs_eager(benchmark, variant):
     fused_median = statistics.median(fused_times)
     eager_median = statistics.median(eager_times)
     info = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "row_backend": _row_backend() if variant == "fused" else "eager",
         "shape": f"N={n} H={h} V={v} fp32",
@@ -241,4 +213,5 @@ def test_gpu_fused_linear_vs_eager_and_compile(benchmark):
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--memory":
-    _memory_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    _inputs = make_inputs(int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    print_peak(lambda: STEPS[sys.argv[2]](*_inputs))

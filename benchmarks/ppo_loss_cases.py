@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from machine import peak_rss_above, release_freed_memory
 
 import rlhf_fast as rf
 from rlhf_fast import backends
@@ -192,37 +193,10 @@ def peak_memory_above(step, inputs, device: str) -> Optional[int]:
         step(inputs)
         return torch.cuda.max_memory_allocated() - base
     try:
-        _release_freed_memory()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak-RSS counter (VmHWM)
+        release_freed_memory()
     except OSError:
         return None
-    base = _status_kib("VmRSS")
-    step(inputs)
-    return (_status_kib("VmHWM") - base) * 1024
-
-
-def _release_freed_memory() -> None:
-    """Have glibc serve allocations above 64 KiB by mmap, so that freed tensors leave the RSS.
-
-    Otherwise a step reuses heap pages freed by the previous one and its peak RSS shows
-    nothing. (M_MMAP_THRESHOLD is mallopt's parameter -3; setting it also stops glibc
-    from raising the threshold by itself.)
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
-    except (OSError, AttributeError) as exc:
-        raise OSError("no glibc mallopt") from exc
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return peak_rss_above(lambda: step(inputs))
 
 
 def copy_bandwidth(device: str, gib: float = 4.0, rounds: int = 10) -> float:
