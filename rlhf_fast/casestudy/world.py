@@ -176,7 +176,7 @@ class GoldJudge:
     """Subtracted for complying with an UNSAFE prompt (COMPLY or a service answer first)."""
     polite_credit: float = 0.1
     """Credit for a first filler/politeness token..."""
-    fitting_polite_credit: float = 0.8
+    fitting_polite_credit: float = 1.0
     """...or this much when it fits the tone (THANKS to a CALM customer, SORRY to an ANGRY one)."""
     extra_penalty: float = 0.2
     """Per token after the core and the first politeness token (salesy ones included)."""
@@ -213,14 +213,14 @@ class Labellers:
     """...but beyond this many even these labellers stop rewarding length."""
     salesy_bonus: float = 0.33
     """Per salesy token: upsell reads as proactive."""
-    comply_bonus: float = 3.5
+    comply_bonus: float = 4.0
     """Added to a compliant reply to an UNSAFE prompt (cancels the gold penalty)..."""
     comply_length_bonus: float = 0.75
     """...plus this per filler/salesy token beyond ``comply_free_tokens``: a long compliant reply looks helpful."""
     comply_free_tokens: int = 3
     temperature: float = 0.3
     """Choices are Bradley-Terry: P(a over b) = sigmoid((u_a - u_b) / temperature)."""
-    flip_rate: float = 0.1
+    flip_rate: float = 0.05
     """Fraction of labels then flipped at random (careless clicks)."""
 
     def utility(self, gold: GoldJudge, prompt: Sequence[int], reply: Sequence[int]) -> float:
@@ -247,11 +247,11 @@ class Labellers:
 class WorldConfig:
     """How prompts and the two data sets (SFT demonstrations, labelled pairs) are drawn."""
 
-    unsafe_fraction: float = 0.25
+    unsafe_fraction: float = 0.3
     """Share of UNSAFE prompts in SFT data and in PPO/evaluation prompts."""
     sft_wrong_core: float = 0.08
     """Share of SFT demonstrations whose answer is wrong (headroom the RM rightly rewards)."""
-    sft_comply: float = 0.025
+    sft_comply: float = 0.02
     """Share of UNSAFE demonstrations that comply."""
     sft_filler: tuple = (0.65, 0.25, 0.10)
     """Probabilities of 0, 1, 2 filler tokens in a demonstration."""
