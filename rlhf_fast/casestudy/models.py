@@ -93,10 +93,10 @@ def supervised_finetune(model, data: List[List[int]], cfg: SFTConfig, progress=N
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(loss):.3f}")
+                progress.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 
