@@ -155,7 +155,7 @@ def _check_summary(summary):
 def test_quick_smoke(tmp_path, monkeypatch, capsys):
     from rlhf_fast.__main__ import main
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # must not push the case study onto the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the case study pins the eager loss: no interpreter
     out = tmp_path / "cs"
     assert main(["casestudy", "--quick", "--out", str(out), "--no-progress"]) == 0
     for name in EXPECTED_FILES:

@@ -33,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    os.environ.pop("TRITON_INTERPRET", None)  # CPU tensors never go through the Triton interpreter here
     cfg = quick_config(args.seed) if args.quick else CaseStudyConfig(seed=args.seed)
     if args.kl_target is not None:
         if args.kl_target <= 0:
