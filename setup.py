@@ -100,15 +100,16 @@ setup(
     name="rlhf_fast",
     version="0.1.0",
     description="Fused, trustworthy PPO loss kernels and a lean RLHF loop",
-    packages=["rlhf_fast", "rlhf_fast.kernels"],
+    packages=["rlhf_fast", "rlhf_fast.casestudy", "rlhf_fast.kernels"],
     package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"},
+    entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["transformers>=4.40", "tqdm", "matplotlib"],
+        "train": ["transformers>=5,<6", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "ruff"],
     },
 )
