@@ -83,10 +83,14 @@ def _check_bf16(rank: int, world: int, lo: int, hi: int, vocab: int, backend: st
 
 def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from helpers import TOLERANCES
+    from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, TOLERANCES, max_error
 
     import rlhf_fast as rf
 
+    # One intra-op thread per rank: with two (3 ranks on 2 cores), the kl metric of one
+    # case differed from the one-process run by up to 0.3% relative in about 1 run of 5;
+    # the cause is not found yet (see the issue notes). One thread made 8 of 8 runs agree.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     group = dist.group.WORLD
     try:
@@ -115,11 +119,28 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
                                            backend=backend, process_group=group, **options)
             out.loss.backward()
             what = f"rank {rank}/{world} {backend} {options}"
-            pairs = {"loss": (out.loss, truth.loss), "logprobs": (out.logprobs, truth.logprobs),
-                     "entropy": (out.entropy, truth.entropy), "grad hidden": (h.grad, h_full.grad),
-                     "grad weight shard": (w.grad, w_full.grad[lo:hi])}
+            # The gradients of hidden, W and b are matmul-style sums: d(hidden) over the
+            # vocabulary, which the ranks split and all-reduce; d(W) and d(b) over the tokens,
+            # which the fused path walks in chunks. Their summation order cannot match one
+            # process's matmul (itself thread-order dependent: MKL adapts its threads to the
+            # load), so fp32 rounding differs by a few ulps of the partial sums. They are held
+            # to the SPEC §7 double baseline instead: error against fp64 truth at most 2× the
+            # one-process fp32 error, + 1e-6. Everything else is compared at fp32 tolerance.
+            h64 = hidden.double().requires_grad_(True)
+            w64 = weight.double().requires_grad_(True)
+            b64 = bias.double().requires_grad_(True) if with_bias else None
+            logits64 = h64 @ w64.T + (b64 if with_bias else 0.0)
+            rf.ppo_loss(logits64, targets, adv, old, ref_lp, mask, backend="eager", **options).loss.backward()
+            grads = {"grad hidden": (h.grad, h_full.grad, h64.grad),
+                     "grad weight shard": (w.grad, w_full.grad[lo:hi], w64.grad[lo:hi])}
             if with_bias:
-                pairs["grad bias shard"] = (b.grad, b_full.grad[lo:hi])
+                grads["grad bias shard"] = (b.grad, b_full.grad[lo:hi], b64.grad[lo:hi])
+            for name, (got, one_process, exact) in grads.items():
+                err = max_error(got, exact)
+                bound = DOUBLE_BASELINE_FACTOR * max_error(one_process, exact) + DOUBLE_BASELINE_ATOL
+                assert err <= bound, f"{what} {name}: error {err:.3g} vs fp64 > bound {bound:.3g}"
+            pairs = {"loss": (out.loss, truth.loss), "logprobs": (out.logprobs, truth.logprobs),
+                     "entropy": (out.entropy, truth.entropy)}
             assert set(out.metrics) == set(truth.metrics)
             pairs.update({f"metric {k}": (out.metrics[k], v) for k, v in truth.metrics.items()})
             for name, (got, expected) in pairs.items():
@@ -144,6 +165,9 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             assert "replicated" in str(exc), exc
         else:
             raise AssertionError("hidden of different lengths across ranks was accepted")
+        # no rank may exit (closing its gloo connections) while a peer still uses them:
+        # gloo aborts that peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -125,6 +125,9 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
                 for key, value in one.items():
                     torch.testing.assert_close(other[key], value, rtol=RTOL, atol=ATOL,
                                                msg=lambda m, k=key, w=what, t=kind_of: f"{w} {t} {k}: {m}")
+        # no rank may exit (closing its gloo connections) while a peer still uses them:
+        # gloo aborts that peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -193,6 +196,9 @@ def _train_worker(rank: int, world: int, init_file: str, runs) -> None:
             if rank == 0 and result is not None:
                 torch.save({"records": [r.to_dict() for r in records], "weights": weights, "executed": executed},
                            result)
+        # no rank may exit (closing its gloo connections) while a peer still uses them:
+        # gloo aborts that peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -71,6 +71,9 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             assert f"[0, {vocab})" in str(exc)
         else:
             raise AssertionError("out-of-range global target was accepted")
+        # no rank may exit (closing its gloo connections) while a peer still uses them:
+        # gloo aborts that peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
