@@ -6,6 +6,7 @@ public API; tolerances come from :data:`TOLERANCES` only (SPEC §7).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -169,3 +170,20 @@ def pairwise_cover(axes: Dict[str, list]) -> list:
         rows.append(best)
         uncovered -= pairs(best)
     return [{n: axes[n][c] for n, c in zip(names, combo)} for combo in rows]
+
+
+@contextlib.contextmanager
+def closing_process_group():
+    """Around a distributed worker's body (group already initialised): barrier on success, then teardown.
+
+    No rank may exit (closing its gloo connections) while a peer still uses them: gloo
+    aborts that peer ("terminate called without an active exception"). The barrier is on
+    the success path only, so a failing rank exits instead of waiting for the others.
+    """
+    import torch.distributed as dist
+
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

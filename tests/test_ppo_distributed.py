@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import closing_process_group
 
 pytest.importorskip("transformers")
 
@@ -92,7 +93,7 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
     from rlhf_fast.checkpoint import seed_everything
     from rlhf_fast.ppo import ValueHead, collect_rollout, validate
 
-    try:
+    with closing_process_group():
         for name in cases:
             policy, ref, reward_model, prompts = build("gpt2")
             cfg = base_config(Path(init_file).parent, epochs=2, minibatch_size=4 if world == 2 else 3,
@@ -125,11 +126,6 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
                 for key, value in one.items():
                     torch.testing.assert_close(other[key], value, rtol=RTOL, atol=ATOL,
                                                msg=lambda m, k=key, w=what, t=kind_of: f"{w} {t} {k}: {m}")
-        # no rank may exit (closing its gloo connections) while a peer still uses them:
-        # gloo aborts that peer ("terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world,kind,cases", [
@@ -181,7 +177,7 @@ def _train_worker(rank: int, world: int, init_file: str, runs) -> None:
     from rlhf_fast import distributed, ppo
 
     ppo.sample_replies = _fixed_replies
-    try:
+    with closing_process_group():
         for out_dir, overrides, result in runs:
             policy, ref, reward_model, prompts = build("gpt2")
             cfg = ppo.PPOConfig(
@@ -196,11 +192,6 @@ def _train_worker(rank: int, world: int, init_file: str, runs) -> None:
             if rank == 0 and result is not None:
                 torch.save({"records": [r.to_dict() for r in records], "weights": weights, "executed": executed},
                            result)
-        # no rank may exit (closing its gloo connections) while a peer still uses them:
-        # gloo aborts that peer ("terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world, tmp_path, phase, runs):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import HAS_CPP, HAS_TRITON
+from helpers import closing_process_group
 
 OPTION_SETS = [
     dict(kl_estimator="k1", kl_coef=0.1),
@@ -34,7 +35,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
     import rlhf_fast as rf
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with closing_process_group():
         bounds = torch.tensor_split(torch.arange(vocab), world)[rank]
         lo, hi = int(bounds[0]), int(bounds[-1]) + 1
         tol = TOLERANCES[torch.float32]
@@ -71,11 +72,6 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             assert f"[0, {vocab})" in str(exc)
         else:
             raise AssertionError("out-of-range global target was accepted")
-        # no rank may exit (closing its gloo connections) while a peer still uses them:
-        # gloo aborts that peer ("terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
