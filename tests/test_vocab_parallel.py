@@ -72,6 +72,14 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             assert f"[0, {vocab})" in str(exc)
         else:
             raise AssertionError("out-of-range global target was accepted")
+    if backend == "triton":
+        # Every check above has passed. A spawned process that ran the Triton interpreter
+        # sometimes aborts in its C++ teardown at exit ("terminate called without an active
+        # exception", after the worker returned; seen in 1 of 4 runs): end it without that
+        # teardown. A failure raises before this line and still fails the test.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
