@@ -8,8 +8,9 @@ torch; the build then skips the extension). ``RLHF_FAST_BUILD_EXT=0`` skips it o
 purpose; any build failure prints a warning and installs the pure-Python package.
 
 Instruction sets: csrc/kernels_<isa>.cpp are compiled once per ISA (generic, AVX2,
-AVX-512) with that file's flags only, and the operators pick one at run time from
-ATen's CPU capability, so the built library runs on any x86-64 CPU.
+AVX-512) with that file's flags only, and the operators pick at run time the best one that
+the CPU supports (cpuid) and ATen's CPU capability allows, so the built library runs on any
+x86-64 CPU.
 """
 
 import os
@@ -51,7 +52,7 @@ def _extension():
     ext = CppExtension(
         "rlhf_fast._C",
         sources,
-        depends=["csrc/ppo_loss.h", "csrc/ppo_loss_kernels.h"],
+        depends=["csrc/cpu_isa.h", "csrc/ppo_loss.h", "csrc/ppo_loss_kernels.h"],
         define_macros=macros,
         extra_compile_args=["-O3", "-Wno-unknown-pragmas", *openmp],
         extra_link_args=openmp,

@@ -1,6 +1,6 @@
 // The rlhf_fast CPU operators: schemas (TORCH_LIBRARY), argument checks and the CPU
 // implementations, which hand raw pointers to the row kernels of the best instruction set
-// that both this build and ATen's CPU capability allow (ATEN_CPU_CAPABILITY can lower it).
+// that this build, the CPU itself and ATen's CPU capability allow (cpu_isa.h).
 // Fake (meta) implementations for torch.compile live in rlhf_fast/cpp_ops.py.
 #include <Python.h>
 
@@ -13,7 +13,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "cpu_isa.h"
 #include "ppo_loss.h"
 
 namespace rlhf_fast {
@@ -23,13 +25,12 @@ using at::Tensor;
 
 const KernelTable& kernels() {
   static const KernelTable* table = [] {
-    const std::string capability = at::get_cpu_capability();
-    (void)capability;
+    const std::string build = choose_build(at::get_cpu_capability(), runnable_builds());
 #ifdef RLHF_FAST_HAVE_AVX512
-    if (capability == "AVX512") return &AVX512::kKernels;
+    if (build == "AVX512") return &AVX512::kKernels;
 #endif
 #ifdef RLHF_FAST_HAVE_AVX2
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::kKernels;
+    if (build == "AVX2") return &AVX2::kKernels;
 #endif
     return &DEFAULT::kKernels;
   }();
@@ -164,6 +165,11 @@ std::string cpu_capability() {
   return kernels().name;
 }
 
+// For tests: the choice rule of kernels() with an injected ATen capability and runnable set.
+std::string choose_kernel_build(const std::string& aten_capability, const std::vector<std::string>& runnable) {
+  return choose_build(aten_capability, runnable);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rlhf_fast, m) {
@@ -178,6 +184,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "Tensor coef_entropy, float temperature, Tensor(a!) out) -> ()");
   m.def("logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> (Tensor, Tensor)");
   m.def("cpu_capability() -> str", &cpu_capability);
+  m.def("runnable_builds() -> str[]", &runnable_builds);
+  m.def("choose_kernel_build(str aten_capability, str[] runnable) -> str", &choose_kernel_build);
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
