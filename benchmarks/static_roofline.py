@@ -697,6 +697,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
     parser.add_argument("--rows", type=int, default=ROWS, help="N, rows of logits (default 16384)")
     parser.add_argument("--json", help="write the results as a JSON list here")
+    parser.add_argument("--markdown", help="write the tables (the standard output) here too")
     parser.add_argument("--keep", help="keep the SASS, PTX and TTGIR of every kernel in this folder")
     parser.add_argument("--kernels", default="rlhf_fast.kernels.ppo_loss",
                         help="module with the launchers (a dotted name or a .py file)")
@@ -713,12 +714,18 @@ def main(argv=None) -> int:
                     print(f"{op:>16} V={vocab:<6} {dt}: regs {r['regs']}, spills {r['spills']}, "
                           f"loads {_widths(r['load_widths'])}, {r['insn_per_elem']:.2f} insn/elem, "
                           f"H200 {r['roofline_h200']:.0%}", file=sys.stderr, flush=True)  # fmt: skip
-    print(f"Modelled (static SASS model, no GPU), N = {args.rows}, sm_90, triton {triton.__version__}\n")
-    print(table(results))
-    print("\nloads / stores: global accesses per thread per iteration of the streaming loop (of the whole program"
-          " when there is none); insn/elem: SASS thread-instructions per logit, whole op (its loop alone);"
-          " H100 / H200: modelled fraction of the bandwidth roofline at that clock.\n")
-    print(step_table(results))
+    report = "\n".join([
+        f"Modelled (static SASS model, no GPU), N = {args.rows}, sm_90, triton {triton.__version__}", "",
+        table(results), "",
+        "loads / stores: global accesses per thread per iteration of the streaming loop (of the whole program when"
+        " there is none); insn/elem: SASS thread-instructions per logit, whole op (its loop alone); H100 / H200:"
+        " modelled fraction of the bandwidth roofline at that clock.", "",
+        step_table(results),
+    ])  # fmt: skip
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
