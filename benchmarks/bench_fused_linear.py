@@ -1,7 +1,7 @@
 """Fused-linear PPO loss vs the eager path (issue 4), forward + backward.
 
 Run: ``pytest benchmarks/bench_fused_linear.py`` (pytest-benchmark). The eager path is the
-baseline of ``rlhf_fast.reference``: ``logits = hidden @ weight.T`` to full ``[N, V]`` logits,
+baseline of ``rlhf_fast.loss.reference``: ``logits = hidden @ weight.T`` to full ``[N, V]`` logits,
 then ``rf.ppo_loss(..., backend="eager")``, autograd back to hidden and weight. Both paths
 run the same loss options (k3 KL, β = 0.05, entropy bonus η = 0.01, old/ref log-probs,
 token-mean), on the same inputs, in the same run.

@@ -141,12 +141,12 @@ def make_step(impl: str, mode: str, device: str) -> Callable[[Dict[str, torch.Te
 
 
 def _kernels_step(mode: str):
-    from rlhf_fast.config import make_config
-    from rlhf_fast.functional import rows_view
+    import rlhf_fast as rf
+    from rlhf_fast.loss.functional import rows_view
 
     ops = backends.load_ops("triton")[0]
-    cfg = make_config(clip_eps=OPTIONS["clip_eps"], kl_coef=OPTIONS["kl_coef"], kl_estimator=OPTIONS["kl_estimator"],
-                      entropy_coef=OPTIONS["entropy_coef"], has_old=True, has_ref=True)
+    cfg = rf.LossOptions(clip_eps=OPTIONS["clip_eps"], kl_coef=OPTIONS["kl_coef"], kl_estimator=OPTIONS["kl_estimator"],
+                         entropy_coef=OPTIONS["entropy_coef"]).row_params(has_old=True, has_ref=True)
 
     def step(inputs):
         logits = rows_view(inputs["logits"].detach())
@@ -243,9 +243,8 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     Data for tuning ``launch_config`` on a new GPU: the kernels are launched directly,
     without autograd, each configuration after one warm-up (which compiles it).
     """
+    from rlhf_fast.loss.functional import rows_view
     from rlhf_fast.kernels import ppo_loss as kernels
-
-    from rlhf_fast.functional import rows_view
 
     inputs = make_inputs(shape, "cuda")
     logits = rows_view(inputs["logits"].detach())

@@ -1,19 +1,42 @@
-"""rlhf_fast: a fused, trustworthy PPO loss for RLHF (see SPEC.md in the docs).
+"""rlhf_fast: a fused, trustworthy PPO loss for RLHF, and a lean PPO loop around it.
 
-``import rlhf_fast`` is lean: it never imports triton, touches CUDA or compiles
-anything; backends load on first use.
+Layers (docs/architecture.md), lower ones never importing upper ones:
+
+* :mod:`rlhf_fast.backends` — the row backends (Triton, C++) and the registry;
+* :mod:`rlhf_fast.loss` — the loss: options, reference, functional API, autograd,
+  fused-linear, vocab-parallel, ``nn.Module``;
+* :mod:`rlhf_fast.training` — reward model, PPO loop, checkpoints, data parallel, CLI;
+* :mod:`rlhf_fast.casestudy` — the main job, on the public API only.
+
+``import rlhf_fast`` is lean: it never imports triton or transformers, touches CUDA or
+compiles anything; backends load on first use, the training layer on first access.
 """
 
-from .config import KL_ESTIMATORS, LOSS_AGGREGATIONS
-from .functional import PPOLossOutput, logprobs, ppo_loss
-from .fused_linear import fused_linear_logprobs, fused_linear_ppo_loss
-from .module import PPOLoss
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+from .loss import (
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    LossOptions,
+    PPOLoss,
+    PPOLossOutput,
+    fused_linear_logprobs,
+    fused_linear_ppo_loss,
+    logprobs,
+    ppo_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "LossOptions",
     "PPOLoss",
     "PPOLossOutput",
     "fused_linear_logprobs",
@@ -22,25 +45,55 @@ __all__ = [
     "ppo_loss",
 ]
 
-# Training side (reward model, PPO loop): imported on first attribute access, so that
-# ``import rlhf_fast`` stays lean (no transformers, no tqdm).
+# The training layer: imported on first attribute access, so ``import rlhf_fast`` stays lean.
 _LAZY_EXPORTS = {
-    "RewardModel": "reward", "RewardTrainConfig": "reward", "bradley_terry_loss": "reward",
-    "train_reward_model": "reward", "calibrate": "reward", "save_reward_model": "reward",
-    "load_reward_model": "reward",
-    "PPOConfig": "ppo", "StepRecord": "ppo", "Rollout": "ppo", "validate_ppo_config": "ppo.validate",
-    "train_ppo": "ppo.train",
-    "gae_advantages": "advantages", "grpo_advantages": "advantages", "rloo_advantages": "advantages",
-    "whiten": "advantages",
-    "AdaptiveKLController": "kl_control", "FixedKLController": "kl_control",
+    "RewardModel": "training.reward", "RewardTrainConfig": "training.reward",
+    "bradley_terry_loss": "training.reward", "train_reward_model": "training.reward",
+    "calibrate": "training.reward", "save_reward_model": "training.reward", "load_reward_model": "training.reward",
+    "PPOConfig": "training.config", "validate_ppo_config": "training.config:validate",
+    "StepRecord": "training.records", "Rollout": "training.records", "Samples": "training.records",
+    "train_ppo": "training.trainer:train",
+    "ADVANTAGE_ESTIMATORS": "training.advantages", "gae_advantages": "training.advantages",
+    "grpo_advantages": "training.advantages", "rloo_advantages": "training.advantages",
+    "whiten": "training.advantages",
+    "AdaptiveKLController": "training.kl_control", "FixedKLController": "training.kl_control",
+}
+
+# Modules of the flat layout of earlier releases, kept importable under their old names.
+_MOVED_MODULES = {
+    "config": "loss.options", "functional": "loss.functional", "reference": "loss.reference",
+    "autograd": "loss.autograd", "fused_linear": "loss.fused_linear", "vocab_parallel": "loss.vocab_parallel",
+    "module": "loss.module", "demo": "loss.demo", "triton_ops": "backends.triton", "cpp_ops": "backends.cpp",
+    "ppo": "training", "reward": "training.reward", "advantages": "training.advantages",
+    "kl_control": "training.kl_control", "checkpoint": "training.checkpoint",
+    "distributed": "training.distributed", "cli": "training.cli",
 }
 
 
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import rlhf_fast.<old name>`` gives the module at its new place (the same object)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, name = fullname.partition(".")
+        if prefix == __name__ and name in _MOVED_MODULES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{__name__}.{_MOVED_MODULES[spec.name.partition('.')[2]]}")
+
+    def exec_module(self, module):
+        pass  # already executed under its new name
+
+
+sys.meta_path.append(_MovedModuleFinder())
+
+
 def __getattr__(name: str):
+    if name in _MOVED_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     target = _LAZY_EXPORTS.get(name)
     if target is None:
         raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")
-    import importlib
-
-    module_name, _, attr = target.partition(".")
+    module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(f"{__name__}.{module_name}"), attr or name)

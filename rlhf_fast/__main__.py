@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     # name: (module, one-line help)
-    "demo": ("rlhf_fast.demo", "the fused loss on random data, every available backend vs the reference"),
-    "ppo": ("rlhf_fast.ppo", "PPO on a saved policy, reward model and a JSONL prompt file"),
+    "demo": ("rlhf_fast.loss.demo", "the fused loss on random data, every available backend vs the reference"),
+    "ppo": ("rlhf_fast.training.cli", "PPO on a saved policy, reward model and a JSONL prompt file"),
     "casestudy": ("rlhf_fast.casestudy.cli", "reproduce and fix the reward-hacking case study"),
 }
 

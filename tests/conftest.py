@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rlhf_fast import backends  # noqa: E402
+from rlhf_fast import backends
+from rlhf_fast.loss.reference import REFERENCE_OPS  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -72,7 +73,7 @@ def use_backend(monkeypatch, triton_env):
     def setup(name: str) -> str:
         if name == "rowref":
             monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS + ("rowref",))
-            monkeypatch.setitem(backends._loaded, "rowref", backends.REFERENCE_OPS)
+            monkeypatch.setitem(backends._loaded, "rowref", REFERENCE_OPS)
         return name
 
     return setup

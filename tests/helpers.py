@@ -14,6 +14,13 @@ from typing import Dict, Optional
 import torch
 
 import rlhf_fast as rf
+from rlhf_fast.backends import RowParams
+
+
+def make_config(has_old: bool = False, has_ref: bool = False, **options) -> RowParams:
+    """What a row backend sees for these loss options (``rf.LossOptions`` keywords)."""
+    return rf.LossOptions(**options).row_params(has_old=has_old, has_ref=has_ref)
+
 
 TOLERANCES = {
     # SPEC §7: fp32 inputs, every backend vs the eager reference.

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from rlhf_fast.advantages import (
+from rlhf_fast.training.advantages import (
     explained_variance,
     gae_advantages,
     grpo_advantages,
     rloo_advantages,
     whiten,
 )
-from rlhf_fast.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_fast.training.kl_control import AdaptiveKLController, FixedKLController
 
 
 def close(actual, expected, atol=1e-6):

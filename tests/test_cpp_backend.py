@@ -16,11 +16,11 @@ import textwrap
 import pytest
 import torch
 from conftest import HAS_CPP
-from helpers import TOLERANCES, assert_double_baseline, make_case, max_error, outputs_dict, run_loss
+from helpers import TOLERANCES, assert_double_baseline, make_case, make_config, max_error, outputs_dict, run_loss
 
 import rlhf_fast as rf
-from rlhf_fast import backends, reference
-from rlhf_fast.config import make_config
+from rlhf_fast import backends
+from rlhf_fast.loss import reference
 
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension not built: {backends.load_ops('cpp')[1]}")
 FP32 = TOLERANCES[torch.float32]
@@ -265,11 +265,12 @@ def test_every_isa_build_matches_reference(capability):
         """
         import sys, torch
         sys.path.insert(0, {tests!r})
-        from rlhf_fast import backends, reference
-        from rlhf_fast.config import make_config
+        from rlhf_fast import backends
+        from rlhf_fast.loss import reference
+        from helpers import make_config
         from test_cpp_backend import _per_row, _rows
         ops = backends.load_ops("cpp")[0]
-        import rlhf_fast.cpp_ops as cpp_ops
+        import rlhf_fast.backends.cpp as cpp_ops
         print(cpp_ops.cpu_capability())
         for vocab in (129, 2049, 5003):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -21,7 +21,8 @@ from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, TOLERANCES, ma
 
 import rlhf_fast as rf
 from rlhf_fast import backends
-from rlhf_fast.fused_linear import default_chunk_size
+from rlhf_fast.loss.fused_linear import default_chunk_size
+from rlhf_fast.loss.reference import REFERENCE_OPS
 
 FP32 = TOLERANCES[torch.float32]
 ROW_BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
@@ -297,13 +298,13 @@ def _ops_without_backward():
     def backward(*args, **kwargs):
         raise AssertionError("the gradient work should have been skipped")
 
-    return backends.RowOps(backends.REFERENCE_OPS.forward, backward, backends.REFERENCE_OPS.logprobs)
+    return backends.RowOps(REFERENCE_OPS.forward, backward, REFERENCE_OPS.logprobs)
 
 
 def test_no_grad_skips_gradient_work(monkeypatch):
     case = make_linear_case(seed=6)
     ref_out, _ = run_eager(case, kl_coef=0.1, entropy_coef=0.01)
-    monkeypatch.setattr(backends, "REFERENCE_OPS", _ops_without_backward())
+    monkeypatch.setitem(backends._loaded, "eager", _ops_without_backward())
     hidden, weight, bias = _leaves(case)
     with torch.no_grad():
         out = rf.fused_linear_ppo_loss(hidden, weight, case.targets, case.advantages, case.old_logprobs,

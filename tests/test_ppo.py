@@ -21,21 +21,28 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from rlhf_fast import backends  # noqa: E402
-from rlhf_fast.checkpoint import load as load_checkpoint  # noqa: E402
-from rlhf_fast.checkpoint import seed_everything  # noqa: E402
-from rlhf_fast.cli import field_docs  # noqa: E402
-from rlhf_fast.ppo import (  # noqa: E402
+from rlhf_fast.training import (  # noqa: E402
     METRICS,
     PPOConfig,
+    RewardModel,
     ValueHead,
-    collect_rollout,
     ppo_update,
+    save_reward_model,
     train,
     validate,
 )
-from rlhf_fast.reward import RewardModel, save_reward_model  # noqa: E402
+from rlhf_fast.training import collect_rollout as _collect_rollout  # noqa: E402
+from rlhf_fast.training.checkpoint import load as load_checkpoint  # noqa: E402
+from rlhf_fast.training.cli import field_help  # noqa: E402
+from rlhf_fast.training.distributed import SingleProcess  # noqa: E402
+from rlhf_fast.training.seeding import seed_everything  # noqa: E402
 
 VOCAB = 32
+
+
+def collect_rollout(cfg, policy, ref, reward_model, critic, step_prompts, beta, eos, pad):
+    """One process's rollout (the trainer's call, with the one-process data-parallel stand-in)."""
+    return _collect_rollout(cfg, SingleProcess(policy, critic), ref, reward_model, step_prompts, beta, eos, pad)
 EOS = 1
 PAD = {"gpt2": 1, "llama": 0}  # GPT-2 style pad == EOS, Llama style a separate pad id
 
@@ -124,7 +131,7 @@ def test_separate_critic_and_prompt_tensor_input(tmp_path):
     policy, ref, reward_model, prompts = build("gpt2")
     critic = copy.deepcopy(reward_model)  # critic initialised from the reward model
     critic_before = copy.deepcopy(critic.state_dict())
-    from rlhf_fast.ppo import left_pad
+    from rlhf_fast.training import left_pad
 
     ids, mask = left_pad(prompts, PAD["gpt2"])
     cfg = base_config(tmp_path, steps=1, value_lr=1e-2, value_clip=None, whiten=False)
@@ -198,7 +205,7 @@ def _fused_candidates():
     if backends.load_ops("cpp")[0] is not None:
         candidates.append(("cpp", dict(loss_backend="cpp")))
     try:
-        import rlhf_fast.fused_linear  # noqa: F401
+        import rlhf_fast.loss.fused_linear  # noqa: F401
 
         candidates.append(("fused-linear", dict(use_fused_linear=True, loss_backend="eager")))
         if backends.load_ops("cpp")[0] is not None:
@@ -214,7 +221,7 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
     if not candidates:
         pytest.skip(
             "no fused CPU path to compare: the C++ extension is not built "
-            f"({backends.load_ops('cpp')[1]}) and rlhf_fast.fused_linear is missing; 'auto' would be eager here"
+            f"({backends.load_ops('cpp')[1]}) and rlhf_fast.loss.fused_linear is missing; 'auto' would be eager here"
         )
     policy, ref, reward_model, prompts = build("gpt2")
     cfg = base_config(tmp_path, advantage_estimator=estimator, epochs=1, minibatch_size=6, kl_placement="loss",
@@ -233,7 +240,8 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
                                       EOS, PAD["gpt2"])
         model, value = copy.deepcopy(policy), copy.deepcopy(critic)
         params = list(model.parameters()) + (list(value.parameters()) if value is not None else [])
-        metrics = ppo_update(run_cfg, model, value, torch.optim.SGD(params, lr=1.0), run_rollout, cfg.kl_coef)
+        metrics = ppo_update(run_cfg, SingleProcess(model, value), torch.optim.SGD(params, lr=1.0), run_rollout,
+                             cfg.kl_coef)
         delta = {k: v - policy.state_dict()[k] for k, v in model.state_dict().items()}
         return run_rollout, metrics, delta
 
@@ -243,7 +251,8 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
     assert max(float(d.abs().max()) for d in eager_delta.values()) > 0
     for label, overrides in candidates:
         fused_rollout, fused_metrics, fused_delta = first_update(dataclasses.replace(cfg, **overrides))
-        torch.testing.assert_close(fused_rollout.response_ids, eager_rollout.response_ids, rtol=0, atol=0)
+        torch.testing.assert_close(fused_rollout.samples.response_ids, eager_rollout.samples.response_ids,
+                                   rtol=0, atol=0)
         torch.testing.assert_close(fused_rollout.old_logprobs, eager_rollout.old_logprobs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused_rollout.ref_logprobs, eager_rollout.ref_logprobs, rtol=1e-5, atol=1e-5)
         for key in ("pg_loss", "loss_kl", "clipfrac", "ratio_mean", "approx_kl", "value_loss"):
@@ -263,8 +272,8 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
         (dict(kl_estimator="k4"), "kl_estimator must be one of"),
         (dict(advantage_estimator="grpo", samples_per_prompt=1, minibatch_size=1), "samples_per_prompt must be >= 2"),
         (dict(advantage_estimator="rloo", samples_per_prompt=1, minibatch_size=1), "samples_per_prompt must be >= 2"),
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(dual_clip=1.0), "dual_clip must be a finite number > 1"),
         (dict(adaptive_kl=True, kl_coef=0.0), "adaptive_kl needs kl_coef > 0"),
         (dict(loss_agg="sum"), "loss_agg must be one of"),
         (dict(loss_backend="cuda"), "loss_backend must be one of"),
@@ -273,17 +282,23 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, overrides, message):
-    cfg = base_config(tmp_path, **overrides)
-    with pytest.raises(ValueError, match=message):
-        validate(cfg)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # PPOConfig validates at construction
+        base_config(tmp_path, **overrides)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_checks_its_inputs_before_any_work(tmp_path):
+    cfg = base_config(tmp_path)
+    with pytest.raises(ValueError, match="only 1 prompts"):
         train(cfg, None, None, None, [[2, 3]], eos_token_id=EOS, pad_token_id=EOS)  # models never touched
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        validate(dataclasses.replace(cfg, data_parallel="ddp"))
     assert not os.path.exists(cfg.out_dir)
 
 
 def test_every_problem_reported_at_once(tmp_path):
     with pytest.raises(ValueError) as info:
-        validate(base_config(tmp_path, advantage_estimator="x", kl_target=-2.0, temperature=-1.0))
+        base_config(tmp_path, advantage_estimator="x", kl_target=-2.0, temperature=-1.0)
     text = str(info.value)
     assert "advantage_estimator" in text and "kl_target" in text and "temperature" in text
 
@@ -311,7 +326,7 @@ def test_mismatched_tokenizers_and_vocabularies_fail_early(tmp_path):
 
 
 def test_every_config_field_has_a_docstring():
-    docs = field_docs(PPOConfig)
+    docs = field_help(PPOConfig)
     missing = [f.name for f in dataclasses.fields(PPOConfig) if not docs.get(f.name)]
     assert not missing, missing
 
@@ -346,8 +361,9 @@ def test_cli_runs_ppo_from_saved_models(tmp_path, capsys):
 def test_training_exports_are_lazy():
     code = (
         "import sys, rlhf_fast as rf\n"
-        "assert 'transformers' not in sys.modules and 'rlhf_fast.ppo' not in sys.modules\n"
-        "assert rf.PPOConfig is __import__('rlhf_fast.ppo', fromlist=['x']).PPOConfig\n"
+        "assert 'transformers' not in sys.modules and 'rlhf_fast.training' not in sys.modules\n"
+        "assert rf.PPOConfig is __import__('rlhf_fast.training', fromlist=['x']).PPOConfig\n"
+        "assert rf.PPOConfig is __import__('rlhf_fast.ppo', fromlist=['x']).PPOConfig  # the old path\n"
         "assert callable(rf.train_ppo) and callable(rf.train_reward_model)\n"
         "assert 'transformers' not in sys.modules\n"
     )
@@ -357,7 +373,7 @@ def test_training_exports_are_lazy():
 def test_sampling_distribution_is_the_one_the_loss_sees(tmp_path):
     """generate samples from softmax(logits / τ) with no top-k/top-p: its scores at the sampled
     tokens equal the old log-probs that go into the loss; the rewards carry −β·k1 and the score."""
-    from rlhf_fast.ppo import sample_replies
+    from rlhf_fast.training import sample_replies
 
     policy, ref, reward_model, prompts = build("llama")
     for model in (policy, ref, reward_model):
@@ -383,28 +399,30 @@ def test_sampling_distribution_is_the_one_the_loss_sees(tmp_path):
     assert generation.top_p == 1.0 and generation.max_new_tokens == 5
 
     seed_everything(0)  # same draw again, now with the sampler's own scores
-    samples = sample_replies(policy, step_prompts, cfg, EOS, PAD["llama"])
-    assert torch.equal(samples.response_ids, rollout.response_ids)
+    samples = sample_replies(policy, step_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             eos_token_id=EOS, pad_token_id=PAD["llama"])
+    assert torch.equal(samples.response_ids, rollout.samples.response_ids)
     seed_everything(0)
     out = original_generate(input_ids=captured["input_ids"], attention_mask=captured["attention_mask"],
                             generation_config=generation.__class__(**{**generation.to_dict(),
                                                                       "output_scores": True,
                                                                       "return_dict_in_generate": True}))
     scores = torch.stack(out.scores, dim=1).log_softmax(-1)  # [B, R, V], processed (÷τ) logits
-    sampled = scores.gather(-1, rollout.response_ids[:, : scores.shape[1], None]).squeeze(-1)
-    mask = rollout.response_mask[:, : scores.shape[1]]
+    sampled = scores.gather(-1, rollout.samples.response_ids[:, : scores.shape[1], None]).squeeze(-1)
+    mask = rollout.samples.response_mask[:, : scores.shape[1]]
     torch.testing.assert_close(sampled[mask], rollout.old_logprobs[:, : scores.shape[1]][mask], rtol=1e-4, atol=1e-4)
 
-    k1 = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask
+    k1 = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.samples.response_mask
     assert float(k1.abs().sum()) > 0
-    expected_scores = rollout.raw_scores - 1.0 * (~rollout.has_eos).float() - 0.1 * rollout.lengths.float()
+    expected_scores = (rollout.raw_scores - 1.0 * (~rollout.samples.has_eos).float()
+                       - 0.1 * rollout.samples.lengths.float())
     torch.testing.assert_close(rollout.scores, expected_scores)
     torch.testing.assert_close(rollout.rewards.sum(dim=1), rollout.scores - 0.3 * k1.sum(dim=1))
-    assert torch.all(rollout.rewards[~rollout.response_mask] == 0)
+    assert torch.all(rollout.rewards[~rollout.samples.response_mask] == 0)
 
 
 def test_normalised_reward_uses_the_calibration(tmp_path):
-    from rlhf_fast.reward import calibrate
+    from rlhf_fast.training.reward import calibrate
 
     policy, ref, reward_model, prompts = build("gpt2")
     ids = torch.randint(2, VOCAB, (16, 6), generator=torch.Generator().manual_seed(5))

@@ -69,15 +69,14 @@ def _run_update(cfg, policy, critic, rollout, dp_kind):
     """One step's update on copies of the models: (metrics, weights, last minibatch's gradients)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from rlhf_fast import distributed
-    from rlhf_fast.ppo import ppo_update
+    from rlhf_fast.training import distributed, ppo_update
 
     model, value = copy.deepcopy(policy), copy.deepcopy(critic)
-    dp = distributed.wrap(model, value, dp_kind) if dp_kind else None
+    dp = distributed.wrap(model, value, dp_kind) if dp_kind else distributed.SingleProcess(model, value)
     optimizer = _sgd(model, value)
     order = torch.Generator().manual_seed(11)
-    metrics = ppo_update(cfg, model, value, optimizer, rollout, cfg.kl_coef, generator=order, dp=dp)
-    if dp is None:
+    metrics = ppo_update(cfg, dp, optimizer, rollout, cfg.kl_coef, generator=order)
+    if dp_kind is None:
         holder = distributed.PolicyAndCritic(model, value)
         return metrics, holder.state_dict(), {k: p.grad for k, p in holder.named_parameters()}
     state = get_model_state_dict(dp.models, options=StateDictOptions(full_state_dict=True))
@@ -90,8 +89,8 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
     _setup(rank, world, init_file)
     from test_ppo import EOS, PAD, base_config, build
 
-    from rlhf_fast.checkpoint import seed_everything
-    from rlhf_fast.ppo import ValueHead, collect_rollout, validate
+    from rlhf_fast.training import ValueHead, collect_rollout, distributed, validate
+    from rlhf_fast.training.seeding import seed_everything
 
     with closing_process_group():
         for name in cases:
@@ -99,7 +98,7 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
             cfg = base_config(Path(init_file).parent, epochs=2, minibatch_size=4 if world == 2 else 3,
                               batch=4 if world == 2 else 3, max_grad_norm=0.5, **UPDATE_CASES[name])
             with pytest.raises(ValueError, match="must split evenly"):
-                validate(dataclasses.replace(cfg, minibatch_size=cfg.minibatch_size + 1))
+                validate(dataclasses.replace(cfg, minibatch_size=1))
             for model in (policy, ref, reward_model):
                 model.eval()
             critic = None
@@ -108,8 +107,8 @@ def _update_worker(rank: int, world: int, init_file: str, cases, kind: str) -> N
             # the same global rollout on every rank (one process's rollout, seeded)
             step_prompts = [p for p in prompts[: cfg.batch] for _ in range(cfg.samples_per_prompt)]
             seed_everything(0)
-            rollout = collect_rollout(cfg, policy, ref, reward_model, critic, step_prompts, cfg.kl_coef,
-                                      EOS, PAD["gpt2"])
+            rollout = collect_rollout(cfg, distributed.SingleProcess(policy, critic), ref, reward_model,
+                                      step_prompts, cfg.kl_coef, EOS, PAD["gpt2"])
             check = rollout.old_logprobs.sum().view(1).repeat(2) * torch.tensor([1.0, -1.0])
             dist.all_reduce(check, op=dist.ReduceOp.MAX)
             assert float(check[0]) == -float(check[1]), "ranks built different rollouts"
@@ -140,20 +139,21 @@ def test_data_parallel_update_equals_one_process(tmp_path, world, kind, cases):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _fixed_replies(policy, prompt_lists, cfg, eos_token_id, pad_token_id, synced_gpus=False):
+def _fixed_replies(policy, prompt_lists, *, max_new_tokens, temperature, eos_token_id, pad_token_id,
+                   synced_gpus=False, batch_size=None):
     """Stand-in for ``sample_replies``: each reply is a function of its prompt (and of its index among
     the copies of that prompt), laid out as ``sample_replies`` lays out ``generate``'s output."""
     from test_ppo import VOCAB
 
-    from rlhf_fast.ppo import Samples, left_pad
-    from rlhf_fast.reward import position_ids_from_mask
+    from rlhf_fast.training import Samples, left_pad
+    from rlhf_fast.training.reward import position_ids_from_mask
 
     replies, seen = [], {}
     for prompt in prompt_lists:
         copy_index = seen[tuple(prompt)] = seen.get(tuple(prompt), -1) + 1
-        length = 1 + (sum(prompt) + copy_index) % cfg.max_new_tokens
+        length = 1 + (sum(prompt) + copy_index) % max_new_tokens
         tokens = [2 + (prompt[0] * 7 + 3 * j + 5 * copy_index) % (VOCAB - 2) for j in range(length)]
-        if length < cfg.max_new_tokens:
+        if length < max_new_tokens:
             tokens[-1] = eos_token_id
         replies.append(tokens)
     prompt_ids, prompt_mask = left_pad(prompt_lists, pad_token_id)
@@ -174,19 +174,20 @@ def _train_worker(rank: int, world: int, init_file: str, runs) -> None:
     _setup(rank, world, init_file)
     from test_ppo import EOS, PAD, build
 
-    from rlhf_fast import distributed, ppo
+    import rlhf_fast as rf
+    from rlhf_fast.training import distributed, rollout
 
-    ppo.sample_replies = _fixed_replies
+    rollout.sample_replies = _fixed_replies
     with closing_process_group():
         for out_dir, overrides, result in runs:
             policy, ref, reward_model, prompts = build("gpt2")
-            cfg = ppo.PPOConfig(
+            cfg = rf.PPOConfig(
                 seed=3, batch=2, samples_per_prompt=2, minibatch_size=2, epochs=2, lr=3e-3, max_new_tokens=5,
                 loss_backend="eager", adaptive_kl=True, kl_coef=0.2, kl_target=0.05, kl_horizon=20.0,
                 out_dir=out_dir, progress=False, **overrides,
             )
             executed = []  # steps this run computed (not restored from a checkpoint)
-            records = ppo.train(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"],
+            records = rf.train_ppo(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"],
                                 log_fn=lambda record, out=executed: out.append(record.step))
             weights = distributed.full_state_dict(policy)  # every rank takes part; rank 0 gets it
             if rank == 0 and result is not None:
@@ -241,7 +242,7 @@ def test_torchrun_cli_two_processes(tmp_path):
     """``torchrun --standalone --nproc_per_node 2 -m rlhf_fast ppo``: gloo on CPU, rank 0 writes."""
     from test_ppo import EOS, build
 
-    from rlhf_fast.reward import save_reward_model
+    from rlhf_fast.training.reward import save_reward_model
 
     policy, _, reward_model, prompts = build("gpt2")
     policy.save_pretrained(tmp_path / "policy")
@@ -270,7 +271,7 @@ def test_torchrun_cli_two_processes(tmp_path):
 def test_data_parallel_needs_a_process_group_and_matching_checkpoints(tmp_path):
     from test_ppo import EOS, PAD, base_config, build
 
-    from rlhf_fast.ppo import train, validate
+    from rlhf_fast.training import train, validate
 
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
         validate(base_config(tmp_path, data_parallel="ddp"))

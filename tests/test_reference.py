@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from helpers import make_case
+from helpers import make_case, make_config
 
 import rlhf_fast as rf
-from rlhf_fast import reference
-from rlhf_fast.config import make_config
+from rlhf_fast.loss import reference
 
 LOG2 = math.log(2.0)
 

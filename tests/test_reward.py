@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf_fast.reward import (  # noqa: E402
+from rlhf_fast.training.reward import (  # noqa: E402
     RewardModel,
     RewardTrainConfig,
     bradley_terry_loss,

@@ -1,6 +1,6 @@
 """The Triton kernels row by row against the closed-form reference (``reference.token_*``).
 
-Through :data:`rlhf_fast.triton_ops.ROW_OPS` directly, so a failure points at a kernel,
+Through :data:`rlhf_fast.backends.triton.ROW_OPS` directly, so a failure points at a kernel,
 not at the plumbing. Without a GPU the kernels run in the Triton interpreter on small
 shapes; the ``cuda`` tests add bf16/fp16 with the double baseline of SPEC §7, realistic
 vocabularies, more rows than a 65535-limited grid axis, and the no-recompilation promise.
@@ -17,15 +17,17 @@ from helpers import (
     TOLERANCES,
     assert_double_baseline,
     make_case,
+    make_config,
     max_error,
     outputs_dict,
     run_loss,
 )
 
 import rlhf_fast as rf
-from rlhf_fast import backends, reference
-from rlhf_fast.config import TokenResults, make_config
-from rlhf_fast.functional import rows_view
+from rlhf_fast import backends
+from rlhf_fast.backends import TokenResults
+from rlhf_fast.loss import reference
+from rlhf_fast.loss.functional import rows_view
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton backend: {backends.load_ops('triton')[1]}")
 

@@ -14,6 +14,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import rlhf_fast as rf
+from rlhf_fast import training
+
 from . import world
 
 
@@ -106,42 +109,25 @@ def sample_replies(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0, batch_size: int = 256
 ) -> List[List[int]]:
     """One sampled reply per prompt (up to and including EOS, no padding). Uses torch's global RNG."""
-    replies: List[List[int]] = []
     model.eval()
-    for start in range(0, len(prompts), batch_size):
-        ids = torch.tensor([list(p) for p in prompts[start : start + batch_size]], dtype=torch.long)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=world.EOS,
-            pad_token_id=world.PAD,
-        )
-        for row in out[:, ids.shape[1] :].tolist():
-            reply = []
-            for t in row:
-                reply.append(t)
-                if t == world.EOS:
-                    break
-            replies.append(reply)
-    return replies
+    samples = training.sample_replies(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=world.EOS,
+        pad_token_id=world.PAD, batch_size=batch_size,
+    )
+    return samples.replies()
 
 
 @torch.no_grad()
 def reply_logprob_sums(
     model, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], temperature: float = 1.0
 ) -> torch.Tensor:
-    """Σ_t log π(reply_t | prefix) over each reply's tokens ``[N]`` (logits divided by τ)."""
+    """Σ_t log π(reply_t | prefix) over each reply's tokens ``[N]`` at temperature τ."""
     ids, mask = pad_right([list(p) + list(r) for p, r in zip(prompts, replies, strict=True)])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    reply_mask = mask[:, 1:].clone()
-    reply_mask[:, : world.PROMPT_LEN - 1] = 0
-    return (lp * reply_mask).sum(dim=1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    reply_mask = mask[:, 1:].bool()
+    reply_mask[:, : world.PROMPT_LEN - 1] = False
+    lp = rf.logprobs(logits, ids[:, 1:], reply_mask, temperature=temperature, backend="eager")
+    return lp.sum(dim=1)
 
 
 @torch.no_grad()
@@ -153,13 +139,6 @@ def reward_scores(reward_model, prompts, replies, batch_size: int = 512) -> torc
         ids, mask = pad_right([list(p) + list(r) for p, r in zip(ps, rs, strict=True)])
         out.append(reward_model(ids, mask).float())
     return torch.cat(out)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    xt, yt = xt - xt.mean(), yt - yt.mean()
-    denom = float(xt.norm() * yt.norm())
-    return float((xt * yt).sum()) / denom if denom > 0 else float("nan")
 
 
 @torch.no_grad()
@@ -212,9 +191,9 @@ def probe_correlations(reward_model, gold: world.GoldJudge, cfg: world.WorldConf
     salesy = [p.n_salesy for p in parsed]
     golds = [gold(p, r) for p, r in zip(prompts, replies, strict=True)]
     return {
-        "rm_corr_length": pearson(scores, lengths),
-        "rm_corr_salesy": pearson(scores, salesy),
-        "gold_corr_length": pearson(golds, lengths),
-        "gold_corr_salesy": pearson(golds, salesy),
-        "rm_corr_gold": pearson(scores, golds),
+        "rm_corr_length": training.pearson(scores, lengths),
+        "rm_corr_salesy": training.pearson(scores, salesy),
+        "gold_corr_length": training.pearson(golds, lengths),
+        "gold_corr_salesy": training.pearson(golds, salesy),
+        "rm_corr_gold": training.pearson(scores, golds),
     }

@@ -157,7 +157,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     """Fine-tune the reference, train and calibrate the reward model, draw prompts."""
-    from ..reward import RewardModel, RewardTrainConfig, calibrate, train_reward_model
+    from rlhf_fast import RewardModel, RewardTrainConfig, calibrate, train_reward_model
 
     info: Dict[str, float] = {}
     rng = random.Random(cfg.seed)

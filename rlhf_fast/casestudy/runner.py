@@ -1,4 +1,4 @@
-"""The one place that talks to the PPO loop (:mod:`rlhf_fast.ppo`).
+"""The one place that talks to the PPO loop (``rf.PPOConfig``, ``rf.train_ppo``).
 
 If the loop's API changes, only this file changes. The case study describes a PPO run
 by :class:`PPOSettings` (the knobs it varies) and gets back the per-step metrics.
@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
+
+import rlhf_fast as rf
 
 from . import world
 
@@ -59,8 +61,6 @@ class CommonPPO:
 
 def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: str, progress: bool):
     """The loop's ``PPOConfig`` for one run."""
-    from ..ppo import PPOConfig
-
     options = dict(
         seed=seed,
         steps=common.steps,
@@ -94,7 +94,7 @@ def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: st
     )
     if settings.kl_target is not None:
         options["kl_target"] = settings.kl_target
-    return PPOConfig(**options)
+    return rf.PPOConfig(**options)
 
 
 def run_ppo(
@@ -116,10 +116,8 @@ def run_ppo(
     case study reads are ``score_norm_mean``, ``kl_ref_k1_sum``, ``kl_coef``,
     ``ratio_above``, ``clipfrac`` and ``response_length_mean``.
     """
-    from ..ppo import train
-
     cfg = make_config(common, settings, seed, out_dir, progress)
-    records = train(
+    records = rf.train_ppo(
         cfg,
         policy,
         reference,

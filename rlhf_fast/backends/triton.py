@@ -2,7 +2,7 @@
 
 Each kernel launch sits in a ``torch.library`` op (namespace ``rlhf_fast_triton``) that
 allocates its outputs and calls a launcher of :mod:`rlhf_fast.kernels.ppo_loss`; no
-autograd here (that is :mod:`rlhf_fast.autograd`). With CUDA the ops are
+autograd here (that is :mod:`rlhf_fast.loss.autograd`). With CUDA the ops are
 ``torch.library.triton_op``s, so ``torch.compile`` traces through them to the kernels
 without a graph break. Under ``TRITON_INTERPRET=1`` the kernels are
 ``InterpretedFunction``s, which ``wrap_triton`` cannot trace (they carry no JIT
@@ -20,9 +20,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import RowOps, triton_interpret
-from .config import LossConfig, TokenResults
-from .kernels import ppo_loss as kernels
+from ..kernels import ppo_loss as kernels
+from . import triton_interpret
+from .rows import RowOps, RowParams, TokenResults
 
 _NAMESPACE = "rlhf_fast_triton"
 _INTERPRETED = triton_interpret()
@@ -148,7 +148,7 @@ def forward(
     advantages: Tensor,
     old_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor],
-    cfg: LossConfig,
+    cfg: RowParams,
 ) -> TokenResults:
     """Per-token results for logits ``[B, T, V]`` and per-row vectors ``[N]``."""
     outputs = _forward_op(

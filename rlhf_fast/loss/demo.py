@@ -1,6 +1,6 @@
-"""``python -m rlhf_fast demo``: the fused loss on random data, checked against the reference.
+"""``python -m rlhf_fast.loss.demo``: the fused loss on random data, checked against the reference.
 
-Prints the SPEC §5 metrics of one PPO loss call for every backend available on this
+Prints the metrics of one PPO loss call for every backend available on this
 machine, and each backend's largest deviation from the eager reference.
 """
 
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import backends
+from .. import backends
 from .functional import ppo_loss
 
 
@@ -70,6 +70,6 @@ def _runs(name: str, logits: torch.Tensor) -> bool:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m rlhf_fast.demo", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m rlhf_fast.loss.demo", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

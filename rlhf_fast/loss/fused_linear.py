@@ -6,9 +6,9 @@ logits at a time. Per chunk of ``chunk`` tokens:
 
 1. ``logits = h_chunk @ W.T (+ b)`` into one reusable ``[chunk, V]`` buffer (dtype of ``hidden``);
 2. the row backend (Triton on CUDA, C++ on CPU when built, the closed-form reference
-   otherwise) gives the per-token results of SPEC §2;
+   otherwise) gives the per-token results of the contract;
 3. if a gradient is wanted, the same backend writes d(loss)/d(logits) *in place* into the
-   buffer. This is possible in the forward because every aggregation of SPEC §3 is linear,
+   buffer. This is possible in the forward because every aggregation mode is linear,
    loss = Σ w·ℓ with per-token weights w known before any logit is seen, so
    c_lp = g·w and c_H = η·w (upstream gradient 1);
 4. ``d hidden_chunk = dlogits @ W``, ``d W += dlogitsᵀ @ h_chunk`` and ``d b += Σ dlogits``
@@ -35,7 +35,7 @@ What the caller should know:
 * Vocabulary-parallel (``process_group=``): each rank holds a contiguous row shard
   ``weight [V_rank, H]`` (and ``bias [V_rank]``) of the LM head, ranks in order, sizes
   may differ; ``hidden`` is replicated. The row work is
-  :func:`rlhf_fast.vocab_parallel.sharded_ops` (two small collectives per chunk), d(W)
+  :func:`rlhf_fast.loss.vocab_parallel.sharded_ops` (two small collectives per chunk), d(W)
   and d(b) stay local to the shard, and d(hidden) = Σ_rank dlogits_rank·W_rank is summed
   with **one** all-reduce of the fp32 ``[N, H]`` accumulator after the last chunk
   (rather than one per chunk): the same bytes in one collective instead of N/chunk
@@ -57,10 +57,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import backends, functional
-from .backends import RowOps
-from .config import LossConfig, make_config
-from .functional import PPOLossOutput, _finish, _per_row, _prepare_rows, _Rows, _weights
+from .. import backends
+from ..backends.rows import RowOps
+from . import inputs
+from .aggregation import PPOLossOutput, finish
+from .functional import row_ops
+from .inputs import LossInputs
+from .options import LossOptions, with_loss_options
 
 _MIN_CHUNK = 256
 """Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
@@ -90,12 +93,12 @@ def _pow2_floor(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------
-# Validation of the linear-layer inputs (the rest is functional's).
+# Validation of the linear-layer inputs (the per-token ones are checked by .inputs).
 # ----------------------------------------------------------------------------------
 
 
 def _check_linear(hidden, weight, bias, chunk_size) -> None:
-    """SPEC §6-style ``ValueError`` naming the argument, for what ``ppo_loss`` never sees."""
+    """``ValueError`` naming the argument, for what ``ppo_loss`` never sees (the rest is :mod:`.inputs`)."""
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not hidden.is_floating_point():
@@ -129,36 +132,6 @@ def _check_linear(hidden, weight, bias, chunk_size) -> None:
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
-
-
-def _prepare(hidden, weight, bias, targets, mask, chunk_size, validate, process_group=None,
-             **tensors) -> Tuple[_Rows, int]:
-    """Checks, then functional's row preparation on a stand-in for the logits.
-
-    The stand-in has the logits' shape ``[..., V]``, dtype and device but owns only V
-    elements (zero strides on the leading dims), so functional's target/mask/range checks
-    and backend resolution apply unchanged without any [N, V] allocation. With a
-    ``process_group`` the targets come back shard-local (−1 where another rank owns them).
-    """
-    _check_linear(hidden, weight, bias, chunk_size)
-    lead = hidden.shape[:-1]
-    for name, t in (("targets", targets), ("mask", mask), *tensors.items()):
-        if isinstance(t, torch.Tensor) and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; use one device")
-    if isinstance(targets, torch.Tensor) and targets.shape != lead:
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} does not match hidden's leading shape {tuple(lead)} "
-            f"(hidden {tuple(hidden.shape)})"
-        )
-    vocab = weight.shape[0]
-    stand_in = hidden.new_empty(vocab).as_strided(tuple(lead) + (vocab,), (0,) * len(lead) + (1,))
-    rows = _prepare_rows(stand_in, targets, mask, validate, process_group)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(vocab, hidden.shape[-1])
-    return rows, chunk
-
-
-def _row_ops(backend: str, rows: _Rows, process_group=None) -> RowOps:
-    return functional._row_ops(backends.resolve(backend, rows.logits3), process_group)
 
 
 def _agree_across_ranks(chunk: int, n_rows: int, wants_hidden_grad: bool, device, group) -> int:
@@ -233,12 +206,7 @@ def _chunked_pass(
     hidden2d: torch.Tensor,  # [N, H]
     weight: torch.Tensor,  # [V, H]
     bias: Optional[torch.Tensor],  # [V]
-    rows: _Rows,
-    weights: torch.Tensor,  # [N] aggregation weights
-    advantages: torch.Tensor,  # [N]
-    old_logprobs: Optional[torch.Tensor],  # [N]
-    ref_logprobs: Optional[torch.Tensor],  # [N]
-    cfg: LossConfig,
+    x: LossInputs,  # per-token inputs, [N] each
     ops: RowOps,
     chunk: int,
     needs_grad: Tuple[bool, bool, bool],  # hidden, weight, bias
@@ -267,25 +235,25 @@ def _chunked_pass(
         h = hidden2d[span]
         logits = _logits_chunk(h, weight, bias, buffer[: stop - start])
         logits3 = logits.view(1, stop - start, vocab)
-        targets = rows.targets[span]
+        targets = x.targets[span]
         res = ops.forward(
-            logits3, targets, advantages[span],
-            None if old_logprobs is None else old_logprobs[span],
-            None if ref_logprobs is None else ref_logprobs[span],
-            cfg,
+            logits3, targets, x.advantages[span],
+            None if x.old_logprobs is None else x.old_logprobs[span],
+            None if x.ref_logprobs is None else x.ref_logprobs[span],
+            x.params,
         )
         for name in ("logprobs", "entropy", "ratio", "pg", "kl"):
             getattr(out, name)[span] = getattr(res, name)
         out.token_loss[span] = res.loss
         if not any_grad:
             continue
-        w = weights[span]
+        w = x.weights[span]
         # Masked rows may hold NaN in g (a banned placeholder target): keep them out of d(logits).
-        coef_logprob = torch.where(rows.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp)).contiguous()
-        coef_entropy = (cfg.entropy_coef * w).contiguous()
+        coef_logprob = torch.where(x.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp)).contiguous()
+        coef_entropy = (x.params.entropy_coef * w).contiguous()
         # d(loss)/d(logits) overwrites the logits: the buffer is ours and used only here.
         ops.backward(logits3, targets, res.lse, res.entropy, coef_logprob, coef_entropy,
-                     cfg.temperature, logits3)
+                     x.params.temperature, logits3)
         if sum_hidden_grad:
             _accumulate_mm(out.grad_hidden[span].zero_(), logits, weight)
         elif need_h:
@@ -299,24 +267,23 @@ def _chunked_pass(
     return out
 
 
-def _loss(p: _Pass, rows: _Rows, weights: torch.Tensor) -> torch.Tensor:
-    token_loss = torch.where(rows.valid, p.token_loss, torch.zeros_like(p.token_loss))
-    return (weights.to(token_loss.dtype) * token_loss).sum()
+def _loss(p: _Pass, x: LossInputs) -> torch.Tensor:
+    token_loss = torch.where(x.valid, p.token_loss, torch.zeros_like(p.token_loss))
+    return (x.weights.to(token_loss.dtype) * token_loss).sum()
 
 
 class _FusedLinearPPOLoss(torch.autograd.Function):
     """Forward: the chunked pass with gradients; backward: scale them by the upstream scalar."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk, process_group):
-        needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        p = _chunked_pass(hidden2d, weight, bias, rows, weights, advantages, old, ref, cfg, ops, chunk, needs,
-                          process_group)
+    def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops, chunk, process_group):
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        p = _chunked_pass(hidden2d, weight, bias, x, ops, chunk, needs, process_group)
         ctx.grads = (p.grad_hidden, p.grad_weight, p.grad_bias)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         outputs = (p.logprobs, p.entropy, p.ratio, p.pg, p.kl)
         ctx.mark_non_differentiable(*outputs)
-        return (_loss(p, rows, weights),) + outputs
+        return (_loss(p, x),) + outputs
 
     @staticmethod
     @once_differentiable
@@ -335,7 +302,7 @@ class _FusedLinearPPOLoss(torch.autograd.Function):
                 continue
             grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
             scaled.append(grad.to(dtype))
-        return tuple(scaled) + (None,) * 9
+        return tuple(scaled) + (None,) * 4
 
 
 # ----------------------------------------------------------------------------------
@@ -343,6 +310,7 @@ class _FusedLinearPPOLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------
 
 
+@with_loss_options
 def fused_linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -354,24 +322,18 @@ def fused_linear_ppo_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: Optional[float] = None,
-    dual_clip: Optional[float] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token-mean",
+    options: Optional[LossOptions] = None,
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
     validate: bool = True,
     backend: str = "auto",
     process_group=None,
+    **loss_options,
 ) -> PPOLossOutput:
     """PPO loss of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
     hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` (one dtype, one device); targets,
     advantages (or ``[B]``), old/ref log-probs and mask ``[...]``, the leading shape of
-    ``hidden``. Every keyword option of :func:`rlhf_fast.ppo_loss` applies, except
+    ``hidden``. Every option of :func:`rlhf_fast.ppo_loss` applies, except
     ``inplace_backward``, which is implied (d(logits) always overwrites the internal
     buffer). ``chunk_size`` = tokens per chunk; ``None`` picks :func:`default_chunk_size`.
     ``backend`` chooses the row backend (``"eager"`` = the closed-form reference, chunked).
@@ -386,38 +348,27 @@ def fused_linear_ppo_loss(
     over ranks) and the gradient of its own weight/bias shard. Every rank must make the
     call; ``chunk_size`` is the smallest any rank asks for.
     """
-    cfg = make_config(
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature,
-        has_old=old_logprobs is not None, has_ref=ref_logprobs is not None,
+    options = LossOptions.from_kwargs(options, loss_options, "fused_linear_ppo_loss")
+    _check_linear(hidden, weight, bias, chunk_size)
+    x = inputs.prepare(
+        hidden.shape[:-1], weight.shape[0], hidden.device, hidden.dtype, targets, advantages, old_logprobs,
+        ref_logprobs, mask, options, validate=validate, global_num_tokens=global_num_tokens,
+        process_group=process_group, other="hidden",
     )
-    rows, chunk = _prepare(
-        hidden, weight, bias, targets, mask, chunk_size, validate, process_group,
-        advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-    )
-    device = hidden.device
-    adv = _per_row("advantages", advantages, rows, device, allow_per_sequence=True)
-    if adv is None:
-        raise ValueError("advantages must be a tensor, got None")
-    old = _per_row("old_logprobs", old_logprobs, rows, device)
-    ref = _per_row("ref_logprobs", ref_logprobs, rows, device)
-    weights = _weights(rows, loss_agg, global_num_tokens)
-    ops = _row_ops(backend, rows, process_group)
+    ops = row_ops(backends.resolve(backend, hidden), process_group)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0], hidden.shape[-1])
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    inputs = (hidden, weight, bias)
-    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if process_group is not None:
-        chunk = _agree_across_ranks(chunk, hidden2d.shape[0], with_grad and hidden.requires_grad, device,
+        chunk = _agree_across_ranks(chunk, hidden2d.shape[0], with_grad and hidden.requires_grad, hidden.device,
                                     process_group)
     if with_grad:
-        loss, lp, entropy, ratio, pg, kl = _FusedLinearPPOLoss.apply(
-            hidden2d, weight, bias, rows, weights, adv, old, ref, cfg, ops, chunk, process_group
-        )
+        loss, lp, entropy, ratio, pg, kl = _FusedLinearPPOLoss.apply(hidden2d, weight, bias, x, ops, chunk,
+                                                                     process_group)
     else:  # nothing to differentiate: skip the gradient work
-        p = _chunked_pass(hidden2d, weight, bias, rows, weights, adv, old, ref, cfg, ops, chunk,
-                          (False, False, False))
-        loss, lp, entropy, ratio, pg, kl = _loss(p, rows, weights), p.logprobs, p.entropy, p.ratio, p.pg, p.kl
-    return _finish(loss, lp, entropy, ratio, pg, kl, rows, adv, old, cfg)
+        p = _chunked_pass(hidden2d, weight, bias, x, ops, chunk, (False, False, False))
+        loss, lp, entropy, ratio, pg, kl = _loss(p, x), p.logprobs, p.entropy, p.ratio, p.pg, p.kl
+    return finish(loss, lp, entropy, ratio, pg, kl, x.valid, x.shape, x.advantages, x.old_logprobs, x.params)
 
 
 @torch.no_grad()
@@ -441,9 +392,13 @@ def fused_linear_logprobs(
     ``process_group``: weight/bias are this rank's vocabulary shard, as in
     :func:`fused_linear_ppo_loss`.
     """
-    make_config(temperature=temperature)  # validates τ
-    rows, chunk = _prepare(hidden, weight, bias, targets, mask, chunk_size, True, process_group)
-    ops = _row_ops(backend, rows, process_group)
+    LossOptions(temperature=temperature)  # validates τ
+    _check_linear(hidden, weight, bias, chunk_size)
+    lead = hidden.shape[:-1]
+    safe, valid = inputs.prepare_targets(lead, weight.shape[0], hidden.device, targets, mask, True, process_group,
+                                         other="hidden")
+    ops = row_ops(backends.resolve(backend, hidden), process_group)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0], hidden.shape[-1])
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if process_group is not None:
         chunk = _agree_across_ranks(chunk, hidden2d.shape[0], False, hidden.device, process_group)
@@ -456,13 +411,13 @@ def fused_linear_logprobs(
         stop = min(start + chunk, n_rows)
         logits = _logits_chunk(hidden2d[start:stop], weight, bias, buffer[: stop - start])
         chunk_lp, chunk_entropy = ops.logprobs(
-            logits.view(1, stop - start, vocab), rows.targets[start:stop], float(temperature), with_entropy
+            logits.view(1, stop - start, vocab), safe[start:stop], float(temperature), with_entropy
         )
         lp[start:stop] = chunk_lp
         if with_entropy:
             entropy[start:stop] = chunk_entropy
-    lp = torch.where(rows.valid, lp, torch.zeros_like(lp)).view(rows.shape)
+    lp = torch.where(valid, lp, torch.zeros_like(lp)).view(lead)
     if not with_entropy:
         return lp
-    entropy = torch.where(rows.valid, entropy, torch.zeros_like(entropy)).view(rows.shape)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy)).view(lead)
     return lp, entropy

@@ -1,7 +1,7 @@
-"""The autograd Function shared by every fused row backend (Triton, C++).
+"""The autograd Function shared by every fused row backend (Triton, C++, and the reference as a row backend).
 
 Forward: one backend pass gives the per-token results and g = dℓ/d lp; the loss is
-Σ w·ℓ with the aggregation weights w of :func:`reference.aggregation_weights`.
+Σ w·ℓ with the aggregation weights w of :func:`rlhf_fast.loss.aggregation.aggregation_weights`.
 Backward: the backend recomputes p from the logits and writes
 (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = g·w·grad and
 c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits themselves.
@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from .backends import RowOps
-from .config import LossConfig
+from ..backends.rows import RowOps, RowParams
 
 
 class FusedPPOLoss(torch.autograd.Function):
@@ -28,17 +27,17 @@ class FusedPPOLoss(torch.autograd.Function):
         advantages: torch.Tensor,  # [N] fp32
         old_logprobs: Optional[torch.Tensor],  # [N] fp32
         ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-        cfg: LossConfig,
+        params: RowParams,
         ops: RowOps,
         inplace_backward: bool,
     ):
-        res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, cfg)
+        res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, params)
         token_loss = torch.where(valid, res.loss, torch.zeros_like(res.loss))
         loss = (weights * token_loss).sum()
         # Masked rows may hold NaN in g (a banned placeholder target): keep them out of the backward.
         weighted_dlogp = torch.where(valid, res.dlogp * weights, torch.zeros_like(weights))
         ctx.save_for_backward(logits, targets, res.lse, res.entropy, weighted_dlogp, weights)
-        ctx.cfg, ctx.ops, ctx.inplace_backward = cfg, ops, inplace_backward
+        ctx.params, ctx.ops, ctx.inplace_backward = params, ops, inplace_backward
         outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl)
         ctx.mark_non_differentiable(*outputs)
         return (loss,) + outputs
@@ -46,12 +45,12 @@ class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         logits, targets, lse, entropy, weighted_dlogp, weights = ctx.saved_tensors
-        cfg: LossConfig = ctx.cfg
+        params: RowParams = ctx.params
         coef_logprob = weighted_dlogp * grad_loss
-        coef_entropy = (cfg.entropy_coef * grad_loss) * weights
+        coef_entropy = (params.entropy_coef * grad_loss) * weights
         if ctx.inplace_backward:
             out = logits
         else:
             out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ctx.ops.backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, cfg.temperature, out)
+        ctx.ops.backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, params.temperature, out)
         return (out,) + (None,) * 9

@@ -1,7 +1,7 @@
 """Data-parallel PPO on torch.distributed: DDP or FSDP2 for the trained models, and the few
 collectives that make an N-rank step equal a one-process step over the same global batch.
 
-How a step is split (:func:`rlhf_fast.ppo.train` under ``torchrun``):
+How a step is split (:func:`rlhf_fast.train_ppo` under ``torchrun``):
 
 * rollout — the step's global prompt list is chosen from (seed, step) as in one process; rank
   r samples, scores and computes log-probs/values for its contiguous slice, with the global
@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .records import Rollout, Samples
+from .reward import position_ids_from_mask
 
 DATA_PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2")
 
@@ -93,9 +96,56 @@ class PolicyAndCritic(nn.Module):
         return fn(self.policy, self.critic, *args, **kwargs)
 
 
+class SingleProcess:
+    """The one-process stand-in for :class:`DataParallel`: the same interface, no collectives.
+
+    The loop calls these methods whatever the world size, so it reads top to bottom
+    without branches; here each is the identity (or the plain call).
+    """
+
+    kind: Optional[str] = None
+    rank, world, is_main = 0, 1, True
+    synced_generation = False
+
+    def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
+        self.models = PolicyAndCritic(policy, critic)
+
+    def seed_step(self, seed: int, step: int) -> None:
+        pass  # one process keeps its global RNG stream (restored exactly on resume)
+
+    def local_prompts(self, prompts: List[List[int]]) -> List[List[int]]:
+        return prompts
+
+    def sample_and_score(self, fn: Callable, *args):
+        return fn(self.models.policy, self.models.critic, *args, self.synced_generation)
+
+    def gather_rollout(self, rollout: Rollout, pad_token_id: int) -> Rollout:
+        return rollout
+
+    def minibatch_order(self, seed: int, step: int) -> Optional[torch.Generator]:
+        return None  # torch's global RNG
+
+    def minibatch_loss(self, fn: Callable, rollout: Rollout, rows: torch.Tensor, *args):
+        """``fn(policy, critic, rollout, rows, *args) -> (loss, PPOLossOutput, extra)``."""
+        return fn(self.models.policy, self.models.critic, rollout, rows, *args)
+
+    def minibatch_metrics(self, metrics: Dict[str, torch.Tensor], extra: Dict, rollout: Rollout,
+                          rows: torch.Tensor):
+        return metrics, extra
+
+    def grad_norm(self, norm: torch.Tensor) -> float:
+        return float(norm)
+
+    def broadcast(self, obj):
+        return obj
+
+
 @dataclass
 class DataParallel:
-    """The data-parallel context of a run: its group, this rank, and the wrapped models."""
+    """The data-parallel context of a run: its group, this rank, and the wrapped models.
+
+    Same interface as :class:`SingleProcess`; each method is the step's collective work.
+    """
 
     kind: str  # "ddp" | "fsdp2"
     group: dist.ProcessGroup
@@ -104,16 +154,86 @@ class DataParallel:
     models: PolicyAndCritic  # unwrapped root (state dicts); under FSDP2 the sharded root itself
     module: nn.Module  # what the update calls: DDP(models), or models under FSDP2
 
-    def no_grad_call(self, fn: Callable, *args, **kwargs):
-        """``fn(policy, critic, *args)`` outside the update (rollout): FSDP2 must unshard through
-        the root's forward; DDP needs no wrapper."""
-        if self.kind == "fsdp2":
-            return self.module(fn, *args, **kwargs)
-        return fn(self.models.policy, self.models.critic, *args, **kwargs)
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def synced_generation(self) -> bool:
+        return self.kind == "fsdp2"  # sharded parameters: every rank runs forwards until all are done
+
+    def seed_step(self, seed: int, step: int) -> None:
+        torch.manual_seed(derived_seed(seed, step, self.rank))
+
+    def local_prompts(self, prompts: List[List[int]]) -> List[List[int]]:
+        return prompts[shard_slice(len(prompts), self.rank, self.world)]
+
+    def sample_and_score(self, fn: Callable, *args):
+        """``fn(policy, critic, *args)`` outside the update (rollout): FSDP2 must unshard through
+        the root's forward; DDP needs no wrapper."""
+        if self.kind == "fsdp2":
+            return self.module(fn, *args, self.synced_generation)
+        return fn(self.models.policy, self.models.critic, *args, self.synced_generation)
+
+    def gather_rollout(self, local: Rollout, pad_token_id: int) -> Rollout:
+        """Every rank's scored rollout in rank order, re-padded to the global prompt and reply widths.
+
+        Prompts stay left-padded and replies right-padded (pad id, mask 0, zeros in the per-token
+        tensors), as one process's ``generate`` over all prompts lays them out.
+        """
+        samples, group = local.samples, self.group
+        device = samples.input_ids.device
+        prompt_len, reply_len = max_over_ranks([samples.prompt_len, samples.response_ids.shape[1]], device, group)
+
+        def rows(t, width=None, left=False, value=0):
+            return all_gather_rows(t, group, width, left, value)
+
+        def sequence(t, value):  # [b, P + R]: prompt part left-padded, reply part right-padded
+            return torch.cat([rows(t[:, : samples.prompt_len], prompt_len, True, value),
+                              rows(t[:, samples.prompt_len :], reply_len, False, value)], dim=1)
+
+        attention_mask = sequence(samples.attention_mask, 0)
+        gathered = Samples(
+            sequence(samples.input_ids, pad_token_id), attention_mask, position_ids_from_mask(attention_mask),
+            prompt_len, rows(samples.response_ids, reply_len, value=pad_token_id),
+            rows(samples.response_mask, reply_len, value=False), rows(samples.lengths), rows(samples.has_eos),
+        )
+        return local._replace(
+            samples=gathered, old_logprobs=rows(local.old_logprobs, reply_len),
+            ref_logprobs=rows(local.ref_logprobs, reply_len), entropy=rows(local.entropy, reply_len),
+            values=None if local.values is None else rows(local.values, reply_len),
+            raw_scores=rows(local.raw_scores), norm_scores=rows(local.norm_scores),
+        )
+
+    def minibatch_order(self, seed: int, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(seed, step, -1))  # the same order on every rank
+
+    def _part(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[shard_slice(len(rows), self.rank, self.world)]
+
+    def minibatch_loss(self, fn: Callable, rollout: Rollout, rows: torch.Tensor, *args):
+        """This rank's contiguous part of global minibatch ``rows``, normalised by the global minibatch."""
+        loss, out, extra = self.module(fn, rollout, self._part(rows), *args, rows)
+        return loss * self.world, out, extra  # DDP and FSDP2 average gradients; the parts are shares of one loss
+
+    def minibatch_metrics(self, metrics: Dict[str, torch.Tensor], extra: Dict, rollout: Rollout,
+                          rows: torch.Tensor):
+        """The global minibatch's metrics, identical on every rank."""
+        value_keys = [k for k in ("value_loss", "value_clipfrac") if k in extra]
+        n_tokens = rollout.samples.response_mask[self._part(rows)].sum()
+        combined = all_reduce_minibatch_metrics(metrics, {k: extra[k] for k in value_keys}, n_tokens, self.group)
+        extra = {**extra, **{k: float(combined[k]) for k in value_keys}}
+        return {k: combined[k] for k in metrics}, extra
+
+    def grad_norm(self, norm) -> float:
+        """``clip_grad_norm_``'s result as a float (a replicated DTensor under FSDP2)."""
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def broadcast(self, obj, src_rank: int = 0):
+        """``obj`` of ``src_rank`` (rank in the group) on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, group_src=src_rank, group=self.group)
+        return box[0]
 
 
 def _shard_blocks(model: nn.Module, mesh) -> None:
@@ -124,6 +244,12 @@ def _shard_blocks(model: nn.Module, mesh) -> None:
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in block_names:
             fully_shard(module, mesh=mesh)
+
+
+def setup(policy: nn.Module, critic: Optional[nn.Module], mode: str):
+    """The run's data-parallel context: :class:`DataParallel` under torch.distributed, else :class:`SingleProcess`."""
+    kind = resolve_data_parallel(mode)
+    return SingleProcess(policy, critic) if kind is None else wrap(policy, critic, kind)
 
 
 def wrap(policy: nn.Module, critic: Optional[nn.Module], kind: str, group=None) -> DataParallel:
@@ -168,11 +294,6 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def grad_norm_value(norm) -> float:
-    """``clip_grad_norm_``'s result as a float (a replicated DTensor under FSDP2)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 # ----------------------------------------------------------------------------- rollout
 
 
@@ -215,7 +336,7 @@ def global_loss_scale(loss_agg: str, mask: torch.Tensor, rows: torch.Tensor, glo
     the loss of ``global_rows`` (one process's minibatch); ``None`` for token-mean, which takes
     ``global_num_tokens`` instead.
 
-    ``rf.ppo_loss`` is linear in each token's loss with weights w = m / normaliser (SPEC §3), so
+    ``rf.ppo_loss`` is linear in each token's loss with weights w = m / normaliser (every aggregation mode), so
     rescaling by local / global normaliser is exact: B_valid for ``seq-mean-token-sum`` and
     ``seq-mean-token-mean`` (the per-sequence token means are local), B for
     ``seq-mean-token-sum-norm`` (T is the rollout width, the same on every rank).
@@ -259,10 +380,3 @@ def all_reduce_minibatch_metrics(
         out["ratio_max"] = torch.where(total > 0, ends[0], zero)
         out["ratio_min"] = torch.where(total > 0, -ends[1], zero)
     return out
-
-
-def broadcast_object(obj, group, src_rank: int = 0):
-    """``obj`` of ``src_rank`` (rank in ``group``) on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, group_src=src_rank, group=group)
-    return box[0]

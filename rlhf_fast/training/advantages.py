@@ -8,11 +8,23 @@ Group estimators expect the ``k`` samples of one prompt to be contiguous
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+from ..registry import Registry
+
+
+class AdvantageEstimator(NamedTuple):
+    """How the loop turns one step's rewards into advantages."""
+
+    compute: Callable  # (rewards [B, R], values [B, R] | None, mask [B, R], cfg) -> (advantages, returns | None)
+    needs_critic: bool  # values of a critic are required
+    per_token: bool  # advantages are [B, R] (else [B], one per reply)
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+"""Advantage estimators by name (``PPOConfig.advantage_estimator``); register new ones here."""
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,3 +136,24 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if float(var_returns) == 0.0:
         return 0.0
     return float(1.0 - masked_var(returns - values, mask) / var_returns)
+
+
+# ----------------------------------------------------------------------------- the registered estimators
+# cfg: the loop's PPOConfig (gamma, lam, samples_per_prompt, group_std_normalize).
+
+
+def _gae(rewards, values, mask, cfg):
+    return gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+
+
+def _grpo(rewards, values, mask, cfg):
+    return grpo_advantages(rewards.sum(dim=1), cfg.samples_per_prompt, cfg.group_std_normalize), None
+
+
+def _rloo(rewards, values, mask, cfg):
+    return rloo_advantages(rewards.sum(dim=1), cfg.samples_per_prompt), None
+
+
+ADVANTAGE_ESTIMATORS.register("gae", AdvantageEstimator(_gae, needs_critic=True, per_token=True))
+ADVANTAGE_ESTIMATORS.register("grpo", AdvantageEstimator(_grpo, needs_critic=False, per_token=False))
+ADVANTAGE_ESTIMATORS.register("rloo", AdvantageEstimator(_rloo, needs_critic=False, per_token=False))

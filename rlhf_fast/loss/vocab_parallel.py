@@ -20,9 +20,8 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
+from ..backends.rows import RowOps, RowParams
 from . import reference
-from .backends import RowOps
-from .config import LossConfig
 
 
 def shard_range(vocab_local: int, device: torch.device, group) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +65,12 @@ def sharded_ops(ops: RowOps, group) -> RowOps:
         owned = targets >= 0
         local = torch.where(owned, targets, torch.zeros_like(targets))
         zeros = torch.zeros(local.shape, dtype=torch.float32, device=logits.device)
-        res = ops.forward(logits, local, zeros, None, None, LossConfig(temperature=temperature))
+        res = ops.forward(logits, local, zeros, None, None, RowParams(temperature=temperature))
         return combine_row_stats(res.logprobs, res.entropy, res.lse, owned, group)
 
-    def forward(logits, targets, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
-        lp, entropy, lse = shard_stats(logits, targets, cfg.temperature)
-        return reference.token_math(lp, entropy, lse, advantages, old_logprobs, ref_logprobs, cfg)
+    def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams):
+        lp, entropy, lse = shard_stats(logits, targets, params.temperature)
+        return reference.token_math(lp, entropy, lse, advantages, old_logprobs, ref_logprobs, params)
 
     def logprobs(logits, targets, temperature, with_entropy):
         lp, entropy, _ = shard_stats(logits, targets, temperature)

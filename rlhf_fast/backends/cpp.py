@@ -12,11 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .backends import RowOps
-from .config import LossConfig, TokenResults
+from .rows import RowOps, RowParams, TokenResults
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.rlhf_fast.*)
+    from .. import _C  # noqa: F401  (registers torch.ops.rlhf_fast.*)
 except ImportError as exc:
     raise ImportError(
         f"the C++ extension rlhf_fast._C is not built ({exc}); build it with "
@@ -60,7 +59,7 @@ def forward(
     advantages: torch.Tensor,  # [N] fp32
     old_logprobs: Optional[torch.Tensor],  # [N] fp32
     ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-    cfg: LossConfig,
+    cfg: RowParams,
 ) -> TokenResults:
     """One pass per row: lp, H, lse, ratio, pg, kl, ℓ and g = dℓ/d lp, each fp32 ``[N]``."""
     out = _ops.ppo_forward(

@@ -1,0 +1,78 @@
+"""What a row backend receives (:class:`RowParams`) and returns (:class:`TokenResults`).
+
+A row backend sees logits as ``[B, T, V]`` (free strides on B and T, stride 1 on V) and
+per-row vectors ``[N = B·T]``. It never sees the user's keyword arguments: the loss layer
+turns them into a :class:`RowParams`, whose numbers are runtime values for the kernels (no
+recompilation per value); only ``has_old``, ``has_ref``, ``kl_estimator`` and the dual-clip
+switch are feature switches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """Per-token loss settings as a backend sees them (the per-token math of the contract)."""
+
+    clip_eps_low: float = 0.2
+    """ε_low: the ratio is clipped below at 1 − ε_low."""
+    clip_eps_high: float = 0.2
+    """ε_high: the ratio is clipped above at 1 + ε_high."""
+    dual_clip: float = 0.0
+    """c > 1 bounds the surrogate of negative advantages at −c·A; 0 disables it."""
+    kl_coef: float = 0.0
+    """β, the weight of the KL estimator in the per-token loss."""
+    kl_estimator: int = 2
+    """Index into ``KL_ESTIMATORS`` (0 k1, 1 k2, 2 k3, 3 k3+)."""
+    entropy_coef: float = 0.0
+    """η, the weight of the entropy bonus (subtracted from the loss)."""
+    temperature: float = 1.0
+    """τ: logits are divided by τ before everything else."""
+    has_old: bool = False
+    """Whether behaviour-policy log-probs are given (otherwise the ratio is 1)."""
+    has_ref: bool = False
+    """Whether reference log-probs are given (otherwise KL is 0)."""
+
+    @property
+    def has_dual_clip(self) -> bool:
+        return self.dual_clip > 0.0
+
+
+class TokenResults(NamedTuple):
+    """Per-token results of a fused forward, all fp32 ``[N]`` (N = number of rows).
+
+    Rows that the caller masks out are computed like any other (their targets are
+    sanitised to 0 before the call); the caller zeroes or ignores them.
+    """
+
+    logprobs: torch.Tensor  # lp = x_y − lse
+    entropy: torch.Tensor  # H = lse − Σ p·x
+    lse: torch.Tensor  # log Σ exp(x), x = logits / τ
+    ratio: torch.Tensor  # r = exp(lp − old), 1 without old log-probs
+    pg: torch.Tensor  # clipped (and dual-clipped) surrogate
+    kl: torch.Tensor  # the chosen KL estimator, 0 without reference log-probs
+    loss: torch.Tensor  # ℓ = pg + β·kl − η·H
+    dlogp: torch.Tensor  # g = dℓ/d lp (surrogate and KL parts; the entropy part is separate)
+
+
+class RowOps(NamedTuple):
+    """A fused row backend: three functions over logits ``[B, T, V]`` and per-row vectors ``[N]``.
+
+    * ``forward(logits, targets, advantages, old_logprobs, ref_logprobs, params) -> TokenResults``
+    * ``backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature, out)``
+      writes d(loss)/d(logits) into ``out`` (``[B, T, V]``, which may be ``logits`` itself);
+    * ``logprobs(logits, targets, temperature, with_entropy) -> (lp, entropy or None)``.
+
+    Targets arrive sanitised (every id in [0, V)), as contiguous int32 or int64; the other
+    vectors as contiguous fp32. ``backward`` also accepts a target of −1: the row's target
+    lies on another vocabulary shard (``process_group``), so there is no one-hot term.
+    """
+
+    forward: Callable
+    backward: Callable
+    logprobs: Callable

@@ -1,0 +1,160 @@
+"""Public functional API: ``rf.ppo_loss`` and ``rf.logprobs``.
+
+Data flows one way: arguments → :class:`~rlhf_fast.loss.options.LossOptions` (scalar
+options, validated once) and :func:`~rlhf_fast.loss.inputs.prepare` (per-token inputs) →
+one backend (the eager reference, or a fused :class:`~rlhf_fast.backends.RowOps` under
+:class:`~rlhf_fast.loss.autograd.FusedPPOLoss`) → per-token results →
+:func:`~rlhf_fast.loss.aggregation.finish` (metrics, masked outputs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import backends
+from . import inputs, reference
+from .aggregation import PPOLossOutput, finish
+from .autograd import FusedPPOLoss
+from .options import LossOptions, with_loss_options
+
+
+def check_logits(logits) -> None:
+    """The checks that concern the logits tensor itself (``ValueError`` naming it)."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension: shape [..., V]")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits has an empty vocabulary dimension (V == 0), shape {tuple(logits.shape)}")
+
+
+def rows_view(logits: torch.Tensor) -> torch.Tensor:
+    """View logits ``[..., V]`` as ``[B, T, V]`` without a copy when the strides allow.
+
+    Leading dims merge when they are contiguous with each other; a view such as
+    ``logits[:, :-1]`` keeps two leading strides. Otherwise (or if V's stride is not 1)
+    the logits are copied once.
+    """
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    sizes, strides = list(logits.shape[:-1]), list(logits.stride()[:-1])
+    dims = []  # merged (size, stride) pairs, outermost first
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    if len(dims) > 2:
+        logits = logits.contiguous()
+        return logits.view(1, -1, logits.shape[-1])
+    while len(dims) < 2:
+        dims.insert(0, (1, 0))
+    (b, _), (t, _) = dims
+    # view, not as_strided: as_strided's backward scatters into a zeroed copy of the whole
+    # storage (two extra passes over [N, V]) and defeats inplace_backward under compile.
+    return logits.view(b, t, logits.shape[-1])
+
+
+def row_ops(name: str, process_group=None) -> backends.RowOps:
+    """The row backend ``name`` (``"eager"``: the closed-form reference), sharded with a process group."""
+    ops, why = backends.load_ops(name)
+    if ops is None:
+        raise RuntimeError(f"backend {name!r} is not available ({why})")
+    if process_group is not None:
+        from .vocab_parallel import sharded_ops
+
+        ops = sharded_ops(ops, process_group)
+    return ops
+
+
+@with_loss_options
+def ppo_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    options: Optional[LossOptions] = None,
+    global_num_tokens: Union[int, float, torch.Tensor, None] = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+    process_group=None,
+    **loss_options,
+) -> PPOLossOutput:
+    """Fused PPO loss for logits ``[..., V]`` and targets ``[...]`` (docs/contract.md).
+
+    The loss options (``clip_eps``, ``kl_coef``, ``loss_agg``, ...; see
+    :class:`~rlhf_fast.LossOptions`) are keyword arguments, or one ``options=LossOptions(...)``
+    object (keywords given as well replace its fields).
+
+    Returns :class:`PPOLossOutput`: the differentiable fp32 loss, detached fp32 per-token
+    log-probs and entropy (0 where masked) and the metrics. With ``inplace_backward=True``
+    the backward writes d(loss)/d(logits) into the logits' memory: the logits must not be
+    used after ``backward()``.
+
+    With ``process_group``, ``logits`` is this rank's contiguous vocabulary shard
+    ``[..., V_rank]`` (ranks in order; shards may differ in size) and targets are global
+    ids; the loss, per-token outputs and metrics are the full-vocabulary ones on every
+    rank, and the gradient is this shard's (see :mod:`rlhf_fast.loss.vocab_parallel`).
+    """
+    options = LossOptions.from_kwargs(options, loss_options, "ppo_loss")
+    check_logits(logits)
+    x = inputs.prepare(
+        logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype, targets, advantages, old_logprobs,
+        ref_logprobs, mask, options, validate=validate, global_num_tokens=global_num_tokens,
+        process_group=process_group,
+    )
+    name = backends.resolve(backend, logits)
+    if name == "eager" and process_group is None:
+        shape = x.shape
+        loss, lp, entropy, metrics = reference.ppo_loss(
+            logits, x.targets.view(shape), x.valid.view(shape), x.weights.view(shape), x.advantages.view(shape),
+            None if x.old_logprobs is None else x.old_logprobs.view(shape),
+            None if x.ref_logprobs is None else x.ref_logprobs.view(shape), x.params,
+        )
+        return PPOLossOutput(loss, lp, entropy, metrics)
+    loss, lp, entropy, ratio, pg, kl = FusedPPOLoss.apply(
+        rows_view(logits), x.targets, x.valid, x.weights, x.advantages, x.old_logprobs, x.ref_logprobs, x.params,
+        row_ops(name, process_group), inplace_backward,
+    )
+    return finish(loss, lp, entropy, ratio, pg, kl, x.valid, x.shape, x.advantages, x.old_logprobs, x.params)
+
+
+@torch.no_grad()
+def logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    backend: str = "auto",
+    process_group=None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Log-probs of the targets ``[...]`` (fp32, no grad, 0 where masked) for old/ref policies.
+
+    With ``with_entropy=True`` returns ``(logprobs, entropy)``. Never materialises the
+    full-vocabulary log-softmax on a fused backend. ``process_group``: as in :func:`ppo_loss`.
+    """
+    LossOptions(temperature=temperature)  # validates τ
+    check_logits(logits)
+    safe, valid = inputs.prepare_targets(
+        logits.shape[:-1], logits.shape[-1], logits.device, targets, mask, True, process_group
+    )
+    ops = row_ops(backends.resolve(backend, logits), process_group)
+    lp, entropy = ops.logprobs(rows_view(logits), safe, float(temperature), with_entropy)
+    shape = logits.shape[:-1]
+    lp = torch.where(valid, lp, torch.zeros_like(lp)).view(shape)
+    if not with_entropy:
+        return lp
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy)).view(shape)
+    return lp, entropy

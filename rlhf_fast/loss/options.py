@@ -1,0 +1,164 @@
+"""The loss options: one frozen, validated object for every entry point.
+
+:class:`LossOptions` holds the keyword options that define the loss's value (the math of
+the contract, ``docs/contract.md``). ``rf.ppo_loss``, ``rf.fused_linear_ppo_loss``,
+``rf.PPOLoss``, the trainer's ``PPOConfig`` and the case study all take it (or its fields
+as keywords), so each option is written once: here. Construction validates every field
+(``ValueError`` naming the option); :meth:`LossOptions.row_params` turns it into what a row
+backend sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
+
+from ..backends.rows import RowParams
+from ..registry import Registry
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
+"""Names accepted by ``kl_estimator``; a backend receives the index into this tuple."""
+
+LOSS_AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+"""Names accepted by ``loss_agg`` (the aggregation section of the contract)."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any):
+    """A dataclass field with one line of help text (read by the command line and the docs)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+POLICY_LOSSES = Registry("policy loss")
+"""Policy-loss variants by name (``policy_loss=``); each registers its per-token math in
+:mod:`rlhf_fast.loss.reference`."""
+POLICY_LOSSES.register("ppo", "the clipped surrogate (asymmetric clip, dual clip) of the contract")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Keyword options of the PPO loss; validated at construction."""
+
+    clip_eps: float = option(0.2, "ε_low: the ratio is clipped below at 1 − ε_low (and above at 1 + ε_high).")
+    clip_eps_high: Optional[float] = option(None, 'ε_high for asymmetric "clip-higher" (None = clip_eps).')
+    dual_clip: Optional[float] = option(
+        None, "c > 1: the surrogate of a negative advantage is bounded at −c·A (None = off).")
+    kl_coef: float = option(0.0, "β: weight of the KL estimator to the reference in the per-token loss.")
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = option(
+        "k3", "KL estimator to the reference (k3+: value of k3, gradient of k2).")
+    entropy_coef: float = option(0.0, "η: weight of the entropy bonus (subtracted from the loss).")
+    temperature: float = option(1.0, "τ: logits are divided by τ before everything else.")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        option("token-mean", "How per-token losses are aggregated into the loss."))
+    policy_loss: str = option("ppo", "Policy-loss variant (one of POLICY_LOSSES).")
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> List[str]:
+        """Every problem with the options, one message each naming the option (empty when valid)."""
+        problems: List[str] = []
+        positive = ["clip_eps", "temperature"] + (["clip_eps_high"] if self.clip_eps_high is not None else [])
+        for name in positive:
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} must be a finite number > 0, got {value!r}")
+        if self.dual_clip is not None:
+            if not _is_real(self.dual_clip) or not math.isfinite(self.dual_clip) or self.dual_clip <= 1.0:
+                problems.append(f"dual_clip must be a finite number > 1 (or None), got {self.dual_clip!r}")
+        for name in ("kl_coef", "entropy_coef"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            problems.append(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            problems.append(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            problems.append(f"policy_loss must be one of {POLICY_LOSSES.names()}, got {self.policy_loss!r}")
+        return problems
+
+    @property
+    def clip_high(self) -> float:
+        """ε_high as used: ``clip_eps_high`` or, when None, ``clip_eps``."""
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    def check_reference(self, has_ref: bool) -> None:
+        """``kl_coef != 0`` needs the reference's log-probs."""
+        if self.kl_coef != 0.0 and not has_ref:
+            raise ValueError("kl_coef != 0 needs ref_logprobs (the frozen reference's log-probs)")
+
+    def row_params(self, has_old: bool, has_ref: bool) -> RowParams:
+        """What a row backend sees for one call."""
+        self.check_reference(has_ref)
+        return RowParams(
+            clip_eps_low=float(self.clip_eps),
+            clip_eps_high=float(self.clip_high),
+            dual_clip=float(self.dual_clip) if self.dual_clip is not None else 0.0,
+            kl_coef=float(self.kl_coef),
+            kl_estimator=KL_ESTIMATORS.index(self.kl_estimator),
+            entropy_coef=float(self.entropy_coef),
+            temperature=float(self.temperature),
+            has_old=has_old,
+            has_ref=has_ref,
+        )
+
+    @classmethod
+    def from_kwargs(cls, options: Optional[LossOptions], kwargs: Mapping[str, Any], where: str) -> LossOptions:
+        """``options`` (or the defaults) with the keyword options in ``kwargs`` replacing its fields.
+
+        An unknown keyword raises ``TypeError`` (as Python does for any function) listing the valid ones.
+        """
+        unknown = sorted(set(kwargs) - OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"{where}() got unexpected keyword argument(s) {unknown}; the loss options are "
+                            f"{list(OPTION_NAMES_ORDERED)}")
+        if options is None:
+            return cls(**kwargs)
+        if not isinstance(options, LossOptions):
+            raise ValueError(f"options must be a rlhf_fast.LossOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **kwargs) if kwargs else options
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The loss options only (also for a subclass such as the trainer's PPOConfig)."""
+        return {name: getattr(self, name) for name in OPTION_NAMES_ORDERED}
+
+    def loss_options(self, **changes) -> LossOptions:
+        """A plain :class:`LossOptions` with these options (and ``changes``), e.g. from a PPOConfig."""
+        return LossOptions(**{**self.as_dict(), **changes})
+
+
+OPTION_NAMES_ORDERED = tuple(f.name for f in dataclasses.fields(LossOptions))
+OPTION_NAMES = frozenset(OPTION_NAMES_ORDERED)
+"""The keyword options every loss entry point accepts."""
+
+
+def with_loss_options(fn: Callable) -> Callable:
+    """Give ``fn(..., **loss_options)`` a signature that lists every loss option with its default.
+
+    The function takes the options as ``**loss_options`` (validated by :class:`LossOptions`);
+    ``inspect.signature`` and ``help()`` show them as keyword-only parameters.
+    """
+    signature = inspect.signature(fn)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    options = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in dataclasses.fields(LossOptions)
+    ]
+    fn.__signature__ = signature.replace(parameters=params + options)
+    return fn
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,97 @@
+"""The package's layers (docs/architecture.md) hold: imports point downwards only, the loss layer
+loads neither transformers nor training code, no module is too long to read, and the module
+paths of the earlier flat layout still import (as the very same modules)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import rlhf_fast
+
+PACKAGE = pathlib.Path(rlhf_fast.__file__).parent
+LAYERS = ("backends", "loss", "training", "casestudy")  # each may import only those before it
+
+
+def _imports(path: pathlib.Path):
+    """Absolute module names imported by a file (relative imports resolved)."""
+    parts = ("rlhf_fast",) + path.relative_to(PACKAGE).with_suffix("").parts
+    package = parts[:-1] if path.name != "__init__.py" else parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module
+            yield module
+            for alias in node.names:  # ``from . import x`` imports a module x
+                yield f"{module}.{alias.name}"
+
+
+def _layer(module: str):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "rlhf_fast" and parts[1] in LAYERS else None
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layers_import_only_lower_layers(layer):
+    allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+    wrong = []
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
+        for module in _imports(path):
+            target = _layer(module)
+            if target is not None and target not in allowed:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not wrong, wrong
+
+
+def test_the_case_study_uses_only_the_public_api():
+    """rlhf_fast.casestudy imports the package's top level and the training layer's exports, nothing deeper."""
+    import rlhf_fast.training as training
+
+    wrong = []
+    for path in sorted((PACKAGE / "casestudy").rglob("*.py")):
+        for module in _imports(path):
+            if not module.startswith("rlhf_fast") or module.startswith("rlhf_fast.casestudy"):
+                continue
+            top, _, name = module.partition("rlhf_fast.")[2].partition(".")
+            public = module == "rlhf_fast" or (module.count(".") == 1 and hasattr(rlhf_fast, top)) or (
+                top == "training" and (not name or hasattr(training, name)))
+            if not public:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not wrong, wrong
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
+
+
+def test_the_loss_layer_is_lean():
+    code = (
+        "import sys\n"
+        "import rlhf_fast.loss\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'triton')\n"
+        "       or m.startswith(('rlhf_fast.training', 'rlhf_fast.casestudy'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("old, new", sorted(rlhf_fast._MOVED_MODULES.items()))
+def test_old_module_paths_still_import(old, new):
+    if new == "backends.triton":
+        pytest.importorskip("triton")
+    if new == "backends.cpp" and rlhf_fast.backends.load_ops("cpp")[0] is None:
+        pytest.skip("the C++ extension is not built")
+    assert importlib.import_module(f"rlhf_fast.{old}") is importlib.import_module(f"rlhf_fast.{new}")
