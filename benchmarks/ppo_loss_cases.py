@@ -155,8 +155,9 @@ def _kernels_step(mode: str):
         res = ops.forward(logits, targets, *vectors, cfg)
         if mode == "fwd+bwd":
             out = torch.empty_like(logits)
-            coef_entropy = torch.full_like(res.lse, cfg.entropy_coef / targets.numel())
-            ops.backward(logits, targets, res.lse, res.entropy, res.dlogp / targets.numel(), coef_entropy,
+            coef_entropy = torch.full_like(res.log_sum, cfg.entropy_coef / targets.numel())
+            ops.backward(logits, targets, res.row_max, res.log_sum, res.entropy, res.dlogp / targets.numel(),
+                         coef_entropy,
                          cfg.temperature, out)
         torch.cuda.synchronize()
 
@@ -243,8 +244,9 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     Data for tuning ``launch_config`` on a new GPU: the kernels are launched directly,
     without autograd, each configuration after one warm-up (which compiles it).
     """
-    from rlhf_fast.loss.functional import rows_view
     from rlhf_fast.kernels import ppo_loss as kernels
+
+    from rlhf_fast.loss.functional import rows_view
 
     inputs = make_inputs(shape, "cuda")
     logits = rows_view(inputs["logits"].detach())

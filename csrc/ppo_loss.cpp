@@ -1,7 +1,8 @@
-// The rlhf_fast CPU operators: schemas (TORCH_LIBRARY), argument checks and the CPU
-// implementations, which hand raw pointers to the row kernels of the best instruction set
-// that this build, the CPU itself and ATen's CPU capability allow (cpu_isa.h).
-// Fake (meta) implementations for torch.compile live in rlhf_fast/cpp_ops.py.
+// The rlhf_fast CPU operators: argument checks and the CPU implementations, which hand raw
+// pointers to the row kernels of the best instruction set that this build, the CPU itself and
+// ATen's CPU capability allow (cpu_isa.h). The schemas and their fake implementations are
+// defined in Python, in one place for every backend (rlhf_fast/backends/ops.py), before this
+// library loads; here only implementations are registered (TORCH_LIBRARY_IMPL).
 #include <Python.h>
 
 #include <ATen/MemoryOverlap.h>
@@ -73,10 +74,10 @@ void check_targets(int64_t bad_rows, int64_t vocab, const char* op) {
   TORCH_CHECK(bad_rows == 0, op, ": ", bad_rows, " target ids outside [0, ", vocab, ")");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
     const Tensor& logits, const Tensor& targets, const Tensor& advantages,
     const std::optional<Tensor>& old_logprobs, const std::optional<Tensor>& ref_logprobs,
-    double clip_eps_low, double clip_eps_high, double dual_clip, double kl_coef, int64_t kl_estimator,
+    double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
     double entropy_coef, double temperature) {
   constexpr const char* op = "rlhf_fast::ppo_forward";
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
@@ -89,8 +90,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_f
   a.old_logprobs = old_logprobs.has_value() ? row_vector(*old_logprobs, rows, "old_logprobs", op) : nullptr;
   a.ref_logprobs = ref_logprobs.has_value() ? row_vector(*ref_logprobs, rows, "ref_logprobs", op) : nullptr;
   // Thresholds rounded to fp32 as the reference's tensor-vs-scalar comparisons do.
-  a.params.ratio_low = static_cast<float>(1.0 - clip_eps_low);
-  a.params.ratio_high = static_cast<float>(1.0 + clip_eps_high);
+  a.params.ratio_low = static_cast<float>(ratio_low);
+  a.params.ratio_high = static_cast<float>(ratio_high);
   a.params.dual_clip = static_cast<float>(dual_clip);
   a.params.has_dual_clip = dual_clip > 0.0;
   a.params.kl_coef = static_cast<float>(kl_coef);
@@ -101,22 +102,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_f
   a.params.has_ref = a.ref_logprobs != nullptr;
 
   const auto options = logits.options().dtype(at::kFloat);
-  Tensor out[8];
+  Tensor out[9];
   for (auto& t : out) t = at::empty({rows}, options);
   a.logprobs = out[0].data_ptr<float>();
   a.entropy = out[1].data_ptr<float>();
-  a.lse = out[2].data_ptr<float>();
-  a.ratio = out[3].data_ptr<float>();
-  a.pg = out[4].data_ptr<float>();
-  a.kl = out[5].data_ptr<float>();
-  a.loss = out[6].data_ptr<float>();
-  a.dlogp = out[7].data_ptr<float>();
+  a.row_max = out[2].data_ptr<float>();
+  a.log_sum = out[3].data_ptr<float>();
+  a.ratio = out[4].data_ptr<float>();
+  a.pg = out[5].data_ptr<float>();
+  a.kl = out[6].data_ptr<float>();
+  a.loss = out[7].data_ptr<float>();
+  a.dlogp = out[8].data_ptr<float>();
   check_targets(kernels().forward(a), a.logits.vocab, op);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 
-void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& entropy,
-                  const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
+void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
+                  const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
                   const Tensor& out) {
   constexpr const char* op = "rlhf_fast::ppo_backward";
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
@@ -124,7 +126,8 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse
   a.logits = rows_layout(logits, op);
   const int64_t rows = a.logits.batch * a.logits.seq;
   a.targets = targets_of(targets, rows, op);
-  a.lse = row_vector(lse, rows, "lse", op);
+  a.row_max = row_vector(row_max, rows, "row_max", op);
+  a.log_sum = row_vector(log_sum, rows, "log_sum", op);
   a.entropy = row_vector(entropy, rows, "entropy", op);
   a.coef_logprob = row_vector(coef_logprob, rows, "coef_logprob", op);
   a.coef_entropy = row_vector(coef_entropy, rows, "coef_entropy", op);
@@ -143,8 +146,15 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse
   check_targets(kernels().backward(a), a.logits.vocab, op);
 }
 
-std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,
-                                    bool with_entropy) {
+// The same kernel writing into the logits' own memory (a separate op: see rlhf_fast/backends/ops.py).
+void ppo_backward_inplace(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
+                          const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy,
+                          double temperature) {
+  ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, logits);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,
+                                                    bool with_entropy) {
   constexpr const char* op = "rlhf_fast::logprobs";
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   LogprobsArgs a{};
@@ -155,10 +165,14 @@ std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets,
   const auto options = logits.options().dtype(at::kFloat);
   Tensor lp = at::empty({rows}, options);
   Tensor entropy = at::empty({with_entropy ? rows : 0}, options);
+  Tensor row_max = at::empty({rows}, options);
+  Tensor log_sum = at::empty({rows}, options);
   a.logprobs = lp.data_ptr<float>();
   a.entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  a.row_max = row_max.data_ptr<float>();
+  a.log_sum = log_sum.data_ptr<float>();
   check_targets(kernels().logprobs(a), a.logits.vocab, op);
-  return {lp, entropy};
+  return {lp, entropy, row_max, log_sum};
 }
 
 std::string cpu_capability() {
@@ -172,31 +186,24 @@ std::string choose_kernel_build(const std::string& aten_capability, const std::v
 
 }  // namespace
 
-TORCH_LIBRARY(rlhf_fast, m) {
-  m.def(
-      "ppo_forward(Tensor logits, Tensor targets, Tensor advantages, Tensor? old_logprobs, "
-      "Tensor? ref_logprobs, float clip_eps_low, float clip_eps_high, float dual_clip, float kl_coef, "
-      "int kl_estimator, float entropy_coef, float temperature) "
-      "-> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor ratio, Tensor pg, Tensor kl, Tensor loss, "
-      "Tensor dlogp)");
-  m.def(
-      "ppo_backward(Tensor logits, Tensor targets, Tensor lse, Tensor entropy, Tensor coef_logprob, "
-      "Tensor coef_entropy, float temperature, Tensor(a!) out) -> ()");
-  m.def("logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> (Tensor, Tensor)");
-  m.def("cpu_capability() -> str", &cpu_capability);
-  m.def("runnable_builds() -> str[]", &runnable_builds);
-  m.def("choose_kernel_build(str aten_capability, str[] runnable) -> str", &choose_kernel_build);
+// Diagnostics without tensors: catch-all kernels.
+TORCH_LIBRARY_FRAGMENT(rlhf_fast, m) {
+  m.impl("cpu_capability", &cpu_capability);
+  m.impl("runnable_builds", &runnable_builds);
+  m.impl("choose_kernel_build", &choose_kernel_build);
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("ppo_forward", &ppo_forward);
   m.impl("ppo_backward", &ppo_backward);
+  m.impl("ppo_backward_inplace", &ppo_backward_inplace);
   m.impl("logprobs", &logprobs);
 }
 
 }  // namespace rlhf_fast
 
-// `import rlhf_fast._C` loads this library, which registers the operators above.
+// `import rlhf_fast._C` loads this library, which registers the implementations above
+// (rlhf_fast/backends/cpp.py defines the schemas first).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rlhf_fast CPU operators", -1, nullptr};
   return PyModule_Create(&module);

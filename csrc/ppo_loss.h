@@ -28,7 +28,7 @@ struct Targets {
   bool is_int64;
 };
 
-// Per-token loss settings (SPEC §2), already in the fp32 forms the math uses.
+// Per-token loss settings, already in the fp32 forms the math uses.
 struct LossParams {
   float ratio_low;      // 1 − ε_low
   float ratio_high;     // 1 + ε_high
@@ -52,7 +52,8 @@ struct ForwardArgs {
   // outputs, fp32 [N] each (TokenResults order)
   float* logprobs;
   float* entropy;
-  float* lse;
+  float* row_max;  // m = max_j x_j
+  float* log_sum;  // log Σ_j exp(x_j − m)
   float* ratio;
   float* pg;
   float* kl;
@@ -63,7 +64,8 @@ struct ForwardArgs {
 struct BackwardArgs {
   RowsLayout logits;
   Targets targets;
-  const float* lse;           // [N]
+  const float* row_max;       // [N] m
+  const float* log_sum;       // [N] log s
   const float* entropy;       // [N]
   const float* coef_logprob;  // [N] d(loss)/d lp
   const float* coef_entropy;  // [N] η · aggregation weight · upstream grad
@@ -81,6 +83,8 @@ struct LogprobsArgs {
   float temperature;
   float* logprobs;  // [N]
   float* entropy;   // [N] or nullptr (not computed)
+  float* row_max;   // [N]
+  float* log_sum;   // [N]
 };
 
 // Each returns the number of rows whose target was outside [0, V) (their outputs are NaN).

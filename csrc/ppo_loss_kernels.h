@@ -1,4 +1,4 @@
-// Row kernels of the fused PPO loss (SPEC §2 and §4) on at::vec, one row per task of
+// Row kernels of the fused PPO loss (the per-token math and gradient of docs/contract.md) on at::vec, one row per task of
 // at::parallel_for. Included by kernels_<isa>.cpp, each of which defines CPU_CAPABILITY
 // (and CPU_CAPABILITY_<ISA>) first, so every instruction set gets its own namespace,
 // exactly like ATen's own per-ISA kernels.
@@ -174,21 +174,22 @@ SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float*
 struct RowLogprob {
   float lp;
   float entropy;
-  float lse;
+  float row_max;  // m
+  float log_sum;  // log s
 };
 
+// lp = (x_y − m) − log s: the max is subtracted first, so a large m costs no digits.
 template <typename scalar_t, bool kScaled, bool kEntropy>
 inline RowLogprob row_logprob(const scalar_t* row, int64_t vocab, int64_t target, float tau, float* buf) {
   const SoftmaxStats st = softmax_stats<scalar_t, kScaled, kEntropy>(row, vocab, tau, buf);
   const float log_s = std::log(st.sum);
-  const float lse = st.max + log_s;  // torch.logsumexp's own rounding: m + log s
   const float x_y = load_x<scalar_t, kScaled>(row + target, tau);
   const float entropy = kEntropy ? log_s - st.dsum / st.sum : 0.f;
-  return {x_y - lse, entropy, lse};
+  return {(x_y - st.max) - log_s, entropy, st.max, log_s};
 }
 
 // ---------------------------------------------------------------------------------
-// Per-token loss (SPEC §2) and g = dℓ/d lp (SPEC §4), in the reference's fp32 order.
+// Per-token loss and g = dℓ/d lp (docs/contract.md), in the reference's fp32 order.
 // ---------------------------------------------------------------------------------
 
 struct TokenLoss {
@@ -240,7 +241,7 @@ int64_t forward_rows(const ForwardArgs& a) {
       const int64_t y = static_cast<int64_t>(targets[r]);
       if (y < 0 || y >= L.vocab) {
         bad.fetch_add(1, std::memory_order_relaxed);
-        a.logprobs[r] = a.entropy[r] = a.lse[r] = a.ratio[r] = kNaN;
+        a.logprobs[r] = a.entropy[r] = a.row_max[r] = a.log_sum[r] = a.ratio[r] = kNaN;
         a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = kNaN;
         continue;
       }
@@ -251,7 +252,8 @@ int64_t forward_rows(const ForwardArgs& a) {
       const TokenLoss t = token_loss(rl.lp, rl.entropy, a.advantages[r], old_lp, ref_lp, a.params);
       a.logprobs[r] = rl.lp;
       a.entropy[r] = rl.entropy;
-      a.lse[r] = rl.lse;
+      a.row_max[r] = rl.row_max;
+      a.log_sum[r] = rl.log_sum;
       a.ratio[r] = t.ratio;
       a.pg[r] = t.pg;
       a.kl[r] = t.kl;
@@ -275,24 +277,24 @@ int64_t logprobs_rows(const LogprobsArgs& a) {
       const int64_t y = static_cast<int64_t>(targets[r]);
       if (y < 0 || y >= L.vocab) {
         bad.fetch_add(1, std::memory_order_relaxed);
-        a.logprobs[r] = kNaN;
+        a.logprobs[r] = a.row_max[r] = a.log_sum[r] = kNaN;
         if (a.entropy != nullptr) a.entropy[r] = kNaN;
         continue;
       }
       const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
-      if (a.entropy != nullptr) {
-        const RowLogprob rl = row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf);
-        a.logprobs[r] = rl.lp;
-        a.entropy[r] = rl.entropy;
-      } else {
-        a.logprobs[r] = row_logprob<scalar_t, kScaled, false>(row, L.vocab, y, tau, buf).lp;
-      }
+      const RowLogprob rl = a.entropy != nullptr ? row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf)
+                                                 : row_logprob<scalar_t, kScaled, false>(row, L.vocab, y, tau, buf);
+      a.logprobs[r] = rl.lp;
+      a.row_max[r] = rl.row_max;
+      a.log_sum[r] = rl.log_sum;
+      if (a.entropy != nullptr) a.entropy[r] = rl.entropy;
     }
   });
   return bad.load();
 }
 
-// d(loss)/d x_j / τ for a non-target j, as p·((c_H/τ)·(x_j − lse) + (c_H·H − c_lp)/τ):
+// d(loss)/d x_j / τ for a non-target j, as p·((c_H/τ)·log p_j + (c_H·H − c_lp)/τ), with
+// log p_j = (x_j − m) − log s (the max subtracted first):
 // `ch_p = (c_H/τ)·p` multiplies the clamped log p, so a banned token gives 0·finite = 0.
 template <typename scalar_t, typename index_t, bool kScaled>
 int64_t backward_rows(const BackwardArgs& a) {
@@ -313,12 +315,12 @@ int64_t backward_rows(const BackwardArgs& a) {
         for (int64_t j = 0; j < L.vocab; ++j) out_row[j] = static_cast<scalar_t>(kNaN);
         continue;
       }
-      const float lse = a.lse[r], entropy = a.entropy[r];
+      const float m = a.row_max[r], log_s = a.log_sum[r], entropy = a.entropy[r];
       const float c_lp = a.coef_logprob[r], c_h = a.coef_entropy[r];
       const float x_y = y >= 0 ? load_x<scalar_t, kScaled>(in_row + y, tau) : 0.f;  // before an in-place sweep
       const float ch_tau = c_h * inv_tau;
       const float k_tau = (c_h * entropy - c_lp) * inv_tau;
-      const VecF vlse(lse), vch(ch_tau), vk(k_tau), vtau(tau), lowest(kLowest);
+      const VecF vm(m), vlog_s(log_s), vch(ch_tau), vk(k_tau), vtau(tau), lowest(kLowest);
       int64_t j = 0;
       for (; j + kChunk <= L.vocab; j += kChunk) {
         VecF xa, xb;
@@ -327,20 +329,20 @@ int64_t backward_rows(const BackwardArgs& a) {
           xa = xa / vtau;
           xb = xb / vtau;
         }
-        const VecF la = xa - vlse, lb = xb - vlse;
+        const VecF la = (xa - vm) - vlog_s, lb = (xb - vm) - vlog_s;
         const VecF pa = la.exp(), pb = lb.exp();
         const VecF ga = at::vec::fmadd(vch * pa, at::vec::clamp_min(la, lowest), pa * vk);
         const VecF gb = at::vec::fmadd(vch * pb, at::vec::clamp_min(lb, lowest), pb * vk);
         Io<scalar_t>::store(out_row + j, ga, gb);
       }
       for (; j < L.vocab; ++j) {
-        const float lpj = load_x<scalar_t, kScaled>(in_row + j, tau) - lse;
+        const float lpj = (load_x<scalar_t, kScaled>(in_row + j, tau) - m) - log_s;
         const float p = std::exp(lpj);
         out_row[j] = static_cast<scalar_t>((ch_tau * p) * std::max(lpj, kLowest) + p * k_tau);
       }
       if (y < 0) continue;
       // The target's entry, in the reference's form: (c_lp·(1 − p) + c_H·p·(log p + H)) / τ.
-      const float lp_y = x_y - lse;
+      const float lp_y = (x_y - m) - log_s;
       const float p_y = std::exp(lp_y);
       const float ent_y = p_y > 0.f ? p_y * (lp_y + entropy) : 0.f;
       const float g_y = c_lp * (1.0f - p_y) + c_h * ent_y;

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused PPO loss (SPEC §2, §4) and their launchers.
+"""Triton kernels of the fused PPO loss (the per-token math and gradient of docs/contract.md) and their launchers.
 
 Logits are read as ``[B, T, V]`` with free strides on B and T and stride 1 on V; row
 ``i`` of the ``N = B·T`` rows is ``(i // T, i % T)``, so ``logits[:, :-1]`` needs no copy.
@@ -81,7 +81,7 @@ def _row_softmax(
     inv_temperature,  # 1 / τ
     BLOCK_V: tl.constexpr,  # logits per step
 ):
-    """One streaming pass over a row of x = logits / τ: (lp, lp_err, H, lse).
+    """One streaming pass over a row of x = logits / τ: (lp, lp_err, H, m, log s), m = max x.
 
     lp + lp_err is the log-prob to about twice fp32 precision: the error-free residuals
     of (y − m)/τ and of the final subtraction, so that the per-token math, which can
@@ -104,7 +104,7 @@ def _row_softmax(
     back = lp - scaled  # two-sum of scaled and −log s
     lp_err = (scaled - (lp - back)) + (-log_s - back) + scaled_err
     lp_err = tl.where(tl.abs(lp) < float("inf"), lp_err, 0.0)  # a banned target: lp = −inf, no NaN
-    return lp, lp_err, log_s - u / s, m * inv_temperature + log_s
+    return lp, lp_err, log_s - u / s, m * inv_temperature, log_s
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -116,7 +116,8 @@ def _ppo_forward_kernel(
     ref_logprobs_ptr,  # [N] fp32, read when HAS_REF
     logprobs_ptr,  # out [N] fp32: lp = x_y − lse
     entropy_ptr,  # out [N] fp32: H
-    lse_ptr,  # out [N] fp32: log Σ exp(x)
+    row_max_ptr,  # out [N] fp32: m = max x
+    log_sum_ptr,  # out [N] fp32: log Σ exp(x − m)
     ratio_ptr,  # out [N] fp32: r
     pg_ptr,  # out [N] fp32: clipped surrogate
     kl_ptr,  # out [N] fp32: KL estimate (0 without HAS_REF)
@@ -144,7 +145,8 @@ def _ppo_forward_kernel(
     # The target logit is loaded before the stream so that its latency overlaps it.
     target = tl.load(targets_ptr + row).to(tl.int64)
     target_logit = tl.load(row_ptr + target).to(tl.float32)
-    lp, lp_err, entropy, lse = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature, BLOCK_V)
+    lp, lp_err, entropy, row_max, log_sum = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature,
+                                                         BLOCK_V)
 
     adv = tl.load(advantages_ptr + row)
     if HAS_OLD:
@@ -181,7 +183,8 @@ def _ppo_forward_kernel(
 
     tl.store(logprobs_ptr + row, lp)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(log_sum_ptr + row, log_sum)
     tl.store(ratio_ptr + row, ratio)
     tl.store(pg_ptr + row, pg)
     tl.store(kl_ptr + row, kl)
@@ -194,7 +197,8 @@ def _ppo_backward_kernel(
     logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
     grad_ptr,  # out [B, T, V] logits dtype, stride 1 on V; may be logits_ptr
     targets_ptr,  # [N] int32 | int64 ids in [0, V), or −1: no one-hot term (vocab shard)
-    lse_ptr,  # [N] fp32 from the forward
+    row_max_ptr,  # [N] fp32 m from the forward
+    log_sum_ptr,  # [N] fp32 log s from the forward
     entropy_ptr,  # [N] fp32 H from the forward
     coef_logprob_ptr,  # [N] fp32 c_lp = d(loss)/d lp
     coef_entropy_ptr,  # [N] fp32 c_H = η · weight · upstream grad
@@ -219,7 +223,7 @@ def _ppo_backward_kernel(
     row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     x = tl.load(row_ptr + cols, mask=cols < read_end, other=0.0).to(tl.float32) * inv_temperature
     target = tl.load(targets_ptr + row).to(tl.int64)
-    log_p = x - tl.load(lse_ptr + row)
+    log_p = (x - tl.load(row_max_ptr + row)) - tl.load(log_sum_ptr + row)  # the max first: no digits lost
     p = tl.exp(log_p)
     grad = coef_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
     # p = 0 (a banned token) contributes 0, not 0·(−inf).
@@ -236,6 +240,8 @@ def _logprobs_kernel(
     targets_ptr,  # [N] int32 | int64 ids in [0, V)
     logprobs_ptr,  # out [N] fp32
     entropy_ptr,  # out [N] fp32, written when HAS_ENTROPY
+    row_max_ptr,  # out [N] fp32: m = max x
+    log_sum_ptr,  # out [N] fp32: log Σ exp(x − m)
     V,  # vocabulary size
     T,  # rows per leading index
     stride_b,  # logits stride of B, elements
@@ -249,8 +255,10 @@ def _logprobs_kernel(
     row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     target = tl.load(targets_ptr + row).to(tl.int64)
     target_logit = tl.load(row_ptr + target).to(tl.float32)
-    lp, _, entropy, _ = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature, BLOCK_V)
+    lp, _, entropy, row_max, log_sum = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature, BLOCK_V)
     tl.store(logprobs_ptr + row, lp)
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(log_sum_ptr + row, log_sum)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
 
@@ -296,7 +304,7 @@ def ppo_forward(
     advantages: torch.Tensor,  # [N] fp32
     old_logprobs: Optional[torch.Tensor],  # [N] fp32
     ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-    outputs,  # 8 fp32 [N] buffers in TokenResults order
+    outputs,  # 9 fp32 [N] buffers in TokenResults order
     ratio_low: float,
     ratio_high: float,
     dual_clip: float,  # 0 disables it
@@ -311,13 +319,13 @@ def ppo_forward(
         return
     cfg = config or launch_config(vocab, logits.dtype)
     has_old, has_ref = old_logprobs is not None, ref_logprobs is not None
-    lp, entropy, lse, ratio, pg, kl, loss, dlogp = outputs
+    lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp = outputs
     wrap_triton(_ppo_forward_kernel)[(rows,)](
         # data
         logits, targets, advantages,
         old_logprobs if has_old else advantages,  # never read: a valid pointer
         ref_logprobs if has_ref else advantages,
-        lp, entropy, lse, ratio, pg, kl, loss, dlogp,
+        lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants
@@ -335,7 +343,8 @@ def ppo_forward(
 def ppo_backward(
     logits: torch.Tensor,  # [B, T, V]
     targets: torch.Tensor,  # [N]
-    lse: torch.Tensor,  # [N] fp32
+    row_max: torch.Tensor,  # [N] fp32
+    log_sum: torch.Tensor,  # [N] fp32
     entropy: torch.Tensor,  # [N] fp32
     coef_logprob: torch.Tensor,  # [N] fp32
     coef_entropy: torch.Tensor,  # [N] fp32
@@ -350,7 +359,7 @@ def ppo_backward(
     grid = (rows, triton.cdiv(vocab, cfg.bwd_block_v))
     wrap_triton(_ppo_backward_kernel)[grid](
         # data
-        logits, out, targets, lse, entropy, coef_logprob, coef_entropy,
+        logits, out, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         # constants
@@ -365,6 +374,8 @@ def logprobs(
     targets: torch.Tensor,  # [N]
     out_logprobs: torch.Tensor,  # [N] fp32
     out_entropy: Optional[torch.Tensor],  # [N] fp32 or None
+    out_row_max: torch.Tensor,  # [N] fp32
+    out_log_sum: torch.Tensor,  # [N] fp32
     temperature: float,
     config: Optional[LaunchConfig] = None,
 ) -> None:
@@ -377,6 +388,7 @@ def logprobs(
         # data
         logits, targets, out_logprobs,
         out_entropy if has_entropy else out_logprobs,  # never written: a valid pointer
+        out_row_max, out_log_sum,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants

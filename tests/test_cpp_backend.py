@@ -79,8 +79,8 @@ def _assert_entropy_at_least_as_accurate(got, logits, targets, temperature):
     the reference's rounding rather than the kernel.
     """
     flat = logits.reshape(-1, logits.shape[-1])
-    _, truth, _ = reference.selective_logprobs_entropy(flat.double(), targets, temperature)
-    _, ref32, _ = reference.selective_logprobs_entropy(flat, targets, temperature)
+    truth = reference.selective_logprobs_entropy(flat.double(), targets, temperature)[1]
+    ref32 = reference.selective_logprobs_entropy(flat, targets, temperature)[1]
     assert max_error(got, truth) <= max_error(ref32, truth) + 1e-6
 
 
@@ -131,19 +131,20 @@ def test_forward_options_match_reference(estimator, with_old, with_ref):
 def test_backward_matches_reference(vocab, temperature, inplace):
     logits, targets = _rows(3, 4, vocab, seed=vocab + 1, rising=vocab > 2048)
     n = targets.numel()
-    lp, entropy, lse = reference.selective_logprobs_entropy(logits.reshape(-1, vocab), targets, temperature)
+    lp, entropy, row_max, log_sum = reference.selective_logprobs_entropy(logits.reshape(-1, vocab), targets,
+                                                                         temperature)
     gen = torch.Generator().manual_seed(5)
     coef_lp, coef_h = torch.randn(n, generator=gen), 0.1 * torch.randn(n, generator=gen)
-    want = reference.token_backward(logits, targets, lse, entropy, coef_lp, coef_h, temperature)
+    want = reference.token_backward(logits, targets, row_max, log_sum, entropy, coef_lp, coef_h, temperature)
     if inplace:
         buffer = _strided_copy(logits)  # the same strided [:, :-1] layout, written in place
         assert buffer.stride() == logits.stride()
-        _ops().backward(buffer, targets, lse, entropy, coef_lp, coef_h, temperature, buffer)
+        _ops().backward(buffer, targets, row_max, log_sum, entropy, coef_lp, coef_h, temperature, buffer)
         got = buffer
         assert (buffer._base[:, -1] == 7.0).all()  # the column outside the view is untouched
     else:
         got = torch.full(logits.shape, float("nan"))
-        _ops().backward(logits, targets, lse, entropy, coef_lp, coef_h, temperature, got)
+        _ops().backward(logits, targets, row_max, log_sum, entropy, coef_lp, coef_h, temperature, got)
     torch.testing.assert_close(got, want, **FP32)
     assert torch.isfinite(got).all()  # banned tokens give 0, never 0·(−inf)
 
@@ -153,10 +154,11 @@ def test_backward_target_on_other_shard_has_no_one_hot():
     logits, targets = _rows(2, 3, 129, seed=9)
     targets[::2] = -1  # vocabulary-parallel: the target lies on another shard
     lse = torch.logsumexp(logits.reshape(-1, 129), -1) + 0.5  # this shard's lse is not the row's
+    zero = torch.zeros_like(lse)  # (m, log s) = (lse, 0) describe the same normaliser
     entropy, coef_lp, coef_h = torch.rand(6), torch.randn(6), torch.randn(6) * 0.1
-    want = reference.token_backward(logits, targets, lse, entropy, coef_lp, coef_h, 1.0)
+    want = reference.token_backward(logits, targets, lse, zero, entropy, coef_lp, coef_h, 1.0)
     got = torch.empty(logits.shape)
-    _ops().backward(logits, targets, lse, entropy, coef_lp, coef_h, 1.0, got)
+    _ops().backward(logits, targets, lse, zero, entropy, coef_lp, coef_h, 1.0, got)
     torch.testing.assert_close(got, want, **FP32)
 
 
@@ -165,7 +167,7 @@ def test_backward_target_on_other_shard_has_no_one_hot():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_logprobs_match_forward(with_entropy, dtype):
     logits, targets = _rows(2, 6, 1000, dtype=dtype, seed=11)
-    lp, entropy = _ops().logprobs(logits, targets, 0.8, with_entropy)
+    lp, entropy, _, _ = _ops().logprobs(logits, targets, 0.8, with_entropy)
     fwd = _ops().forward(logits, targets, torch.zeros(12), None, None, make_config(temperature=0.8))
     torch.testing.assert_close(lp, fwd.logprobs, rtol=0, atol=0)  # the same row pass
     if with_entropy:
@@ -173,7 +175,7 @@ def test_logprobs_match_forward(with_entropy, dtype):
     else:
         assert entropy is None
     if dtype == torch.float32:
-        want, _ = reference.token_logprobs(logits, targets, 0.8, False)
+        want = reference.token_logprobs(logits, targets, 0.8, False).logprobs
         torch.testing.assert_close(lp, want, **FP32)
 
 
@@ -188,7 +190,7 @@ def test_nan_row_propagates_and_stays_in_its_row():
         assert torch.isnan(value[5]), name
         assert torch.isfinite(value[:5]).all(), name
     grad = torch.empty(logits.shape)
-    _ops().backward(logits, targets, res.lse, res.entropy, torch.ones(6), torch.ones(6), 1.0, grad)
+    _ops().backward(logits, targets, res.row_max, res.log_sum, res.entropy, torch.ones(6), torch.ones(6), 1.0, grad)
     assert torch.isnan(grad[1, 2]).all() and torch.isfinite(grad.reshape(6, -1)[:5]).all()
 
 
@@ -205,7 +207,7 @@ def test_op_rejects_bad_arguments():
         _ops().logprobs(logits.double(), targets, 1.0, False)
     buffer = torch.zeros(1, 4, 50)
     with pytest.raises(RuntimeError, match="partially overlaps"):
-        _ops().backward(buffer[:, :3], targets, torch.zeros(3), torch.zeros(3), torch.zeros(3),
+        _ops().backward(buffer[:, :3], targets, torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3),
                         torch.zeros(3), 1.0, buffer[:, 1:])
 
 
@@ -279,14 +281,15 @@ def test_every_isa_build_matches_reference(capability):
                 cfg = make_config(kl_coef=0.1, entropy_coef=0.01, temperature=0.7, has_old=True, has_ref=True)
                 got = ops.forward(logits, targets, adv, old, ref, cfg)
                 want = reference.token_forward(logits, targets, adv, old, ref, cfg)
-                for name in ("logprobs", "lse", "ratio", "loss", "dlogp"):
+                for name in ("logprobs", "row_max", "log_sum", "ratio", "loss", "dlogp"):
                     torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
                 # entropy: the reference's own cancellation error (see the helper above) is ~1e-5
                 torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-4, atol=1e-5)
                 c = torch.linspace(-1, 1, 6)
                 grad = torch.empty(logits.shape, dtype=dtype)
-                ops.backward(logits, targets, want.lse, want.entropy, c, 0.1 * c, 0.7, grad)
-                expect = reference.token_backward(logits, targets, want.lse, want.entropy, c, 0.1 * c, 0.7)
+                ops.backward(logits, targets, want.row_max, want.log_sum, want.entropy, c, 0.1 * c, 0.7, grad)
+                expect = reference.token_backward(logits, targets, want.row_max, want.log_sum, want.entropy, c,
+                                                  0.1 * c, 0.7)
                 tol = dict(rtol=1e-5, atol=1e-6)
                 if dtype != torch.float32:  # the same fp32 value rounded once: at most one ulp apart
                     tol = dict(rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-6)

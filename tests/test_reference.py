@@ -190,11 +190,12 @@ def test_closed_form_backward_matches_autograd():
     targets = case.targets.reshape(-1)
     adv, old, ref = (t.reshape(-1).double() for t in (case.advantages, case.old_logprobs, case.ref_logprobs))
     weights = torch.rand(8, dtype=torch.float64)
-    lp, entropy, lse = reference.selective_logprobs_entropy(logits, targets, cfg.temperature)
+    lp, entropy, row_max, log_sum = reference.selective_logprobs_entropy(logits, targets, cfg.temperature)
     parts = reference.per_token_loss(lp, entropy, adv, old, ref, cfg)
     (weights * parts["loss"]).sum().backward()
     res = reference.token_forward(logits.detach(), targets, adv, old, ref, cfg)
     torch.testing.assert_close(res.loss, parts["loss"].detach())
-    grad = reference.token_backward(logits.detach(), targets, res.lse, res.entropy, res.dlogp * weights,
+    grad = reference.token_backward(logits.detach(), targets, res.row_max, res.log_sum, res.entropy,
+                                    res.dlogp * weights,
                                     cfg.entropy_coef * weights, cfg.temperature)
     torch.testing.assert_close(grad, logits.grad)

@@ -156,7 +156,8 @@ def test_forward_propagates_nan_and_inf():
     logits3[0, 1, 9] = float("inf")
     got, _ = _forward_both(logits3, targets, vec, make_config(**CONFIGS["all-options"]))
     for row in (0, 1):
-        assert torch.isnan(got.lse[row]) or torch.isinf(got.lse[row])
+        lse = got.row_max[row] + got.log_sum[row]
+        assert torch.isnan(lse) or torch.isinf(lse)
         assert not torch.isfinite(got.loss[row])
     assert torch.isfinite(torch.stack(got)[:, 2]).all()
 
@@ -175,13 +176,12 @@ def test_backward(shape_name, inplace):
     spec = dict(SHAPES[shape_name])
     logits3, targets, vec = make_rows(*spec.pop("shape"), seed=5, **spec)
     temperature = 0.7
-    lp, entropy = reference.token_logprobs(logits3, targets, temperature, True)
-    lse = reference.selective_logprobs_entropy(logits3, targets.view(logits3.shape[:2]), temperature)[2]
-    lse = lse.reshape(-1)
+    lp, entropy, row_max, log_sum = reference.token_logprobs(logits3, targets, temperature, True)
     coef_logprob, coef_entropy = _coefficients(lp.numel(), seed=6)
-    want = reference.token_backward(logits3, targets, lse, entropy, coef_logprob, coef_entropy, temperature)
+    want = reference.token_backward(logits3, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
+                                    temperature)
     out = logits3 if inplace else torch.full_like(logits3, float("nan"))
-    _ops().backward(logits3, targets, lse, entropy, coef_logprob, coef_entropy, temperature, out)
+    _ops().backward(logits3, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out)
     torch.testing.assert_close(out, want, **FP32)
     assert torch.isfinite(out).all()
     assert not out[0, 0].any(), "a row with zero coefficients has a zero gradient"
@@ -190,13 +190,14 @@ def test_backward(shape_name, inplace):
 def test_backward_into_strided_buffer():
     """``out`` with its own strides (a column slice of a wider buffer)."""
     logits3, targets, vec = make_rows(2, 3, 129, strided=False, seed=7)
-    lp, entropy = reference.token_logprobs(logits3, targets, 1.0, True)
+    lp, entropy, _, _ = reference.token_logprobs(logits3, targets, 1.0, True)
     lse = torch.logsumexp(logits3.reshape(-1, 129), -1)
     coef_logprob, coef_entropy = _coefficients(lp.numel(), seed=8)
     wide = torch.zeros(1, 6, 300, device=DEVICE)
     out = wide[:, :, 5:134]  # the shape of logits3 ([1, 6, 129]), row stride 300
-    _ops().backward(logits3, targets, lse, entropy, coef_logprob, coef_entropy, 1.0, out)
-    want = reference.token_backward(logits3, targets, lse, entropy, coef_logprob, coef_entropy, 1.0)
+    zero = torch.zeros_like(lse)  # (m, log s) = (lse, 0) describe the same normaliser
+    _ops().backward(logits3, targets, lse, zero, entropy, coef_logprob, coef_entropy, 1.0, out)
+    want = reference.token_backward(logits3, targets, lse, zero, entropy, coef_logprob, coef_entropy, 1.0)
     torch.testing.assert_close(out, want, **FP32)
     assert not wide[:, :, :5].any() and not wide[:, :, 134:].any()
 
@@ -209,7 +210,7 @@ def test_backward_skips_rows_with_zero_coefficients():
     entropy = torch.ones(3, device=DEVICE)
     coef_logprob, coef_entropy = _coefficients(3, seed=10)
     out = torch.full_like(logits3, float("nan"))
-    _ops().backward(logits3, targets, lse, entropy, coef_logprob, coef_entropy, 1.0, out)
+    _ops().backward(logits3, targets, lse, torch.zeros_like(lse), entropy, coef_logprob, coef_entropy, 1.0, out)
     assert (out[0, 0] == 0).all() and torch.isfinite(out[0, 1:]).all()
 
 
@@ -218,8 +219,8 @@ def test_backward_skips_rows_with_zero_coefficients():
 def test_logprobs(shape_name, with_entropy):
     spec = dict(SHAPES[shape_name])
     logits3, targets, _ = make_rows(*spec.pop("shape"), seed=11, **spec)
-    lp, entropy = _ops().logprobs(logits3, targets, 0.9, with_entropy)
-    want_lp, want_entropy = reference.token_logprobs(logits3, targets, 0.9, True)
+    lp, entropy, _, _ = _ops().logprobs(logits3, targets, 0.9, with_entropy)
+    want_lp, want_entropy, _, _ = reference.token_logprobs(logits3, targets, 0.9, True)
     torch.testing.assert_close(lp, want_lp, **FP32)
     if with_entropy:
         torch.testing.assert_close(entropy, want_entropy, **FP32)
@@ -283,19 +284,20 @@ def _low_precision_values(logits3, targets, vec, cfg, dtype_logits3):
     coef_entropy = 0.05 * torch.randn(targets.numel(), generator=gen).to(logits3.device)
 
     def values(res: TokenResults, grad):
-        return {"logprobs": res.logprobs, "entropy": res.entropy, "lse": res.lse, "loss": res.loss,
+        return {"logprobs": res.logprobs, "entropy": res.entropy, "lse": res.row_max + res.log_sum, "loss": res.loss,
                 "dlogp": res.dlogp, "grad": grad}
 
     kernel = ops.forward(dtype_logits3, targets, adv, old, ref, cfg)
     out = torch.empty_like(dtype_logits3)
-    ops.backward(dtype_logits3, targets, kernel.lse, kernel.entropy, coef_logprob, coef_entropy,
+    ops.backward(dtype_logits3, targets, kernel.row_max, kernel.log_sum, kernel.entropy, coef_logprob, coef_entropy,
                  cfg.temperature, out)
     eager = reference.token_forward(dtype_logits3, targets, adv, old, ref, cfg)
-    eager_grad = reference.token_backward(dtype_logits3, targets, eager.lse, eager.entropy,
+    eager_grad = reference.token_backward(dtype_logits3, targets, eager.row_max, eager.log_sum, eager.entropy,
                                           coef_logprob, coef_entropy, cfg.temperature)
     wide = dtype_logits3.double()
     truth = reference.token_forward(wide, targets, adv.double(), old.double(), ref.double(), cfg)
-    truth_grad = reference.token_backward(wide, targets, truth.lse, truth.entropy, coef_logprob.double(),
+    truth_grad = reference.token_backward(wide, targets, truth.row_max, truth.log_sum, truth.entropy,
+                                          coef_logprob.double(),
                                           coef_entropy.double(), cfg.temperature)
     return values(kernel, out), values(eager, eager_grad), values(truth, truth_grad)
 
@@ -323,7 +325,7 @@ def test_cuda_fp32_large_vocab(vocab):
     logits3, targets, vec = make_rows(2, 8, vocab, temperature=0.7, seed=15)
     got, want = _forward_both(logits3, targets, vec, make_config(**CONFIGS["all-options"]))
     _assert_token_results(got, want, f"V={vocab}")
-    lp, entropy = _ops().logprobs(logits3, targets, 0.7, True)
+    lp, entropy, _, _ = _ops().logprobs(logits3, targets, 0.7, True)
     torch.testing.assert_close(lp, want.logprobs, **FP32)
     torch.testing.assert_close(entropy, want.entropy, **FP32)
 
@@ -338,8 +340,8 @@ def test_cuda_more_rows_than_a_grid_axis_limit():
     _assert_token_results(got, want, "70000 rows")
     coef_logprob, coef_entropy = _coefficients(70000, seed=17)
     out = torch.empty_like(logits3)
-    _ops().backward(logits3, targets, want.lse, want.entropy, coef_logprob, coef_entropy, 0.7, out)
-    want_grad = reference.token_backward(logits3, targets, want.lse, want.entropy, coef_logprob,
+    _ops().backward(logits3, targets, want.row_max, want.log_sum, want.entropy, coef_logprob, coef_entropy, 0.7, out)
+    want_grad = reference.token_backward(logits3, targets, want.row_max, want.log_sum, want.entropy, coef_logprob,
                                          coef_entropy, 0.7)
     torch.testing.assert_close(out, want_grad, **FP32)
 

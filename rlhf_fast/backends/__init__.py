@@ -16,9 +16,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .rows import RowOps, RowParams, TokenResults
+from .rows import RowOps, RowParams, RowStats, TokenResults
 
-__all__ = ["BACKENDS", "RowOps", "RowParams", "TokenResults", "load_ops", "register", "resolve"]
+__all__ = ["BACKENDS", "RowOps", "RowParams", "RowStats", "TokenResults", "load_ops", "register", "resolve"]
 
 BACKENDS = ("auto", "triton", "cpp", "eager")
 

@@ -10,7 +10,7 @@ switch are feature switches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -50,9 +50,10 @@ class TokenResults(NamedTuple):
     sanitised to 0 before the call); the caller zeroes or ignores them.
     """
 
-    logprobs: torch.Tensor  # lp = x_y − lse
-    entropy: torch.Tensor  # H = lse − Σ p·x
-    lse: torch.Tensor  # log Σ exp(x), x = logits / τ
+    logprobs: torch.Tensor  # lp = (x_y − m) − log s
+    entropy: torch.Tensor  # H = log s − Σ p·(x − m)
+    row_max: torch.Tensor  # m = max_j x_j, x = logits / τ (−inf when every logit is −inf)
+    log_sum: torch.Tensor  # log s, s = Σ_j exp(x_j − m)
     ratio: torch.Tensor  # r = exp(lp − old), 1 without old log-probs
     pg: torch.Tensor  # clipped (and dual-clipped) surrogate
     kl: torch.Tensor  # the chosen KL estimator, 0 without reference log-probs
@@ -60,17 +61,30 @@ class TokenResults(NamedTuple):
     dlogp: torch.Tensor  # g = dℓ/d lp (surrogate and KL parts; the entropy part is separate)
 
 
+class RowStats(NamedTuple):
+    """Per-row softmax statistics of ``logprobs``, fp32 ``[N]`` each."""
+
+    logprobs: torch.Tensor  # lp = (x_y − m) − log s
+    entropy: Optional[torch.Tensor]  # H, or None when not asked for
+    row_max: torch.Tensor  # m
+    log_sum: torch.Tensor  # log s
+
+
 class RowOps(NamedTuple):
     """A fused row backend: three functions over logits ``[B, T, V]`` and per-row vectors ``[N]``.
 
     * ``forward(logits, targets, advantages, old_logprobs, ref_logprobs, params) -> TokenResults``
-    * ``backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature, out)``
-      writes d(loss)/d(logits) into ``out`` (``[B, T, V]``, which may be ``logits`` itself);
-    * ``logprobs(logits, targets, temperature, with_entropy) -> (lp, entropy or None)``.
+    * ``backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out)``
+      writes d(loss)/d(logits) = (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] into ``out``
+      (``[B, T, V]``, which may be ``logits`` itself), with p_j = exp((x_j − m) − log s);
+      rows whose two coefficients are 0 get exact zeros;
+    * ``logprobs(logits, targets, temperature, with_entropy) -> RowStats``.
 
-    Targets arrive sanitised (every id in [0, V)), as contiguous int32 or int64; the other
-    vectors as contiguous fp32. ``backward`` also accepts a target of −1: the row's target
-    lies on another vocabulary shard (``process_group``), so there is no one-hot term.
+    Every backend subtracts the row maximum before anything else (lp = (x_y − m) − log s,
+    never x_y − (m + log s)), so large logits lose no digits. Targets arrive sanitised
+    (every id in [0, V)), as contiguous int32 or int64; the other vectors as contiguous fp32.
+    ``backward`` also accepts a target of −1: the row's target lies on another vocabulary
+    shard (``process_group``), so there is no one-hot term.
     """
 
     forward: Callable

@@ -1,13 +1,13 @@
 """The Triton backend as a :class:`~rlhf_fast.backends.RowOps`, registered as torch ops.
 
-Each kernel launch sits in a ``torch.library`` op (namespace ``rlhf_fast_triton``) that
-allocates its outputs and calls a launcher of :mod:`rlhf_fast.kernels.ppo_loss`; no
-autograd here (that is :mod:`rlhf_fast.loss.autograd`). With CUDA the ops are
-``torch.library.triton_op``s, so ``torch.compile`` traces through them to the kernels
-without a graph break. Under ``TRITON_INTERPRET=1`` the kernels are
-``InterpretedFunction``s, which ``wrap_triton`` cannot trace (they carry no JIT
-metadata); there the ops are opaque ``custom_op``s with an allocation-only fake, which
-still compile with ``fullgraph=True``.
+Each kernel launch sits in a ``torch.library`` op (namespace ``rlhf_fast_triton``; schemas
+and fakes in :mod:`.ops`) that allocates its outputs and calls a launcher of
+:mod:`rlhf_fast.kernels.ppo_loss`; no autograd here (that is :mod:`rlhf_fast.loss.autograd`).
+With CUDA the ops are ``torch.library.triton_op``s, so ``torch.compile`` traces through them
+to the kernels without a graph break. Under ``TRITON_INTERPRET=1`` the kernels are
+``InterpretedFunction``s, which ``wrap_triton`` cannot trace (they carry no JIT metadata);
+there the ops are opaque ``custom_op``s with an allocation-only fake, which still compile
+with ``fullgraph=True``.
 
 Loaded lazily by :func:`rlhf_fast.backends.load_ops`; importing it imports triton.
 """
@@ -15,67 +15,46 @@ Loaded lazily by :func:`rlhf_fast.backends.load_ops`; importing it imports trito
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from ..kernels import ppo_loss as kernels
-from . import triton_interpret
-from .rows import RowOps, RowParams, TokenResults
+from . import ops, triton_interpret
+from .rows import RowOps, RowParams, RowStats, TokenResults
 
 _NAMESPACE = "rlhf_fast_triton"
 _INTERPRETED = triton_interpret()
 
 
-def _register(name: str, mutates_args: Tuple[str, ...], fake: Callable) -> Callable:
-    """Decorator: the launch function as op ``rlhf_fast_triton::name`` (see module docstring)."""
-
-    def register(impl: Callable):
-        qualname = f"{_NAMESPACE}::{name}"
-        if _INTERPRETED:
-            op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
-            op.register_fake(fake)
-            return op
-        return torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
-
-    return register
+def _op(stub):
+    return ops.triton_op(_NAMESPACE, stub, _INTERPRETED)
 
 
 def _on_device(t: Tensor):
     # Triton launches on the current CUDA device; make it the tensor's.
+    import torch
+
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _row_vector(targets: Tensor) -> Tensor:
-    return torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
-
-
-# ----------------------------------------------------------------------------------
-# Ops
-# ----------------------------------------------------------------------------------
-
-
-def _forward_fake(logits, targets, *args) -> Tuple[Tensor, ...]:
-    return tuple(_row_vector(targets) for _ in TokenResults._fields)
-
-
-@_register("ppo_forward", mutates_args=(), fake=_forward_fake)
+@_op(ops.ppo_forward)
 def _forward_op(
     logits: Tensor,  # [B, T, V]
-    targets: Tensor,  # [N]
+    targets: Tensor,  # [N] int32 | int64, sanitised ids
     advantages: Tensor,  # [N] fp32
-    old_logprobs: Optional[Tensor],  # [N] fp32
-    ref_logprobs: Optional[Tensor],  # [N] fp32
-    ratio_low: float,
-    ratio_high: float,
-    dual_clip: float,
-    kl_coef: float,
-    kl_estimator: int,
-    entropy_coef: float,
-    temperature: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outputs = _forward_fake(logits, targets)
+    old_logprobs: Optional[Tensor],  # [N] fp32, or None: ratio 1
+    ref_logprobs: Optional[Tensor],  # [N] fp32, or None: no KL
+    ratio_low: float,  # 1 − ε_low
+    ratio_high: float,  # 1 + ε_high
+    dual_clip: float,  # c, 0 = off
+    kl_coef: float,  # β
+    kl_estimator: int,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    entropy_coef: float,  # η
+    temperature: float,  # τ
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outputs = ops.ppo_forward(logits, targets, advantages, old_logprobs, ref_logprobs, ratio_low, ratio_high,
+                              dual_clip, kl_coef, kl_estimator, entropy_coef, temperature)
     with _on_device(logits):
         kernels.ppo_forward(
             logits, targets, advantages, old_logprobs, ref_logprobs, outputs,
@@ -84,57 +63,50 @@ def _forward_op(
     return outputs
 
 
-def _no_output(*args) -> None:
-    return None
-
-
-@_register("ppo_backward", mutates_args=("out",), fake=_no_output)
+@_op(ops.ppo_backward)
 def _backward_op(
     logits: Tensor,  # [B, T, V]
-    targets: Tensor,  # [N]
-    lse: Tensor,  # [N] fp32
-    entropy: Tensor,  # [N] fp32
-    coef_logprob: Tensor,  # [N] fp32
-    coef_entropy: Tensor,  # [N] fp32
-    temperature: float,
-    out: Tensor,  # [B, T, V], written
+    targets: Tensor,  # [N] ids, or −1: no one-hot term (the target is on another vocabulary shard)
+    row_max: Tensor,  # [N] fp32 m
+    log_sum: Tensor,  # [N] fp32 log s
+    entropy: Tensor,  # [N] fp32 H
+    coef_logprob: Tensor,  # [N] fp32 c_lp = d(loss)/d lp
+    coef_entropy: Tensor,  # [N] fp32 c_H
+    temperature: float,  # τ
+    out: Tensor,  # [B, T, V] logits' dtype, written
 ) -> None:
     with _on_device(logits):
-        kernels.ppo_backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature, out)
+        kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
+                             out)
 
 
-# A separate op for the in-place case: one op whose two arguments alias while one of
-# them is mutated is outside what torch.library ops may declare.
-@_register("ppo_backward_inplace", mutates_args=("logits",), fake=_no_output)
+@_op(ops.ppo_backward_inplace)
 def _backward_inplace_op(
     logits: Tensor,  # [B, T, V], overwritten by d(loss)/d(logits)
-    targets: Tensor,  # [N]
-    lse: Tensor,  # [N] fp32
-    entropy: Tensor,  # [N] fp32
-    coef_logprob: Tensor,  # [N] fp32
-    coef_entropy: Tensor,  # [N] fp32
+    targets: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
+    entropy: Tensor,
+    coef_logprob: Tensor,
+    coef_entropy: Tensor,
     temperature: float,
 ) -> None:
     with _on_device(logits):
-        kernels.ppo_backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature, logits)
+        kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
+                             logits)
 
 
-def _logprobs_fake(logits, targets, temperature, with_entropy) -> Tuple[Tensor, Tensor]:
-    entropy = _row_vector(targets) if with_entropy else targets.new_empty(0, dtype=torch.float32)
-    return _row_vector(targets), entropy
-
-
-@_register("logprobs", mutates_args=(), fake=_logprobs_fake)
+@_op(ops.logprobs)
 def _logprobs_op(
     logits: Tensor,  # [B, T, V]
     targets: Tensor,  # [N]
-    temperature: float,
-    with_entropy: bool,
-) -> Tuple[Tensor, Tensor]:
-    lp, entropy = _logprobs_fake(logits, targets, temperature, with_entropy)
+    temperature: float,  # τ
+    with_entropy: bool,  # also compute H
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    lp, entropy, row_max, log_sum = ops.logprobs(logits, targets, temperature, with_entropy)
     with _on_device(logits):
-        kernels.logprobs(logits, targets, lp, entropy if with_entropy else None, temperature)
-    return lp, entropy
+        kernels.logprobs(logits, targets, lp, entropy if with_entropy else None, row_max, log_sum, temperature)
+    return lp, entropy, row_max, log_sum
 
 
 # ----------------------------------------------------------------------------------
@@ -142,49 +114,33 @@ def _logprobs_op(
 # ----------------------------------------------------------------------------------
 
 
-def forward(
-    logits: Tensor,
-    targets: Tensor,
-    advantages: Tensor,
-    old_logprobs: Optional[Tensor],
-    ref_logprobs: Optional[Tensor],
-    cfg: RowParams,
-) -> TokenResults:
+def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams) -> TokenResults:
     """Per-token results for logits ``[B, T, V]`` and per-row vectors ``[N]``."""
     outputs = _forward_op(
         logits, targets, advantages,
-        old_logprobs if cfg.has_old else None,
-        ref_logprobs if cfg.has_ref else None,
-        1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high, cfg.dual_clip,
-        cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef, cfg.temperature,
+        old_logprobs if params.has_old else None,
+        ref_logprobs if params.has_ref else None,
+        1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high, params.dual_clip,
+        params.kl_coef, params.kl_estimator, params.entropy_coef, params.temperature,
     )  # fmt: skip
     return TokenResults(*outputs)
 
 
-def backward(
-    logits: Tensor,
-    targets: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    coef_logprob: Tensor,
-    coef_entropy: Tensor,
-    temperature: float,
-    out: Tensor,
-) -> None:
+def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out) -> None:
     """Write d(loss)/d(logits) ``[B, T, V]`` into ``out`` (which may be ``logits`` itself)."""
     # Identity, not data_ptr: it also holds for the fake tensors of torch.compile.
     if out is logits:
-        _backward_inplace_op(logits, targets, lse, entropy, coef_logprob, coef_entropy, float(temperature))
+        _backward_inplace_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
+                             float(temperature))
     else:
-        _backward_op(logits, targets, lse, entropy, coef_logprob, coef_entropy, float(temperature), out)
+        _backward_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, float(temperature),
+                     out)
 
 
-def logprobs(
-    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Log-probs ``[N]`` (and entropy ``[N]`` or None) without a graph."""
-    lp, entropy = _logprobs_op(logits, targets, float(temperature), bool(with_entropy))
-    return lp, (entropy if with_entropy else None)
+def logprobs(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool) -> RowStats:
+    """Log-probs ``[N]`` (and entropy ``[N]`` or None) and the row statistics, without a graph."""
+    lp, entropy, row_max, log_sum = _logprobs_op(logits, targets, float(temperature), bool(with_entropy))
+    return RowStats(lp, entropy if with_entropy else None, row_max, log_sum)
 
 
 ROW_OPS = RowOps(forward, backward, logprobs)

@@ -36,7 +36,7 @@ class FusedPPOLoss(torch.autograd.Function):
         loss = (weights * token_loss).sum()
         # Masked rows may hold NaN in g (a banned placeholder target): keep them out of the backward.
         weighted_dlogp = torch.where(valid, res.dlogp * weights, torch.zeros_like(weights))
-        ctx.save_for_backward(logits, targets, res.lse, res.entropy, weighted_dlogp, weights)
+        ctx.save_for_backward(logits, targets, res.row_max, res.log_sum, res.entropy, weighted_dlogp, weights)
         ctx.params, ctx.ops, ctx.inplace_backward = params, ops, inplace_backward
         outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl)
         ctx.mark_non_differentiable(*outputs)
@@ -44,7 +44,7 @@ class FusedPPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        logits, targets, lse, entropy, weighted_dlogp, weights = ctx.saved_tensors
+        logits, targets, row_max, log_sum, entropy, weighted_dlogp, weights = ctx.saved_tensors
         params: RowParams = ctx.params
         coef_logprob = weighted_dlogp * grad_loss
         coef_entropy = (params.entropy_coef * grad_loss) * weights
@@ -52,5 +52,6 @@ class FusedPPOLoss(torch.autograd.Function):
             out = logits
         else:
             out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ctx.ops.backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, params.temperature, out)
+        ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, params.temperature,
+                         out)
         return (out,) + (None,) * 9

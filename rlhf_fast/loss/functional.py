@@ -151,7 +151,7 @@ def logprobs(
         logits.shape[:-1], logits.shape[-1], logits.device, targets, mask, True, process_group
     )
     ops = row_ops(backends.resolve(backend, logits), process_group)
-    lp, entropy = ops.logprobs(rows_view(logits), safe, float(temperature), with_entropy)
+    lp, entropy, _, _ = ops.logprobs(rows_view(logits), safe, float(temperature), with_entropy)
     shape = logits.shape[:-1]
     lp = torch.where(valid, lp, torch.zeros_like(lp)).view(shape)
     if not with_entropy:

@@ -252,7 +252,7 @@ def _chunked_pass(
         coef_logprob = torch.where(x.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp)).contiguous()
         coef_entropy = (x.params.entropy_coef * w).contiguous()
         # d(loss)/d(logits) overwrites the logits: the buffer is ours and used only here.
-        ops.backward(logits3, targets, res.lse, res.entropy, coef_logprob, coef_entropy,
+        ops.backward(logits3, targets, res.row_max, res.log_sum, res.entropy, coef_logprob, coef_entropy,
                      x.params.temperature, logits3)
         if sum_hidden_grad:
             _accumulate_mm(out.grad_hidden[span].zero_(), logits, weight)
@@ -410,7 +410,7 @@ def fused_linear_logprobs(
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         logits = _logits_chunk(hidden2d[start:stop], weight, bias, buffer[: stop - start])
-        chunk_lp, chunk_entropy = ops.logprobs(
+        chunk_lp, chunk_entropy, _, _ = ops.logprobs(
             logits.view(1, stop - start, vocab), safe[start:stop], float(temperature), with_entropy
         )
         lp[start:stop] = chunk_lp

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import backends
-from ..backends.rows import RowOps, RowParams, TokenResults
+from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
 from .aggregation import loss_metrics
 
 
@@ -29,26 +29,26 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def selective_logprobs_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob of each target, entropy and log-sum-exp; differentiable.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob of each target, entropy, row max and log-sum; differentiable in lp and H.
 
-    logits ``[..., V]``, targets ``[...]`` (valid ids). Returns ``(lp, H, lse)`` ``[...]``.
+    logits ``[..., V]``, targets ``[...]`` (valid ids). Returns ``(lp, H, m, log s)`` ``[...]``
+    with x = logits / τ, m = max x (0 for a row without a finite maximum), s = Σ exp(x − m).
     """
     x = logits.to(_compute_dtype(logits)) / temperature
-    # Centre on the row max: H = log s − Σ p·z with z = x − max has no cancellation
-    # between large numbers (lse − Σ p·x loses |lse|·ulp, which can exceed fp32 tolerance).
+    # Centre on the row max: lp = (x_y − m) − log s and H = log s − Σ p·(x − m) have no
+    # cancellation between large numbers (x_y − lse or lse − Σ p·x lose |lse|·ulp).
     row_max = x.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     z = x - row_max
     log_s = torch.logsumexp(z, dim=-1)
-    lse = row_max.squeeze(-1) + log_s
     lp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
     p = torch.exp(z - log_s.unsqueeze(-1))
     # A −inf logit (banned token) has p = 0; replace it by 0 in Σ p·z so that
     # 0·(−inf) never makes a NaN, in the value or in the gradient.
     z_finite = torch.where(z == float("-inf"), torch.zeros_like(z), z)
     entropy = log_s - (p * z_finite).sum(-1)
-    return lp, entropy, lse
+    return lp, entropy, row_max.squeeze(-1), log_s
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int) -> torch.Tensor:
@@ -124,34 +124,36 @@ def token_forward(
 ) -> TokenResults:
     """What a fused forward returns for logits ``[N, V]`` and per-row vectors ``[N]``."""
     logits = logits.reshape(-1, logits.shape[-1])
-    lp, entropy, lse = selective_logprobs_entropy(logits, targets.reshape(-1), params.temperature)
-    return token_math(lp, entropy, lse, advantages, old_logprobs, ref_logprobs, params)
+    lp, entropy, row_max, log_sum = selective_logprobs_entropy(logits, targets.reshape(-1), params.temperature)
+    return token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
 
 
 @torch.no_grad()
 def token_math(
     logprobs: torch.Tensor,
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     advantages: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
     ref_logprobs: Optional[torch.Tensor],
     params: RowParams,
 ) -> TokenResults:
-    """The per-token part of the forward, from each row's lp, H and lse ``[N]``."""
+    """The per-token part of the forward, from each row's lp, H, m and log s ``[N]``."""
     parts = per_token_loss(logprobs, entropy, advantages, old_logprobs, ref_logprobs, params)
     ratio = parts["ratio"]
     dlogp = torch.where(surrogate_active(ratio, advantages, params), -advantages * ratio, 0.0)
     if params.has_ref and params.kl_coef != 0.0:
         dlogp = dlogp + params.kl_coef * kl_grad(logprobs, ref_logprobs, params.kl_estimator)
-    return TokenResults(logprobs, entropy, lse, ratio, parts["pg"], parts["kl"], parts["loss"], dlogp)
+    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, parts["pg"], parts["kl"], parts["loss"], dlogp)
 
 
 @torch.no_grad()
 def token_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     entropy: torch.Tensor,
     coef_logprob: torch.Tensor,
     coef_entropy: torch.Tensor,
@@ -167,7 +169,7 @@ def token_backward(
     shape = logits.shape
     logits = logits.reshape(-1, shape[-1])
     x = logits.to(_compute_dtype(logits)) / temperature
-    log_p = x - lse.unsqueeze(-1)
+    log_p = (x - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1)
     p = torch.exp(log_p)
     columns = torch.arange(x.shape[-1], device=x.device)
     one_hot = (columns == targets.reshape(-1, 1)).to(x.dtype)
@@ -177,13 +179,11 @@ def token_backward(
 
 
 @torch.no_grad()
-def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """No-grad log-probs (and entropy) for logits ``[N, V]``: the ``rf.logprobs`` pass."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool) -> RowStats:
+    """No-grad log-probs (and entropy) and row statistics for logits ``[N, V]``: the ``rf.logprobs`` pass."""
     logits = logits.reshape(-1, logits.shape[-1])
-    lp, entropy, _ = selective_logprobs_entropy(logits, targets.reshape(-1), temperature)
-    return lp, (entropy if with_entropy else None)
+    lp, entropy, row_max, log_sum = selective_logprobs_entropy(logits, targets.reshape(-1), temperature)
+    return RowStats(lp, entropy if with_entropy else None, row_max, log_sum)
 
 
 def ppo_loss(
@@ -201,7 +201,7 @@ def ppo_loss(
     Inputs are already validated and broadcast: logits ``[..., V]``; targets, valid,
     weights, advantages and the log-prob tensors ``[...]``; masked targets are valid ids.
     """
-    lp, entropy, _ = selective_logprobs_entropy(logits, targets, params.temperature)
+    lp, entropy, _, _ = selective_logprobs_entropy(logits, targets, params.temperature)
     # A masked row's placeholder target may be a banned (−inf) token: zero lp and H there
     # so nothing downstream (exp(ref − lp) in k3) turns it into a NaN gradient.
     zeros = torch.zeros_like(lp)
@@ -221,8 +221,8 @@ def ppo_loss(
     return loss, lp_out, entropy_out, metrics
 
 
-def _reference_backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature, out):
-    grad = token_backward(logits, targets, lse, entropy, coef_logprob, coef_entropy, temperature)
+def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out):
+    grad = token_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature)
     out.copy_(grad.view(out.shape))
 
 
