@@ -42,7 +42,7 @@ RowsLayout rows_layout(const Tensor& logits, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor, got ", logits.device());
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be a [B, T, V] view, got ", logits.dim(), " dims");
   TORCH_CHECK(logits.size(2) > 0, op, ": logits has an empty vocabulary dimension");
-  TORCH_CHECK(logits.stride(2) == 1 || logits.size(2) == 1, op,
+  TORCH_CHECK(logits.stride(2) == 1 || logits.size(2) == 1 || logits.numel() == 0, op,
               ": logits must have stride 1 on the vocabulary dimension, got strides ", logits.strides());
   LogitsType type;
   switch (logits.scalar_type()) {
@@ -135,7 +135,8 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
               op, ": out must be a CPU tensor like logits (", logits.sizes(), ", ", logits.scalar_type(),
               "), got ", out.sizes(), ", ", out.scalar_type());
-  TORCH_CHECK(out.stride(2) == 1 || out.size(2) == 1, op, ": out must have stride 1 on the vocabulary dimension");
+  TORCH_CHECK(out.stride(2) == 1 || out.size(2) == 1 || out.numel() == 0, op,
+              ": out must have stride 1 on the vocabulary dimension");
   TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
               ": out has elements that share memory (an expanded tensor); it cannot be written");
   TORCH_CHECK(at::get_overlap_status(out, logits) != at::MemOverlapStatus::Partial, op,

@@ -5,9 +5,12 @@
 //
 // Accuracy: fp32 math for every logits dtype, exp from at::vec (Sleef u10 on AVX2/AVX-512,
 // std::exp otherwise), x = logit / τ with a true division (the reference's rounding).
-// Banned tokens (x = −inf) never form 0·(−inf): differences x − m are clamped to the lowest
-// finite float before they multiply a probability. NaN anywhere in a row reaches every
-// output of that row through the NaN-propagating max.
+// Every log-probability subtracts the row max first: lp = (x_y − m) − log s and
+// p_j = exp((x_j − m) − log s), never x − (m + log s), whose rounding of m + log s loses
+// |m|·ulp (all of log s at |m| = 1e30). Banned tokens (x = −inf) never form 0·(−inf):
+// differences x − m are clamped to the lowest finite float before they multiply a
+// probability. NaN anywhere in a row reaches every output of that row through the
+// NaN-propagating max.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -104,7 +107,7 @@ inline float load_x(const scalar_t* p, float tau) {
 
 // ---------------------------------------------------------------------------------
 // The online-softmax step, written once: m = max x, s = Σ e^(x−m), t = Σ e^(x−m)·(x−m)
-// in one streaming pass over a row. lse = m + log s, H = log s − t/s.
+// in one streaming pass over a row. lp = (x_y − m) − log s, H = log s − t/s.
 // ---------------------------------------------------------------------------------
 
 struct SoftmaxStats {
@@ -115,7 +118,10 @@ struct SoftmaxStats {
 
 // Each block of kBlock logits is converted (x = logit/τ) into `buf` while its max is
 // taken, then swept once from L1 for Σ exp and Σ exp·(x − m); the running sums are
-// rescaled by e^(m_old − m_new) only when a block raises the max.
+// rescaled by e^(m_old − m_new) only when a block raises the max. When that factor
+// underflows to 0 (the max jumps by more than ~104, e.g. from −1e36 to 1e36) the earlier
+// terms vanish exactly: the sums are reset, never formed as 0·(t + s·shift), where s·shift
+// overflows to −inf and 0·(−inf) is NaN.
 template <typename scalar_t, bool kScaled, bool kEntropy>
 SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float* buf) {
   float m = kNegInf;
@@ -148,10 +154,16 @@ SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float*
     const float m_new = nan_max(block_max, m);
     if (!(m_new == m)) {  // the max grew, or turned NaN
       if (m != kNegInf) {
-        const float shift = m - m_new;
-        const VecF scale(std::exp(shift));
-        dsum = (dsum + sum * VecF(shift)) * scale;  // Σ e'(x − m_new) = e^shift·(t + s·shift)
-        sum = sum * scale;
+        const float shift = m - m_new;  // < 0; −inf when the jump overflows; NaN with a NaN logit
+        const float factor = std::exp(shift);
+        if (factor == 0.f) {  // every earlier term is below fp32's smallest number: exactly 0
+          sum = VecF(0.f);
+          dsum = VecF(0.f);
+        } else {  // shift ∈ (−104, 0), so s·shift is finite (or NaN, which must spread)
+          const VecF scale(factor);
+          dsum = (dsum + sum * VecF(shift)) * scale;  // Σ e'(x − m_new) = e^shift·(t + s·shift)
+          sum = sum * scale;
+        }
       }
       m = m_new;
     }
@@ -196,11 +208,16 @@ struct TokenLoss {
   float ratio, pg, kl, loss, dlogp;
 };
 
+// Finite inputs give finite results wherever the math is finite, and NaN inputs give NaN:
+// a zero advantage contributes −0·r = 0 and no gradient even when r = e^(lp − old)
+// overflows (never 0·inf); a clipped token (r = inf included) has no gradient; β = 0 adds
+// nothing even when k3 overflows, while a NaN KL (a NaN reference log-prob) still spreads.
 inline TokenLoss token_loss(float lp, float entropy, float adv, float old_lp, float ref_lp, const LossParams& p) {
   const float log_ratio = lp - old_lp;
   const float ratio = std::exp(log_ratio);
   const float clipped = ratio < p.ratio_low ? p.ratio_low : (ratio > p.ratio_high ? p.ratio_high : ratio);
-  float pg = nan_max(-adv * ratio, -adv * clipped);
+  const bool no_advantage = adv == 0.f && !std::isnan(ratio);  // −A·r = 0 for every r, inf included
+  float pg = nan_max(no_advantage ? 0.f : -adv * ratio, -adv * clipped);
   if (p.has_dual_clip && adv < 0.f) pg = nan_min(pg, -p.dual_clip * adv);
 
   float kl = 0.f, kl_grad = 0.f;
@@ -215,11 +232,12 @@ inline TokenLoss token_loss(float lp, float entropy, float adv, float old_lp, fl
       default: kl = k2 + (k3 - k2); kl_grad = lp - ref_lp; break;  // k3+: value of k3, gradient of k2
     }
   }
-  const float loss = pg + p.kl_coef * kl - p.entropy_coef * entropy;
+  const float kl_term = (p.kl_coef != 0.f || std::isnan(kl)) ? p.kl_coef * kl : 0.f;  // never 0·inf
+  const float loss = pg + kl_term - p.entropy_coef * entropy;
 
   const bool inactive = (adv > 0.f && ratio > p.ratio_high) || (adv < 0.f && ratio < p.ratio_low) ||
                         (p.has_dual_clip && adv < 0.f && ratio > p.dual_clip);
-  float dlogp = inactive ? 0.f : -adv * ratio;
+  float dlogp = inactive || no_advantage ? 0.f : -adv * ratio;
   if (p.has_ref && p.kl_coef != 0.f) dlogp = dlogp + p.kl_coef * kl_grad;
   return {ratio, pg, kl, loss, dlogp};
 }
@@ -296,6 +314,8 @@ int64_t logprobs_rows(const LogprobsArgs& a) {
 // d(loss)/d x_j / τ for a non-target j, as p·((c_H/τ)·log p_j + (c_H·H − c_lp)/τ), with
 // log p_j = (x_j − m) − log s (the max subtracted first):
 // `ch_p = (c_H/τ)·p` multiplies the clamped log p, so a banned token gives 0·finite = 0.
+// A row with c_lp = c_H = 0 (masked, or of weight 0) gets exact zeros without reading its
+// logits, which may be anything there (all −inf, NaN).
 template <typename scalar_t, typename index_t, bool kScaled>
 int64_t backward_rows(const BackwardArgs& a) {
   const RowsLayout& L = a.logits;
@@ -315,8 +335,12 @@ int64_t backward_rows(const BackwardArgs& a) {
         for (int64_t j = 0; j < L.vocab; ++j) out_row[j] = static_cast<scalar_t>(kNaN);
         continue;
       }
-      const float m = a.row_max[r], log_s = a.log_sum[r], entropy = a.entropy[r];
       const float c_lp = a.coef_logprob[r], c_h = a.coef_entropy[r];
+      if (c_lp == 0.f && c_h == 0.f) {
+        std::fill(out_row, out_row + L.vocab, static_cast<scalar_t>(0.f));
+        continue;
+      }
+      const float m = a.row_max[r], log_s = a.log_sum[r], entropy = a.entropy[r];
       const float x_y = y >= 0 ? load_x<scalar_t, kScaled>(in_row + y, tau) : 0.f;  // before an in-place sweep
       const float ch_tau = c_h * inv_tau;
       const float k_tau = (c_h * entropy - c_lp) * inv_tau;
