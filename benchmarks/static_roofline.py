@@ -157,7 +157,8 @@ def load_kernels(spec: str):
     return importlib.import_module(spec)
 
 
-def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROWS) -> List[Launch]:
+def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROWS,
+                temperature: float = 1.0) -> List[Launch]:  # fmt: skip
     """The launches one op makes for ``rows`` rows of ``logits[:, :-1]`` of a ``[B, T+1, V]`` buffer."""
     seq = SEQ if rows % SEQ == 0 else rows
     batch = rows // seq
@@ -165,18 +166,22 @@ def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROW
     logits = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
     vector = lambda: torch.empty(rows, dtype=torch.float32, **meta)  # noqa: E731
     targets = torch.empty(rows, dtype=torch.int64, **meta)
-    temperature = 1.0
     with recording(module) as launches:
         if op == "forward":
-            module.ppo_forward(logits, targets, vector(), vector(), vector(), tuple(vector() for _ in range(8)),
+            module.ppo_forward(logits, targets, vector(), vector(), vector(), tuple(vector() for _ in range(9)),
                                0.8, 1.28, 3.0, 0.04, 2, 0.01, temperature)  # fmt: skip
         elif op == "logprobs":
-            module.logprobs(logits, targets, vector(), vector(), temperature)
+            module.logprobs(logits, targets, vector(), vector(), vector(), vector(), temperature)
         elif op == "backward":
             out = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
-            module.ppo_backward(logits, targets, vector(), vector(), vector(), vector(), temperature, out)
+            module.ppo_backward(logits, targets, vector(), vector(), vector(), vector(), vector(), temperature, out)
         elif op == "grad_in_forward":
-            return []  # no such kernel yet
+            out = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
+            if not module.forward_grad_applies(logits, out):
+                return []  # forward + backward run instead
+            module.ppo_forward_grad(logits, targets, vector(), vector(), vector(), vector(),
+                                    tuple(vector() for _ in range(9)), out, 0.8, 1.28, 3.0, 0.04, 2, 0.01,
+                                    temperature)  # fmt: skip
         else:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return launches

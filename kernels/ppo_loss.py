@@ -1,25 +1,45 @@
-"""Triton kernels of the fused PPO loss (the per-token math and gradient of docs/contract.md) and their launchers.
+"""Triton kernels of the fused PPO loss and their launchers.
 
-Logits are read as ``[B, T, V]`` with free strides on B and T and stride 1 on V; row
-``i`` of the ``N = B·T`` rows is ``(i // T, i % T)``, so ``logits[:, :-1]`` needs no copy.
+The math is the contract's (docs/contract.md, sections "Per-token math", "Gradient" and
+"Numerics"). Logits are read as ``[B, T, V]`` with free strides on B and T and stride 1 on
+V; row ``i`` of the ``N = B·T`` rows is ``(i // T, i % T)``, so ``logits[:, :-1]`` needs no
+copy. x = logits / τ in fp32, equal to a true division. Per row: m = max_j x_j,
+s = Σ_j exp(x_j − m), lp = (x_y − m) − log s, p_j = exp((x_j − m) − log s),
+H = log s − Σ_j p_j·(x_j − m): the row max is subtracted before anything else.
 
-Bytes model (b = bytes per logit; per-row vectors are O(N) and ignored):
+Kernels:
 
-* forward and logprobs read the logits once: N·V·b;
-* backward reads them once and writes d(logits) once: 2·N·V·b (rows whose two
-  coefficients are both 0, i.e. masked tokens, only write zeros: N·V·b).
+* ``_ppo_forward_kernel``, ``_logprobs_kernel``: one program per row, one pass over it.
+  Each lane (one 16-byte vector slot of a thread) keeps its own running max, Σe and Σe·z,
+  so the loop has no reduction across threads; the lanes merge once per row.
+* ``_row_partials_kernel`` + ``_combine_kernel``: the same when the rows alone cannot fill
+  the GPU: each row's vocabulary is split across programs, then combined per row.
+* ``_ppo_backward_kernel``: a grid of (rows, parts of a row), each program a loop over tiles.
+* ``_ppo_forward_grad_kernel`` (opt-in): a row that fits in registers is read once, and
+  its d(Σ w·ℓ)/d(logits) is written from the same registers.
 
-No ``[N, V]`` temporary exists in any precision.
+Every row is read as a head (the elements before its first 16-byte boundary), a body of
+whole tiles (unmasked 16-byte loads and stores), a tail of whole vectors (masked per
+vector, still 16 bytes wide) and the last partial vector; the head and that last vector
+(fewer than 2·16/b elements) are read one by one. So any vocabulary (50257, 32001) keeps
+vector access.
 
-Specialisation: τ, ε, β, η, c, V, T and the strides are runtime arguments. Triton
-specialises an int argument on "divisible by 16" (tl.divisibility): that is kept for V
-and the strides, where it proves rows 16-byte aligned and so allows vector loads (at most
-two variants per argument, not one per value), and switched off for T, which only enters
-a division.
+Bytes model (b = bytes per logit; per-row vectors are O(N) and left out): forward and
+logprobs read N·V·b; backward reads N·V·b and writes N·V·b (rows whose two coefficients
+are 0 only write zeros); the gradient-in-forward kernel reads N·V·b and writes N·V·b
+instead of the 3·N·V·b of forward + backward. No ``[N, V]`` temporary exists.
+
+Specialisation: τ, ε, β, η, c, V, T and the strides are run-time arguments; the feature
+switches are old/ref log-probs given, the KL estimator, the dual clip, τ ≠ 1 (the exact
+division), and the layout ones (16-byte vector size, tile size, rows of the gradient in
+the logits' 16-byte phase). benchmarks/static_roofline.py compiles every kernel for sm_90
+and models its speed on H100 / H200.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,8 +47,18 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+# Under TRITON_INTERPRET=1 the kernels run in numpy, whose fma rounds twice and whose
+# fp32→bf16 cast truncates; the two helpers that depend on either take the numpy route
+# there, with the same results (tests check both routes against the same rounding).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# exp(z) for z < −128 is 0 in fp32 (below the smallest denormal): such an element adds
+# exactly 0 to Σe and Σe·z, and clamping z there keeps e·z = 0·(−inf) out of the sums.
+_Z_FLOOR = tl.constexpr(-128.0)
+
 # ----------------------------------------------------------------------------------
-# Kernels
+# Helpers
 # ----------------------------------------------------------------------------------
 
 
@@ -38,73 +68,300 @@ def _row_offset(
     T,  # rows per leading index
     stride_b,  # elements between leading indices
     stride_t,  # elements between rows of one leading index
+    ALIGN: tl.constexpr = 1,  # a divisor of every row offset the caller guarantees
 ):
     # int64: B·T·V exceeds 2^31 at real sizes.
     b = (row // T).to(tl.int64)
     t = (row % T).to(tl.int64)
-    return b * stride_b + t * stride_t
+    return tl.multiple_of(b * stride_b + t * stride_t, ALIGN)
 
 
 @triton.jit
-def _online_softmax_step(
-    logits,  # [BLOCK_V] fp32 raw logits, −inf on masked lanes and banned tokens
-    m,  # running max of the raw logits
-    s,  # running Σ exp(z), z = (logit − m) / τ
-    u,  # running Σ exp(z)·z
-    inv_temperature,  # 1 / τ
-):
-    """Fold one block into the running softmax statistics of a row.
-
-    The shift by the max comes before the scale by 1/τ: logit − m is exact for 16-bit
-    logits and small near the max, so rounding 1/τ costs almost nothing where p is large.
-    u is centred on the max (not Σ e·x), so H = log s − u/s has no cancellation between
-    large numbers. −inf entries add 0 to s and u; a still-empty row (m = −inf) shifts by
-    0, so −inf − (−inf) never makes a NaN. NaN and +inf logits reach s and propagate.
-    """
-    m_new = tl.maximum(m, tl.max(logits, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp((m - m_safe) * inv_temperature)
-    shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
-    z = (logits - m_safe) * inv_temperature
-    e = tl.exp(z)
-    u = alpha * (u + s * shift) + tl.sum(e * tl.where(logits == float("-inf"), 0.0, z), axis=0)
-    s = alpha * s + tl.sum(e, axis=0)
-    return m_new, s, u
-
-
-@triton.jit
-def _row_softmax(
-    row_ptr,  # pointer to the row's first logit
-    target_logit,  # fp32 raw logit of the target
+def _row_head(
+    offset,  # int64 offset of the row from the logits base, elements
     V,  # vocabulary size
-    temperature,  # τ
-    inv_temperature,  # 1 / τ
-    BLOCK_V: tl.constexpr,  # logits per step
+    VEC: tl.constexpr,  # elements per 16-byte vector
 ):
-    """One streaming pass over a row of x = logits / τ: (lp, lp_err, H, m, log s), m = max x.
+    """Elements before the row's first 16-byte boundary (int32; 0 when V·b is a multiple of 16)."""
+    return tl.minimum((VEC - offset % VEC) % VEC, V).to(tl.int32)
 
-    lp + lp_err is the log-prob to about twice fp32 precision: the error-free residuals
-    of (y − m)/τ and of the final subtraction, so that the per-token math, which can
-    amplify an error in lp (exp(ref − lp) in k3, A·exp(lp − old) in the ratio), starts
-    from a better lp than a plain fp32 log_softmax has.
+
+@triton.jit
+def _scaled(
+    logits,  # raw logits, any float dtype
+    temperature,  # τ (fp32)
+    inv_temperature,  # fp32(1 / τ), correctly rounded
+    SCALED: tl.constexpr,  # τ ≠ 1
+):
+    """x = logits / τ in fp32, equal to a correctly rounded division.
+
+    q = l·(1/τ) is within an ulp of l/τ; one fma gives its exact remainder and a second
+    rounds the corrected quotient, which is then the correctly rounded l/τ (Markstein's
+    theorem; checked for every bf16 value in the tests). Three instructions instead of
+    a division's reciprocal and slow path.
     """
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    u = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        logits = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        m, s, u = _online_softmax_step(logits, m, s, u, inv_temperature)
-    log_s = tl.log(s)
-    shifted = target_logit - m  # exact for 16-bit logits
-    scaled = tl.div_rn(shifted, temperature)
-    scaled_err = tl.fma(-scaled, temperature, shifted) * inv_temperature
-    lp = scaled - log_s
-    back = lp - scaled  # two-sum of scaled and −log s
-    lp_err = (scaled - (lp - back)) + (-log_s - back) + scaled_err
-    lp_err = tl.where(tl.abs(lp) < float("inf"), lp_err, 0.0)  # a banned target: lp = −inf, no NaN
-    return lp, lp_err, log_s - u / s, m * inv_temperature, log_s
+    x = logits.to(tl.float32)
+    if SCALED:
+        if _INTERPRETED:
+            x = x / temperature
+        else:
+            q = x * inv_temperature
+            x = tl.fma(tl.fma(-q, temperature, x), inv_temperature, q)
+    return x
+
+
+@triton.jit
+def _softmax_step(
+    x,  # [LANES, W] fp32 scaled logits, −inf on masked slots
+    m,  # [LANES] running max of x per lane (−inf: nothing seen yet)
+    ref,  # [LANES] the shift of s and u: max(m, −FLT_MAX)
+    s,  # [LANES] running Σ exp(x − ref)
+    u,  # [LANES] running Σ exp(x − ref)·(x − ref)
+    HAS_ENTROPY: tl.constexpr,  # keep u
+):
+    """Fold one tile into per-lane softmax statistics: the online-softmax step.
+
+    Each lane rescales only when its own max grows: one exp per lane and one per
+    element, no cross-thread reduction. ref is clamped to −FLT_MAX so that an empty lane
+    (m = −inf) shifts −inf logits to −inf, never to NaN, and the rescale shift is clamped
+    so that a jump of the max from −1e38 to 1e38 gives α = 0 and 0·shift = 0, not NaN.
+    NaN logits are skipped by the max but reach s through z (propagating max).
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    ref_new = tl.maximum(m_new, -_FLT_MAX)
+    shift = tl.maximum(ref - ref_new, -_FLT_MAX)  # ≤ 0
+    alpha = tl.exp2(shift * _LOG2E)
+    z = tl.maximum(x - ref_new[:, None], _Z_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(z * _LOG2E)
+    s_scaled = alpha * s
+    if HAS_ENTROPY:
+        u = alpha * u + s_scaled * shift + tl.sum(e * z, axis=1)
+    s = s_scaled + tl.sum(e, axis=1)
+    return m_new, ref_new, s, u
+
+
+@triton.jit
+def _merge_lanes(
+    m,  # [LANES] per-lane max
+    ref,  # [LANES] per-lane shift
+    s,  # [LANES] per-lane Σe
+    u,  # [LANES] per-lane Σe·z
+    HAS_ENTROPY: tl.constexpr,  # merge u
+):
+    """(m, s, u) of the whole row from per-lane statistics, relative to the row max."""
+    m_row = tl.max(m, axis=0)
+    ref_row = tl.maximum(m_row, -_FLT_MAX)
+    shift = tl.maximum(ref - ref_row, -_FLT_MAX)
+    alpha = tl.exp2(shift * _LOG2E)
+    s_scaled = alpha * s
+    s_row = tl.sum(s_scaled, axis=0)
+    u_row = s_row  # unused without entropy
+    if HAS_ENTROPY:
+        u_row = tl.sum(alpha * u + s_scaled * shift, axis=0)
+    return m_row, s_row, u_row
+
+
+@triton.jit
+def _row_stats(
+    logits_ptr,  # logits base, 16-byte aligned or not (then the loads are scalar)
+    row_offset,  # int64 offset of the row from the logits base, elements
+    head,  # elements before the first 16-byte boundary (_row_head)
+    V,  # vocabulary size
+    tile_begin,  # first body tile of this program
+    tile_end,  # one past the last body tile of this program
+    with_edges,  # this program also reads the row's tail and edges
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    SCALED: tl.constexpr,  # τ ≠ 1
+    HAS_ENTROPY: tl.constexpr,  # also Σe·z
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    BLOCK_V: tl.constexpr,  # elements per body tile
+):
+    """(m, s, u) of the body tiles [tile_begin, tile_end) of a row and, with_edges, of the
+    rest of the row: the tail (whole vectors after the last tile) and the edges (the head
+    and the last partial vector, fewer than 2·VEC elements, read one by one)."""
+    LANES: tl.constexpr = BLOCK_V // VEC
+    lanes = tl.arange(0, LANES)
+    tile_offs = lanes[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [LANES, VEC]
+    body = logits_ptr + tl.multiple_of(row_offset + head, VEC)  # 16-byte aligned when the base is
+    m = tl.full([LANES], float("-inf"), tl.float32)
+    ref = tl.full([LANES], -_FLT_MAX, tl.float32)
+    s = tl.zeros([LANES], tl.float32)
+    u = tl.zeros([LANES], tl.float32)
+    for tile in range(tile_begin, tile_end):
+        raw = tl.load(body + tl.multiple_of(tile * BLOCK_V, BLOCK_V) + tile_offs)
+        m, ref, s, u = _softmax_step(_scaled(raw, temperature, inv_temperature, SCALED), m, ref, s, u, HAS_ENTROPY)
+    rest = (V - head) % VEC  # elements of the last partial vector
+    tail = ((V - head) // BLOCK_V) * BLOCK_V
+    tail_vectors = (V - head - tail) // VEC
+    if with_edges & (tail_vectors > 0):
+        # Whole vectors: a mask per lane keeps the loads 16 bytes wide.
+        last = tl.load(body + tail + tile_offs, mask=lanes[:, None] < tail_vectors, other=float("-inf"))
+        m, ref, s, u = _softmax_step(_scaled(last, temperature, inv_temperature, SCALED), m, ref, s, u, HAS_ENTROPY)
+    m, s, u = _merge_lanes(m, ref, s, u, HAS_ENTROPY)
+    if with_edges & ((head > 0) | (rest > 0)):
+        # The head and the last partial vector, one element per slot, folded into the merged row.
+        slot = tl.arange(0, 2 * VEC)[None, :]
+        col = tl.where(slot < VEC, slot, V - rest + slot - VEC)
+        in_edge = tl.where(slot < VEC, slot < head, slot - VEC < rest)
+        edge = tl.load(logits_ptr + row_offset + col, mask=in_edge, other=float("-inf"))
+        one = tl.zeros([1], tl.float32)
+        m1, ref1, s1, u1 = _softmax_step(_scaled(edge, temperature, inv_temperature, SCALED), m + one,
+                                         tl.maximum(m, -_FLT_MAX) + one, s + one, u + one, HAS_ENTROPY)
+        m = tl.max(m1, axis=0)
+        s = tl.sum(s1, axis=0)
+        u = tl.sum(u1, axis=0)
+    return m, s, u
+
+
+@triton.jit
+def _token_math(
+    lp,  # log-prob of the target
+    entropy,  # H
+    adv,  # advantage A
+    old,  # old log-prob (ignored without HAS_OLD)
+    ref_lp,  # reference log-prob (ignored without HAS_REF)
+    ratio_low,  # 1 − ε_low
+    ratio_high,  # 1 + ε_high
+    dual_clip,  # c
+    kl_coef,  # β
+    entropy_coef,  # η
+    HAS_OLD: tl.constexpr,  # old log-probs given
+    HAS_REF: tl.constexpr,  # reference log-probs given
+    KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
+):
+    """(ratio, pg, kl, loss, dlogp) of one token, finite wherever the math is.
+
+    NaN in A, old or ref propagates (every min/max here propagates NaN). A ratio that
+    overflows (log-ratio > 88) gives the value of the branch that is actually taken: a
+    clipped token its clipped value, a zero advantage 0, and both no gradient. β = 0
+    adds 0·δ, never 0·inf.
+    """
+    if HAS_OLD:
+        ratio = tl.exp(lp - old)
+    else:
+        ratio = tl.full([], 1.0, tl.float32) + 0.0 * lp
+    # pg = max(−A·r, −A·clip(r)) = −A·q with q = min(r, 1+ε) for A ≥ 0, max(r, 1−ε) for A < 0,
+    # and min(q, c) under the dual clip: q is finite whenever −A·q is.
+    q_pos = tl.minimum(ratio, ratio_high, propagate_nan=tl.PropagateNan.ALL)
+    q_neg = tl.maximum(ratio, ratio_low, propagate_nan=tl.PropagateNan.ALL)
+    if HAS_DUAL_CLIP:
+        q_neg = tl.minimum(q_neg, dual_clip, propagate_nan=tl.PropagateNan.ALL)
+    pg = -adv * tl.where(adv >= 0.0, q_pos, q_neg)
+    inactive = ((adv > 0.0) & (ratio > ratio_high)) | ((adv < 0.0) & (ratio < ratio_low))
+    if HAS_DUAL_CLIP:
+        inactive = inactive | ((adv < 0.0) & (ratio > dual_clip))
+    # A = 0 has no gradient even when r overflows (0·inf); NaN in r or A still propagates.
+    no_grad = inactive | ((adv == 0.0) & (ratio == ratio))
+    dlogp = tl.where(no_grad, 0.0, -adv * ratio)
+    kl = tl.zeros([], tl.float32)
+    kl_term = kl
+    if HAS_REF:
+        delta = ref_lp - lp
+        if KL_ESTIMATOR == 0:
+            kl = -delta
+            kl_grad = tl.full([], 1.0, tl.float32)
+        elif KL_ESTIMATOR == 1:
+            kl = 0.5 * delta * delta
+            kl_grad = -delta
+        else:
+            exp_delta = tl.exp(delta)
+            kl = exp_delta - delta - 1.0
+            if KL_ESTIMATOR == 2:
+                kl_grad = 1.0 - exp_delta
+            else:  # k3+: value of k3, gradient of k2
+                kl_grad = -delta
+        # β = 0: the KL is a metric only; 0·δ keeps a NaN ref visible, never 0·inf.
+        kl_term = tl.where(kl_coef != 0.0, kl_coef * kl, 0.0 * delta)
+        dlogp += tl.where(kl_coef != 0.0, kl_coef * kl_grad, 0.0 * delta)
+    loss = pg + kl_term - entropy_coef * entropy
+    return ratio, pg, kl, loss, dlogp
+
+
+@triton.jit
+def _target_logit(
+    row_ptr,  # pointer to the row's first logit
+    target,  # target id
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    SCALED: tl.constexpr,  # τ ≠ 1
+):
+    """x_y, loaded before the row is streamed so that its latency hides behind the stream."""
+    return _scaled(tl.load(row_ptr + target), temperature, inv_temperature, SCALED)
+
+
+@triton.jit
+def _to_output(
+    grad,  # fp32 values
+    out_dtype: tl.constexpr,  # element type of the output
+):
+    """grad rounded to nearest (ties to even) in out_dtype."""
+    if out_dtype == tl.bfloat16 and _INTERPRETED:
+        # The interpreter's bf16 cast truncates (and mishandles denormals): round the fp32
+        # bits at bit 16, ties to even, and keep the upper half; NaN stays a quiet NaN.
+        bits = grad.to(tl.uint32, bitcast=True)
+        upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        upper = tl.where(grad == grad, upper, 0x7FC0)
+        return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return grad.to(out_dtype)
+
+
+@triton.jit
+def _store_grad_chunk(
+    grad_ptr,  # where the chunk's gradient starts
+    raw,  # [LANES, VEC] raw logits of the chunk, still in registers
+    cols,  # [LANES, VEC] int32 column in the chunk
+    n,  # columns of the chunk inside the row (≤ 0: none)
+    key,  # int32 run-time 0 (_reconverted)
+    ref,  # row max, clamped to ≥ −FLT_MAX
+    log_sum,  # log s
+    coef_z,  # c_H / τ
+    coef_const,  # (c_H·H − c_lp) / τ
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    SCALED: tl.constexpr,  # τ ≠ 1
+):
+    """The gradient of a chunk without the target's one-hot term."""
+    x = _scaled(_reconverted(raw, key), temperature, inv_temperature, SCALED)
+    grad = _grad_terms(x, ref, log_sum, coef_z, coef_const)
+    tl.store(grad_ptr + cols, _to_output(grad, grad_ptr.dtype.element_ty), mask=cols < n)
+
+
+@triton.jit
+def _reconverted(
+    raw,  # bf16 or fp32 logits of a row held in registers
+    key,  # int32 run-time 0
+):
+    """raw in fp32 again. bf16 moves its bits (exact) with a run-time zero OR-ed in, which
+    the compiler cannot merge with the first pass's conversion: merged, the fp32 copy of the
+    row would stay live between the passes and spill. fp32 needs no conversion."""
+    if raw.dtype == tl.bfloat16:
+        return ((raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) | key).to(tl.float32, bitcast=True)
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def _grad_terms(
+    x,  # scaled logits
+    ref,  # row max of x, clamped to ≥ −FLT_MAX
+    log_sum,  # log s
+    coef_z,  # c_H / τ
+    coef_const,  # (c_H·H − c_lp) / τ
+):
+    """(1/τ)·[−c_lp·p_j + c_H·p_j·(log p_j + H)] = p_j·(coef_z·log p_j + coef_const): the
+    gradient without the target's one-hot term c_lp / τ.
+
+    log p is clamped at −128 (p = 0 there) so that a banned token gives p·(…) = 0·finite,
+    not 0·inf; the clamp propagates NaN.
+    """
+    log_p = tl.maximum((x - ref) - log_sum, _Z_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    return tl.exp2(log_p * _LOG2E) * (coef_z * log_p + coef_const)
+
+
+# ----------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -114,10 +371,10 @@ def _ppo_forward_kernel(
     advantages_ptr,  # [N] fp32
     old_logprobs_ptr,  # [N] fp32, read when HAS_OLD
     ref_logprobs_ptr,  # [N] fp32, read when HAS_REF
-    logprobs_ptr,  # out [N] fp32: lp = x_y − lse
+    logprobs_ptr,  # out [N] fp32: lp = (x_y − m) − log s
     entropy_ptr,  # out [N] fp32: H
-    row_max_ptr,  # out [N] fp32: m = max x
-    log_sum_ptr,  # out [N] fp32: log Σ exp(x − m)
+    row_max_ptr,  # out [N] fp32: m
+    log_sum_ptr,  # out [N] fp32: log s
     ratio_ptr,  # out [N] fp32: r
     pg_ptr,  # out [N] fp32: clipped surrogate
     kl_ptr,  # out [N] fp32: KL estimate (0 without HAS_REF)
@@ -128,7 +385,7 @@ def _ppo_forward_kernel(
     stride_b,  # logits stride of B, elements
     stride_t,  # logits stride of T, elements
     temperature,  # τ
-    inv_temperature,  # 1 / τ
+    inv_temperature,  # fp32(1 / τ)
     ratio_low,  # 1 − ε_low
     ratio_high,  # 1 + ε_high
     dual_clip,  # c, read when HAS_DUAL_CLIP
@@ -138,52 +395,29 @@ def _ppo_forward_kernel(
     HAS_REF: tl.constexpr,  # reference log-probs given (else kl = 0)
     KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
     HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
-    BLOCK_V: tl.constexpr,  # logits per step
+    SCALED: tl.constexpr,  # τ ≠ 1
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    BLOCK_V: tl.constexpr,  # elements per tile
 ):
     row = tl.program_id(0)
-    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
-    # The target logit is loaded before the stream so that its latency overlaps it.
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    target_logit = tl.load(row_ptr + target).to(tl.float32)
-    lp, lp_err, entropy, row_max, log_sum = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature,
-                                                         BLOCK_V)
-
-    adv = tl.load(advantages_ptr + row)
-    if HAS_OLD:
-        ratio = tl.exp((lp - tl.load(old_logprobs_ptr + row)) + lp_err)
-    else:
-        ratio = tl.full([], 1.0, tl.float32)
-    clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    pg = tl.maximum(-adv * ratio, -adv * clipped)
-    inactive = ((adv > 0) & (ratio > ratio_high)) | ((adv < 0) & (ratio < ratio_low))
-    if HAS_DUAL_CLIP:
-        pg = tl.where(adv < 0, tl.minimum(pg, -dual_clip * adv), pg)
-        inactive = inactive | ((adv < 0) & (ratio > dual_clip))
-    dlogp = tl.where(inactive, 0.0, -adv * ratio)
-
-    if HAS_REF:
-        delta = (tl.load(ref_logprobs_ptr + row) - lp) - lp_err
-        if KL_ESTIMATOR == 0:
-            kl = -delta
-            kl_grad = tl.full([], 1.0, tl.float32)
-        elif KL_ESTIMATOR == 1:
-            kl = 0.5 * delta * delta
-            kl_grad = -delta
-        else:
-            kl = tl.exp(delta) - delta - 1.0
-            if KL_ESTIMATOR == 2:
-                kl_grad = 1.0 - tl.exp(delta)
-            else:  # k3+: value of k3, gradient of k2
-                kl_grad = -delta
-        # β = 0 adds nothing, not even a NaN from an overflowing k3 gradient.
-        dlogp += tl.where(kl_coef != 0.0, kl_coef * kl_grad, 0.0)
-    else:
-        kl = tl.zeros([], tl.float32)
-    loss = pg + kl_coef * kl - entropy_coef * entropy
-
+    offset = _row_offset(row, T, stride_b, stride_t)
+    row_ptr = logits_ptr + offset
+    x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
+    head = _row_head(offset, V, VEC)
+    m, s, u = _row_stats(logits_ptr, offset, head, V, 0, (V - head) // BLOCK_V, True, temperature, inv_temperature,
+                         SCALED, True, VEC, BLOCK_V)
+    log_sum = tl.log(s)
+    entropy = log_sum - u / s
+    lp = (x_y - m) - log_sum
+    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
+    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
+    ratio, pg, kl, loss, dlogp = _token_math(
+        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
+        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
+    )  # fmt: skip
     tl.store(logprobs_ptr + row, lp)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(row_max_ptr + row, row_max)
+    tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_sum)
     tl.store(ratio_ptr + row, ratio)
     tl.store(pg_ptr + row, pg)
@@ -193,6 +427,145 @@ def _ppo_forward_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def _logprobs_kernel(
+    logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
+    targets_ptr,  # [N] int32 | int64 ids in [0, V)
+    logprobs_ptr,  # out [N] fp32
+    entropy_ptr,  # out [N] fp32, written when HAS_ENTROPY
+    row_max_ptr,  # out [N] fp32: m
+    log_sum_ptr,  # out [N] fp32: log s
+    V,  # vocabulary size
+    T,  # rows per leading index
+    stride_b,  # logits stride of B, elements
+    stride_t,  # logits stride of T, elements
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    HAS_ENTROPY: tl.constexpr,  # also write H
+    SCALED: tl.constexpr,  # τ ≠ 1
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    BLOCK_V: tl.constexpr,  # elements per tile
+):
+    row = tl.program_id(0)
+    offset = _row_offset(row, T, stride_b, stride_t)
+    row_ptr = logits_ptr + offset
+    x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
+    head = _row_head(offset, V, VEC)
+    m, s, u = _row_stats(logits_ptr, offset, head, V, 0, (V - head) // BLOCK_V, True, temperature, inv_temperature,
+                         SCALED, HAS_ENTROPY, VEC, BLOCK_V)
+    log_sum = tl.log(s)
+    tl.store(logprobs_ptr + row, (x_y - m) - log_sum)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_sum)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, log_sum - u / s)
+
+
+@triton.jit(do_not_specialize=["T", "tiles_per_part", "parts"])
+def _row_partials_kernel(
+    logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
+    partials_ptr,  # out [3, N, parts] fp32: per part (m, Σe, Σe·z) relative to its own max
+    V,  # vocabulary size
+    T,  # rows per leading index
+    stride_b,  # logits stride of B, elements
+    stride_t,  # logits stride of T, elements
+    n_rows,  # N
+    tiles_per_part,  # body tiles per program
+    parts,  # programs per row (the grid's axis 1)
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    HAS_ENTROPY: tl.constexpr,  # also Σe·z
+    SCALED: tl.constexpr,  # τ ≠ 1
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    BLOCK_V: tl.constexpr,  # elements per tile
+):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    offset = _row_offset(row, T, stride_b, stride_t)
+    head = _row_head(offset, V, VEC)
+    n_tiles = (V - head) // BLOCK_V
+    begin = tl.minimum(part * tiles_per_part, n_tiles)
+    end = tl.minimum(begin + tiles_per_part, n_tiles)
+    m, s, u = _row_stats(logits_ptr, offset, head, V, begin, end, part == parts - 1, temperature,
+                         inv_temperature, SCALED, HAS_ENTROPY, VEC, BLOCK_V)
+    out = partials_ptr + row.to(tl.int64) * parts + part
+    plane = n_rows.to(tl.int64) * parts
+    tl.store(out, m)
+    tl.store(out + plane, s)
+    tl.store(out + 2 * plane, u)
+
+
+@triton.jit(do_not_specialize=["T", "parts"])
+def _combine_kernel(
+    logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V (the target logit)
+    partials_ptr,  # [3, N, parts] fp32 from _row_partials_kernel
+    targets_ptr,  # [N] int32 | int64 ids in [0, V)
+    advantages_ptr,  # [N] fp32, read when HAS_LOSS
+    old_logprobs_ptr,  # [N] fp32, read when HAS_OLD
+    ref_logprobs_ptr,  # [N] fp32, read when HAS_REF
+    logprobs_ptr,  # out [N] fp32
+    entropy_ptr,  # out [N] fp32, written when HAS_ENTROPY
+    row_max_ptr,  # out [N] fp32
+    log_sum_ptr,  # out [N] fp32
+    ratio_ptr,  # out [N] fp32, written when HAS_LOSS
+    pg_ptr,  # out [N] fp32, written when HAS_LOSS
+    kl_ptr,  # out [N] fp32, written when HAS_LOSS
+    loss_ptr,  # out [N] fp32, written when HAS_LOSS
+    dlogp_ptr,  # out [N] fp32, written when HAS_LOSS
+    n_rows,  # N
+    parts,  # programs per row of the partials
+    T,  # rows per leading index
+    stride_b,  # logits stride of B, elements
+    stride_t,  # logits stride of T, elements
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    ratio_low,  # 1 − ε_low
+    ratio_high,  # 1 + ε_high
+    dual_clip,  # c
+    kl_coef,  # β
+    entropy_coef,  # η
+    HAS_LOSS: tl.constexpr,  # the PPO forward (else log-probs only)
+    HAS_ENTROPY: tl.constexpr,  # entropy wanted (always with HAS_LOSS)
+    HAS_OLD: tl.constexpr,  # old log-probs given
+    HAS_REF: tl.constexpr,  # reference log-probs given
+    KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
+    SCALED: tl.constexpr,  # τ ≠ 1
+    PARTS_BLOCK: tl.constexpr,  # power of two ≥ parts
+):
+    row = tl.program_id(0)
+    index = tl.arange(0, PARTS_BLOCK)
+    in_parts = index < parts
+    at = partials_ptr + row.to(tl.int64) * parts + index
+    plane = n_rows.to(tl.int64) * parts
+    m_part = tl.load(at, mask=in_parts, other=float("-inf"))
+    s_part = tl.load(at + plane, mask=in_parts, other=0.0)
+    u_part = tl.load(at + 2 * plane, mask=in_parts, other=0.0)
+    m, s, u = _merge_lanes(m_part, tl.maximum(m_part, -_FLT_MAX), s_part, u_part, HAS_ENTROPY)
+    log_sum = tl.log(s)
+    entropy = log_sum - u / s
+    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
+    lp = (x_y - m) - log_sum
+    tl.store(logprobs_ptr + row, lp)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_sum)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+    if HAS_LOSS:
+        old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
+        ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
+        ratio, pg, kl, loss, dlogp = _token_math(
+            lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
+            entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
+        )  # fmt: skip
+        tl.store(ratio_ptr + row, ratio)
+        tl.store(pg_ptr + row, pg)
+        tl.store(kl_ptr + row, kl)
+        tl.store(loss_ptr + row, loss)
+        tl.store(dlogp_ptr + row, dlogp)
+
+
+@triton.jit(do_not_specialize=["T", "tiles_per_part", "parts"])
 def _ppo_backward_kernel(
     logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
     grad_ptr,  # out [B, T, V] logits dtype, stride 1 on V; may be logits_ptr
@@ -208,94 +581,297 @@ def _ppo_backward_kernel(
     stride_t,  # logits stride of T, elements
     grad_stride_b,  # grad stride of B, elements
     grad_stride_t,  # grad stride of T, elements
-    inv_temperature,  # 1 / τ
-    BLOCK_V: tl.constexpr,  # logits per program
+    tiles_per_part,  # body tiles per program
+    parts,  # programs per row (the grid's axis 1)
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    SCALED: tl.constexpr,  # τ ≠ 1
+    GRAD_ALIGNED: tl.constexpr,  # grad rows sit at the logits rows' 16-byte phase
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    BLOCK_V: tl.constexpr,  # elements per tile
 ):
     """d(loss)/d(logits_j) = (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)]."""
     row = tl.program_id(0)  # rows on axis 0: axes 1 and 2 stop at 65535
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_row = cols < V
+    part = tl.program_id(1)
     coef_logprob = tl.load(coef_logprob_ptr + row)
     coef_entropy = tl.load(coef_entropy_ptr + row)
-    # A row with both coefficients 0 (a masked token) has a zero gradient: skip its reads.
-    live = (coef_logprob != 0.0) | (coef_entropy != 0.0)
-    read_end = tl.where(live, V, 0)
-    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
-    x = tl.load(row_ptr + cols, mask=cols < read_end, other=0.0).to(tl.float32) * inv_temperature
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    log_p = (x - tl.load(row_max_ptr + row)) - tl.load(log_sum_ptr + row)  # the max first: no digits lost
-    p = tl.exp(log_p)
-    grad = coef_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
-    # p = 0 (a banned token) contributes 0, not 0·(−inf).
-    entropy_term = tl.where(p > 0.0, p * (log_p + tl.load(entropy_ptr + row)), 0.0)
-    grad = (grad + coef_entropy * entropy_term) * inv_temperature
-    grad = tl.where(live, grad, 0.0)
-    grad_row = grad_ptr + _row_offset(row, T, grad_stride_b, grad_stride_t)
-    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    offset = _row_offset(row, T, stride_b, stride_t)
+    grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
+    grad_row = grad_ptr + grad_offset
+    head = _row_head(offset, V, VEC)
+    n_tiles = (V - head) // BLOCK_V
+    begin = tl.minimum(part * tiles_per_part, n_tiles)
+    end = tl.minimum(begin + tiles_per_part, n_tiles)
+    tail = n_tiles * BLOCK_V  # from the body's start
+    rest = (V - head) % VEC  # elements of the last partial vector
+    tail_len = tl.multiple_of(V - head - tail - rest, VEC)  # whole vectors after the last tile
+    cols = tl.arange(0, BLOCK_V)
+    slot = tl.arange(0, 2 * VEC)
+    edge_col = tl.where(slot < VEC, slot, V - rest + slot - VEC)  # the head, then the last partial vector
+    in_edge = tl.where(slot < VEC, slot < head, slot - VEC < rest)
+    body = logits_ptr + tl.multiple_of(offset + head, VEC)
+    if GRAD_ALIGNED:
+        grad_body = grad_ptr + tl.multiple_of(grad_offset + head, VEC)
+    else:
+        grad_body = grad_row + head
+    last_part = part == parts - 1
+    out_dtype = grad_ptr.dtype.element_ty
+    # A row with both coefficients 0 (a masked token) has a zero gradient: no reads.
+    if (coef_logprob != 0.0) | (coef_entropy != 0.0):
+        target = tl.load(targets_ptr + row).to(tl.int32)
+        ref = tl.maximum(tl.load(row_max_ptr + row), -_FLT_MAX)
+        log_sum = tl.load(log_sum_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+        coef_z = coef_entropy * inv_temperature
+        coef_const = (coef_entropy * entropy - coef_logprob) * inv_temperature
+        coef_onehot = coef_logprob * inv_temperature
+        for tile in range(begin, end):
+            start = tl.multiple_of(tile * BLOCK_V, BLOCK_V)
+            raw = tl.load(body + start + cols)
+            grad = _grad_terms(_scaled(raw, temperature, inv_temperature, SCALED), ref, log_sum, coef_z, coef_const)
+            grad += tl.where(cols == target - head - start, coef_onehot, 0.0)  # int32, tile-local
+            tl.store(grad_body + start + cols, _to_output(grad, out_dtype))
+        if last_part & (tail_len > 0):
+            in_tail = cols < tail_len
+            last = tl.load(body + tail + cols, mask=in_tail, other=0.0)
+            grad_last = _grad_terms(_scaled(last, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
+                                    coef_const)
+            grad_last += tl.where(cols == target - head - tail, coef_onehot, 0.0)
+            tl.store(grad_body + tail + cols, _to_output(grad_last, out_dtype), mask=in_tail)
+        if last_part & ((head > 0) | (rest > 0)):
+            edge = tl.load(logits_ptr + offset + edge_col, mask=in_edge, other=0.0)
+            grad_edge = _grad_terms(_scaled(edge, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
+                                    coef_const)
+            grad_edge += tl.where(edge_col == target, coef_onehot, 0.0)
+            tl.store(grad_row + edge_col, _to_output(grad_edge, out_dtype), mask=in_edge)
+    else:
+        zeros = tl.zeros([BLOCK_V], tl.float32).to(out_dtype)
+        for tile in range(begin, end):
+            tl.store(grad_body + tl.multiple_of(tile * BLOCK_V, BLOCK_V) + cols, zeros)
+        if last_part:
+            tl.store(grad_body + tail + cols, zeros, mask=cols < tail_len)
+            tl.store(grad_row + edge_col, tl.zeros([2 * VEC], tl.float32).to(out_dtype), mask=in_edge)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _logprobs_kernel(
-    logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
+def _ppo_forward_grad_kernel(
+    logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V, rows 16-byte aligned
+    grad_ptr,  # out [B, T, V] logits dtype, stride 1 on V, rows 16-byte aligned
     targets_ptr,  # [N] int32 | int64 ids in [0, V)
+    advantages_ptr,  # [N] fp32
+    old_logprobs_ptr,  # [N] fp32, read when HAS_OLD
+    ref_logprobs_ptr,  # [N] fp32, read when HAS_REF
+    weights_ptr,  # [N] fp32 aggregation weight w: loss = Σ w·ℓ
     logprobs_ptr,  # out [N] fp32
-    entropy_ptr,  # out [N] fp32, written when HAS_ENTROPY
-    row_max_ptr,  # out [N] fp32: m = max x
-    log_sum_ptr,  # out [N] fp32: log Σ exp(x − m)
-    V,  # vocabulary size
+    entropy_ptr,  # out [N] fp32
+    row_max_ptr,  # out [N] fp32
+    log_sum_ptr,  # out [N] fp32
+    ratio_ptr,  # out [N] fp32
+    pg_ptr,  # out [N] fp32
+    kl_ptr,  # out [N] fp32
+    loss_ptr,  # out [N] fp32
+    dlogp_ptr,  # out [N] fp32
+    V,  # vocabulary size, a multiple of VEC in (ROW_BLOCK / 2, ROW_BLOCK]
     T,  # rows per leading index
     stride_b,  # logits stride of B, elements
     stride_t,  # logits stride of T, elements
+    grad_stride_b,  # grad stride of B, elements
+    grad_stride_t,  # grad stride of T, elements
     temperature,  # τ
-    inv_temperature,  # 1 / τ
-    HAS_ENTROPY: tl.constexpr,  # also write H
-    BLOCK_V: tl.constexpr,  # logits per step
+    inv_temperature,  # fp32(1 / τ)
+    ratio_low,  # 1 − ε_low
+    ratio_high,  # 1 + ε_high
+    dual_clip,  # c
+    kl_coef,  # β
+    entropy_coef,  # η
+    HAS_OLD: tl.constexpr,  # old log-probs given
+    HAS_REF: tl.constexpr,  # reference log-probs given
+    KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
+    SCALED: tl.constexpr,  # τ ≠ 1
+    VEC: tl.constexpr,  # elements per 16-byte vector
+    ROW_BLOCK: tl.constexpr,  # power of two ≥ V: the whole row in registers
 ):
+    """Forward of one row, then d(Σ w·ℓ)/d(logits) of it from the same registers.
+
+    The row is held as four chunks so that the gradient of one chunk is stored before
+    the next is computed: the registers hold the row once, as loaded, plus one chunk.
+    """
+    CHUNK: tl.constexpr = ROW_BLOCK // 4
+    LANES: tl.constexpr = CHUNK // VEC
     row = tl.program_id(0)
-    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    target_logit = tl.load(row_ptr + target).to(tl.float32)
-    lp, _, entropy, row_max, log_sum = _row_softmax(row_ptr, target_logit, V, temperature, inv_temperature, BLOCK_V)
+    offset = _row_offset(row, T, stride_b, stride_t, VEC)
+    row_ptr = logits_ptr + offset
+    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [LANES, VEC]
+    n = tl.multiple_of(V // VEC * VEC, VEC)  # = V
+    raw0 = tl.load(row_ptr + cols)  # V > ROW_BLOCK / 2: the first two chunks are whole
+    raw1 = tl.load(row_ptr + CHUNK + cols)
+    raw2 = tl.load(row_ptr + 2 * CHUNK + cols, mask=cols + 2 * CHUNK < n, other=float("-inf"))
+    raw3 = tl.load(row_ptr + 3 * CHUNK + cols, mask=cols + 3 * CHUNK < n, other=float("-inf"))
+    target = tl.load(targets_ptr + row).to(tl.int32)
+    # Read before any gradient is stored: out may be the logits themselves.
+    x_y = _target_logit(row_ptr, target, temperature, inv_temperature, SCALED)
+    m = tl.full([LANES], float("-inf"), tl.float32)
+    ref = tl.full([LANES], -_FLT_MAX, tl.float32)
+    s = tl.zeros([LANES], tl.float32)
+    u = tl.zeros([LANES], tl.float32)
+    m, ref, s, u = _softmax_step(_scaled(raw0, temperature, inv_temperature, SCALED), m, ref, s, u, True)
+    m, ref, s, u = _softmax_step(_scaled(raw1, temperature, inv_temperature, SCALED), m, ref, s, u, True)
+    m, ref, s, u = _softmax_step(_scaled(raw2, temperature, inv_temperature, SCALED), m, ref, s, u, True)
+    m, ref, s, u = _softmax_step(_scaled(raw3, temperature, inv_temperature, SCALED), m, ref, s, u, True)
+    m, s, u = _merge_lanes(m, ref, s, u, True)
+    ref = tl.maximum(m, -_FLT_MAX)
+    log_sum = tl.log(s)
+    entropy = log_sum - u / s
+    lp = (x_y - m) - log_sum
+    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
+    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
+    ratio, pg, kl, loss, dlogp = _token_math(
+        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
+        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
+    )  # fmt: skip
     tl.store(logprobs_ptr + row, lp)
-    tl.store(row_max_ptr + row, row_max)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_sum)
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
+    tl.store(ratio_ptr + row, ratio)
+    tl.store(pg_ptr + row, pg)
+    tl.store(kl_ptr + row, kl)
+    tl.store(loss_ptr + row, loss)
+    tl.store(dlogp_ptr + row, dlogp)
+    weight = tl.load(weights_ptr + row)
+    coef_logprob = weight * dlogp
+    coef_entropy = weight * entropy_coef
+    # (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = w·g, c_H = w·η
+    coef_z = coef_entropy * inv_temperature
+    coef_const = (coef_entropy * entropy - coef_logprob) * inv_temperature
+    coef_onehot = coef_logprob * inv_temperature
+    live = weight != 0.0  # a masked token: exact zeros, whatever its logits hold
+    grad_row = grad_ptr + _row_offset(row, T, grad_stride_b, grad_stride_t, VEC)
+    zero = (log_sum != log_sum).to(tl.int32)  # 0, or the row is NaN and so is every output
+    if live:
+        _store_grad_chunk(grad_row, raw0, cols, n, zero, ref, log_sum, coef_z, coef_const, temperature,
+                          inv_temperature, SCALED)
+        _store_grad_chunk(grad_row + CHUNK, raw1, cols, n - CHUNK, zero, ref, log_sum, coef_z, coef_const,
+                          temperature, inv_temperature, SCALED)
+        _store_grad_chunk(grad_row + 2 * CHUNK, raw2, cols, n - 2 * CHUNK, zero, ref, log_sum, coef_z, coef_const,
+                          temperature, inv_temperature, SCALED)
+        _store_grad_chunk(grad_row + 3 * CHUNK, raw3, cols, n - 3 * CHUNK, zero, ref, log_sum, coef_z, coef_const,
+                          temperature, inv_temperature, SCALED)
+    else:  # exact zeros, whatever the logits hold
+        zeros = tl.zeros([LANES, VEC], tl.float32).to(grad_ptr.dtype.element_ty)
+        tl.store(grad_row + cols, zeros, mask=cols < n)
+        tl.store(grad_row + CHUNK + cols, zeros, mask=cols + CHUNK < n)
+        tl.store(grad_row + 2 * CHUNK + cols, zeros, mask=cols + 2 * CHUNK < n)
+        tl.store(grad_row + 3 * CHUNK + cols, zeros, mask=cols + 3 * CHUNK < n)
+    # The target's one-hot term: its element written again, after every thread's stores.
+    tl.debug_barrier()
+    grad_y = _grad_terms(x_y, ref, log_sum, coef_z, coef_const) + coef_onehot
+    tl.store(grad_row + target, _to_output(tl.where(live, grad_y, 0.0), grad_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------
-# Launchers: no allocation, no autograd; the caller owns every buffer.
+# Launchers: no allocation except the split-row partials; no autograd.
 # ----------------------------------------------------------------------------------
 
 
 class LaunchConfig(NamedTuple):
-    block_v: int  # logits per step of the streaming kernels (forward, logprobs)
+    block_v: int  # elements per tile of the streaming kernels (forward, logprobs)
     num_warps: int
-    bwd_block_v: int  # logits per backward program
+    bwd_block_v: int  # elements per backward tile
     bwd_num_warps: int
+    parts: int = 1  # programs per row of the forward (1: the one-pass kernels)
+    bwd_parts: int = 1  # programs per row of the backward
+    grad_row_block: int = 0  # ROW_BLOCK of the gradient-in-forward kernel; 0: it does not apply
+    grad_num_warps: int = 0
 
 
-_CHUNK_BYTES = 8192  # per step/program: 256 threads × 32 B (two 16-byte loads each)
+_TILE_BYTES = 8192  # the largest tile: 4 warps × 32 threads × four 16-byte vectors
+_GRAD_ROW_BYTES = 65536  # the largest row the gradient-in-forward kernel holds in registers
+_DEFAULT_SMS = 132  # H100 / H200, for launches without a CUDA device (interpreter, static model)
 
 
-def launch_config(vocab: int, dtype: torch.dtype) -> LaunchConfig:
-    """BLOCK_V and num_warps for a vocabulary size and logits dtype.
+def launch_config(vocab: int, dtype: torch.dtype, rows: int = 1 << 30, num_sms: int = _DEFAULT_SMS) -> LaunchConfig:
+    """Tiles, warps and row splits for a vocabulary size, logits dtype and row count.
 
-    A chunk of 8 KiB keeps 8 warps with two 16-byte loads per thread each and leaves
-    registers for several programs per SM, which hide the load latency; small
-    vocabularies get one power-of-two block and fewer warps. BLOCK_V only changes at
-    powers of two below the chunk size, so most new V reuse a compiled kernel.
+    Every thread reads four 16-byte vectors per tile: rows of 32 KiB and more get 4 warps
+    (8 KiB tiles), smaller rows 2 or 1, since each warp also pays the per-row merge and
+    loss math once. A row is split across programs only when the rows alone give fewer
+    than four programs per SM (about eight programs per SM in all). The
+    gradient-in-forward kernel holds a row of at most 64 KiB in the registers of 8 warps
+    (64 per thread, 128 in all): two programs per SM and no spills, which
+    benchmarks/static_roofline.py checks.
     """
     elem_bytes = torch.empty((), dtype=dtype).element_size()
-    block = min(triton.next_power_of_2(vocab), _CHUNK_BYTES // elem_bytes)
-    block = max(block, 128)
-    warps = max(1, min(8, block * elem_bytes // 1024))
-    return LaunchConfig(block, warps, block, warps)
+    row_bytes = vocab * elem_bytes
+    warps = 4 if row_bytes >= 4 * _TILE_BYTES else 2 if row_bytes >= 2 * _TILE_BYTES else 1
+    block = warps * _TILE_BYTES // 4 // elem_bytes  # four 16-byte vectors per thread
+    tiles = max(1, vocab // block)
+    parts = 1
+    if rows < 4 * num_sms:
+        parts = min(tiles, triton.cdiv(8 * num_sms, max(rows, 1)), 64)
+        parts = max(1, parts)
+    row_block = triton.next_power_of_2(vocab)
+    grad_block = row_block if row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
+    grad_warps = max(1, min(8, row_block * elem_bytes // 8192)) if grad_block else 0
+    return LaunchConfig(block, warps, block, warps, parts, parts, grad_block, grad_warps)
 
 
 def _rows(logits: torch.Tensor):
     batch, seq, vocab = logits.shape
     return batch * seq, seq, vocab
+
+
+def _vec(logits: torch.Tensor) -> int:
+    return 16 // logits.element_size()
+
+
+def _fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _inv(temperature: float) -> float:
+    """fp32(1 / fp32(τ)), correctly rounded, which the exact division needs: the fp64 quotient
+    rounded to fp32 is (rounding twice is harmless for a division of fp32 numbers in fp64).
+    Plain Python: no tensor, nothing for torch.compile to trace."""
+    return _fp32(1.0 / _fp32(temperature))
+
+
+def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, switches, has_loss, has_entropy, cfg):
+    rows, seq, vocab = _rows(logits)
+    temperature = scalars[0]
+    vec = _vec(logits)
+    tiles_per_part, parts = _split(vocab, cfg.block_v, cfg.parts)
+    partials = torch.empty((3, rows, parts), dtype=torch.float32, device=logits.device)
+    wrap_triton(_row_partials_kernel)[(rows, parts)](
+        # data
+        logits, partials,
+        # shapes and strides
+        vocab, seq, logits.stride(0), logits.stride(1), rows, tiles_per_part, parts,
+        # constants
+        temperature, _inv(temperature),
+        # switches
+        HAS_ENTROPY=has_entropy,
+        SCALED=temperature != 1.0,
+        VEC=vec,
+        BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp = outputs
+    wrap_triton(_combine_kernel)[(rows,)](
+        # data
+        logits, partials, targets, advantages, old, ref, lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp,
+        # shapes and strides
+        rows, parts, seq, logits.stride(0), logits.stride(1),
+        # constants
+        *scalars,
+        # switches
+        HAS_LOSS=has_loss,
+        HAS_ENTROPY=has_entropy,
+        **switches,
+        PARTS_BLOCK=triton.next_power_of_2(parts),
+        num_warps=1,
+    )  # fmt: skip
 
 
 def ppo_forward(
@@ -317,24 +893,31 @@ def ppo_forward(
     rows, seq, vocab = _rows(logits)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype)
+    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
     has_old, has_ref = old_logprobs is not None, ref_logprobs is not None
-    lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp = outputs
-    wrap_triton(_ppo_forward_kernel)[(rows,)](
-        # data
-        logits, targets, advantages,
-        old_logprobs if has_old else advantages,  # never read: a valid pointer
-        ref_logprobs if has_ref else advantages,
-        lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp,
-        # shapes and strides
-        vocab, seq, logits.stride(0), logits.stride(1),
-        # constants
-        temperature, 1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
-        # switches
+    old = old_logprobs if has_old else advantages  # never read: a valid pointer
+    ref = ref_logprobs if has_ref else advantages
+    scalars = (temperature, _inv(temperature), ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef)
+    switches = dict(
         HAS_OLD=has_old,
         HAS_REF=has_ref,
         KL_ESTIMATOR=kl_estimator if has_ref else 0,  # one variant when there is no KL
         HAS_DUAL_CLIP=dual_clip > 0.0,
+        SCALED=temperature != 1.0,
+    )
+    if cfg.parts > 1:
+        _split_forward(logits, targets, outputs, advantages, old, ref, scalars, switches, True, True, cfg)
+        return
+    wrap_triton(_ppo_forward_kernel)[(rows,)](
+        # data
+        logits, targets, advantages, old, ref, *outputs,
+        # shapes and strides
+        vocab, seq, logits.stride(0), logits.stride(1),
+        # constants
+        *scalars,
+        # switches
+        **switches,
+        VEC=_vec(logits),
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
     )  # fmt: skip
@@ -355,15 +938,20 @@ def ppo_backward(
     rows, seq, vocab = _rows(logits)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype)
-    grid = (rows, triton.cdiv(vocab, cfg.bwd_block_v))
-    wrap_triton(_ppo_backward_kernel)[grid](
+    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
+    vec = _vec(logits)
+    tiles_per_part, parts = _split(vocab, cfg.bwd_block_v, cfg.bwd_parts)
+    wrap_triton(_ppo_backward_kernel)[(rows, parts)](
         # data
         logits, out, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
         # shapes and strides
-        vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), tiles_per_part, parts,
         # constants
-        1.0 / temperature,
+        temperature, _inv(temperature),
+        # switches
+        SCALED=temperature != 1.0,
+        GRAD_ALIGNED=_same_phase(logits, out),
+        VEC=vec,
         BLOCK_V=cfg.bwd_block_v,
         num_warps=cfg.bwd_num_warps,
     )  # fmt: skip
@@ -382,18 +970,117 @@ def logprobs(
     rows, seq, vocab = _rows(logits)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype)
+    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
     has_entropy = out_entropy is not None
+    entropy = out_entropy if has_entropy else out_logprobs  # never written: a valid pointer
+    if cfg.parts > 1:
+        scalars = (temperature, _inv(temperature), 0.0, 0.0, 0.0, 0.0, 0.0)
+        switches = dict(HAS_OLD=False, HAS_REF=False, KL_ESTIMATOR=0, HAS_DUAL_CLIP=False, SCALED=temperature != 1.0)
+        lp = out_logprobs
+        outputs = (lp, entropy, out_row_max, out_log_sum, lp, lp, lp, lp, lp)  # the loss outputs are never written
+        _split_forward(logits, targets, outputs, lp, lp, lp, scalars, switches, False, has_entropy, cfg)
+        return
     wrap_triton(_logprobs_kernel)[(rows,)](
         # data
-        logits, targets, out_logprobs,
-        out_entropy if has_entropy else out_logprobs,  # never written: a valid pointer
-        out_row_max, out_log_sum,
+        logits, targets, out_logprobs, entropy, out_row_max, out_log_sum,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants
-        temperature, 1.0 / temperature,
+        temperature, _inv(temperature),
+        # switches
         HAS_ENTROPY=has_entropy,
+        SCALED=temperature != 1.0,
+        VEC=_vec(logits),
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
     )  # fmt: skip
+
+
+def forward_grad_applies(logits: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`ppo_forward_grad` runs for these tensors: bf16 or fp32 rows of at most
+    64 KiB (``launch_config``) whose lengths and strides, in logits and in out, are multiples
+    of 16 bytes (so every row starts at the 16-byte phase of the tensor's start; a start on a
+    16-byte boundary, the rule for fresh allocations, then gives 16-byte access, else scalar
+    access with the same results). fp16 rows are left to forward + backward: their second
+    conversion to fp32 would stay live between the passes and spill. Shapes and strides only:
+    it also decides for the fake tensors of torch.compile."""
+    vocab = logits.shape[-1]
+    vec = _vec(logits)
+    strides = all(t.stride(0) % vec == 0 and t.stride(1) % vec == 0 for t in (logits, out))
+    return (
+        logits.dtype in (torch.bfloat16, torch.float32)
+        and launch_config(vocab, logits.dtype).grad_row_block > 0
+        and vocab % vec == 0
+        and strides
+    )
+
+
+def ppo_forward_grad(
+    logits: torch.Tensor,  # [B, T, V], rows 16-byte aligned, V·b ≤ 64 KiB
+    targets: torch.Tensor,  # [N]
+    advantages: torch.Tensor,  # [N] fp32
+    old_logprobs: Optional[torch.Tensor],  # [N] fp32
+    ref_logprobs: Optional[torch.Tensor],  # [N] fp32
+    weights: torch.Tensor,  # [N] fp32 per-token aggregation weights
+    outputs,  # 9 fp32 [N] buffers in TokenResults order
+    out: torch.Tensor,  # [B, T, V] logits dtype: d(Σ w·ℓ)/d(logits)
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: int,
+    entropy_coef: float,
+    temperature: float,
+    config: Optional[LaunchConfig] = None,
+) -> None:
+    rows, seq, vocab = _rows(logits)
+    if not forward_grad_applies(logits, out):
+        raise ValueError(f"logits: the gradient-in-forward kernel takes bf16 or fp32 rows of at most "
+                         f"{_GRAD_ROW_BYTES} bytes starting on 16-byte boundaries; got {tuple(logits.shape)} "
+                         f"{logits.dtype} with strides {logits.stride()} (out {out.stride()}); use ppo_forward + "
+                         f"ppo_backward")  # fmt: skip
+    if rows == 0:
+        return
+    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
+    has_old, has_ref = old_logprobs is not None, ref_logprobs is not None
+    wrap_triton(_ppo_forward_grad_kernel)[(rows,)](
+        # data
+        logits, out, targets, advantages,
+        old_logprobs if has_old else advantages,  # never read: a valid pointer
+        ref_logprobs if has_ref else advantages,
+        weights, *outputs,
+        # shapes and strides
+        vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        # constants
+        temperature, _inv(temperature), ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+        # switches
+        HAS_OLD=has_old,
+        HAS_REF=has_ref,
+        KL_ESTIMATOR=kl_estimator if has_ref else 0,
+        HAS_DUAL_CLIP=dual_clip > 0.0,
+        SCALED=temperature != 1.0,
+        VEC=_vec(logits),
+        ROW_BLOCK=cfg.grad_row_block,
+        num_warps=cfg.grad_num_warps,
+        maxnreg=128,  # two programs per SM: one loads while the other computes
+    )  # fmt: skip
+
+
+def _split(vocab: int, block: int, parts: int):
+    """(body tiles per program, programs per row): no program without a tile."""
+    tiles = max(1, vocab // block)
+    per_part = triton.cdiv(tiles, max(1, parts))
+    return per_part, triton.cdiv(tiles, per_part)
+
+
+def _sms(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _same_phase(logits: torch.Tensor, out: torch.Tensor) -> bool:
+    """Every row of out sits at the 16-byte phase of its logits row (relative to each tensor's
+    start): one head serves both, and the gradient's stores stay 16 bytes wide."""
+    vec = _vec(logits)
+    return (out.stride(0) - logits.stride(0)) % vec == 0 and (out.stride(1) - logits.stride(1)) % vec == 0

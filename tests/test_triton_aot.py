@@ -1,11 +1,12 @@
 """The Triton kernels as the GPU compiler sees them, checked on a machine without a GPU.
 
-* Every kernel compiles ahead of time for sm_80 and sm_90 (``triton.compile`` with a
-  ``GPUTarget``): code that only the interpreter accepts fails here. The 16-bit variants
-  with aligned rows must use 16-byte vector loads and stores (the bandwidth they need).
+* Every kernel compiles ahead of time for sm_80 and sm_90, with the launches the launchers
+  make (recorded on meta tensors by ``benchmarks/static_roofline.py``): code that only the
+  interpreter accepts fails here. The streaming kernels use 16-byte vector loads (and the
+  gradient kernels 16-byte stores), for odd vocabularies too.
 * ``rf.ppo_loss`` in ``torch.compile(fullgraph=True)`` traces into the Triton kernels
   (``torch.library.triton_op``), and the compiler's analysis finds that the forward writes
-  only its outputs.
+  only its outputs; so does the gradient-in-forward op, into its one kernel.
 
 Both run in a subprocess (this file as a script) with ``TRITON_INTERPRET`` unset: the
 interpreter replaces ``@triton.jit`` functions when the kernels module is imported, and
@@ -27,78 +28,52 @@ import pytest
 # ----------------------------------------------------------------------------------
 
 
-def _signature(fn, logits_type: str, targets_type: str, constexprs: dict) -> dict:
-    types = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in ("logits_ptr", "grad_ptr"):
-            types[name] = "*" + logits_type
-        elif name == "targets_ptr":
-            types[name] = "*" + targets_type
-        elif name.endswith("_ptr"):
-            types[name] = "*fp32"
-        elif name in ("V", "T") or "stride" in name:
-            types[name] = "i32"
-        else:
-            types[name] = "fp32"
-    return types
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
-
-def _aligned(fn, types: dict) -> dict:
-    """What a launch with 16-byte aligned pointers, V and strides specialises on."""
-    return {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(fn.arg_names)
-        if types[name].startswith("*") or name == "V" or "stride" in name
-    }
+# (op, vocabulary, logits dtype, rows, temperature): the launches the launchers make, so that
+# every kernel and launch path compiles: one program per row, split rows (few rows), rows
+# that are and are not multiples of 16 bytes, τ = 1 and τ ≠ 1, the gradient in the forward.
+LAUNCHES = [
+    ("forward", 151936, "bf16", 16384, 1.0),
+    ("forward", 50257, "fp16", 64, 0.7),
+    ("logprobs", 32001, "fp32", 16384, 0.7),
+    ("logprobs", 151936, "bf16", 64, 1.0),
+    ("backward", 151936, "bf16", 16384, 1.0),
+    ("backward", 50257, "fp32", 64, 0.7),
+    ("backward", 129, "fp16", 16384, 1.0),
+    ("grad_in_forward", 32000, "bf16", 16384, 1.0),
+    ("grad_in_forward", 16384, "fp32", 16384, 0.7),
+]
 
 
 def compile_all(capability: int) -> list:
+    """Every launch of LAUNCHES, recorded from the launchers (meta tensors, no GPU) and compiled
+    for ``capability`` with the specialisation a real launch gets (benchmarks/static_roofline.py)."""
+    sys.path.insert(0, BENCHMARKS)
+    import static_roofline
     import torch
-    import triton
     from rlhf_fast.kernels import ppo_loss as kernels
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    bf16_big = kernels.launch_config(151936, torch.bfloat16)
-    fp32_small = kernels.launch_config(129, torch.float32)
-    fp16_mid = kernels.launch_config(1000, torch.float16)
-    forward = dict(HAS_OLD=True, HAS_REF=True, HAS_DUAL_CLIP=True)
-    variants = [
-        # (kernel, logits, targets, aligned, constexprs, num_warps)
-        *[(kernels._ppo_forward_kernel, "bf16", "i64", True,
-           dict(forward, KL_ESTIMATOR=k, BLOCK_V=bf16_big.block_v), bf16_big.num_warps) for k in range(4)],
-        (kernels._ppo_forward_kernel, "fp32", "i32", False,
-         dict(HAS_OLD=False, HAS_REF=False, KL_ESTIMATOR=0, HAS_DUAL_CLIP=False, BLOCK_V=fp32_small.block_v),
-         fp32_small.num_warps),
-        (kernels._ppo_backward_kernel, "bf16", "i64", True, dict(BLOCK_V=bf16_big.bwd_block_v),
-         bf16_big.bwd_num_warps),
-        (kernels._ppo_backward_kernel, "fp16", "i32", False, dict(BLOCK_V=fp16_mid.bwd_block_v),
-         fp16_mid.bwd_num_warps),
-        (kernels._ppo_backward_kernel, "fp32", "i64", False, dict(BLOCK_V=fp32_small.bwd_block_v),
-         fp32_small.bwd_num_warps),
-        (kernels._logprobs_kernel, "bf16", "i64", True, dict(HAS_ENTROPY=True, BLOCK_V=bf16_big.block_v),
-         bf16_big.num_warps),
-        (kernels._logprobs_kernel, "fp32", "i32", False, dict(HAS_ENTROPY=False, BLOCK_V=fp32_small.block_v),
-         fp32_small.num_warps),
-    ]
     results = []
-    for fn, logits_type, targets_type, aligned, constexprs, warps in variants:
-        types = _signature(fn, logits_type, targets_type, constexprs)
-        source = ASTSource(fn, types, constexprs, _aligned(fn, types) if aligned else None)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
-        ptx = compiled.asm["ptx"]
-        results.append(dict(
-            kernel=fn.__name__, logits=logits_type, aligned=aligned, constexprs=constexprs,
-            cubin_bytes=len(compiled.asm["cubin"]),
-            vector_loads=ptx.count("ld.global.v4"), vector_stores=ptx.count("st.global.v4"),
-        ))  # fmt: skip
-    return results
+    for op, vocab, dtype, rows, temperature in LAUNCHES:
+        launches = static_roofline.op_launches(kernels, op, vocab, static_roofline.DTYPES[dtype], rows,
+                                               temperature=temperature)  # fmt: skip
+        assert launches, (op, vocab, dtype)
+        for launch in launches:
+            compiled = static_roofline.compile_launch(launch, arch=capability)
+            results.append(dict(
+                op=op, kernel=launch.name, vocab=vocab, logits=dtype, rows=rows, temperature=temperature,
+                aligned=vocab * torch.empty((), dtype=static_roofline.DTYPES[dtype]).element_size() % 16 == 0,
+                spill_bytes=compiled.spill_bytes, sass_lines=compiled.sass.count("\n"),
+                vector_loads=compiled.ptx.count("ld.global.v4"), vector_stores=compiled.ptx.count("st.global.v4"),
+            ))  # fmt: skip
+    kernel_names = sorted(name for name in dir(kernels) if name.endswith("_kernel"))
+    return dict(results=results, kernels=kernel_names)
 
 
-def trace_compiled_step(inplace: bool) -> list:
-    """The graphs AOTAutograd hands to the backend, for CPU tensors and a pretend sm_90.
+def _trace(step, *inputs, backward: bool = True) -> list:
+    """The Triton kernels (and the buffers each one writes) in the graphs AOTAutograd hands to the
+    backend, for CPU tensors and a pretend sm_90.
 
     The compiler's mutation analysis lowers each kernel to TTIR for the current target,
     which needs a driver; a stand-in that only names the target is enough (nothing runs).
@@ -110,7 +85,6 @@ def trace_compiled_step(inplace: bool) -> list:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from triton.backends.compiler import GPUTarget
 
-    import rlhf_fast as rf
     from rlhf_fast import backends
 
     class TargetOnlyDriver:
@@ -146,6 +120,20 @@ def trace_compiled_step(inplace: bool) -> list:
 
         return run
 
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    try:
+        torch.compile(step, backend=backend, fullgraph=True)(*inputs)
+    except Traced:
+        pass
+    return graphs
+
+
+def trace_compiled_step(inplace: bool) -> list:
+    """``rf.ppo_loss`` forward and backward."""
+    import torch
+
+    import rlhf_fast as rf
+
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(2, 6, 129, generator=gen, requires_grad=True)
     targets = torch.randint(0, 129, (2, 5), generator=gen)
@@ -158,12 +146,31 @@ def trace_compiled_step(inplace: bool) -> list:
                           inplace_backward=inplace, validate=False, backend="triton")
         return out.loss
 
-    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
-    try:
-        torch.compile(step, backend=backend, fullgraph=True)(base)
-    except Traced:
-        pass
-    return graphs
+    return _trace(step, base)
+
+
+def trace_forward_with_grad(inplace: bool) -> list:
+    """The Triton backend's forward_with_grad: one kernel, the gradient written in the forward."""
+    import torch
+
+    from rlhf_fast.backends import RowParams
+    from rlhf_fast.backends import triton as triton_backend
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 1024, generator=gen)
+    targets = torch.randint(0, 1024, (6,), generator=gen)
+    advantages, old, ref = (torch.randn(6, generator=gen) for _ in range(3))
+    weights = torch.full((6,), 1.0 / 6)
+    params = RowParams(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator=2,
+                       entropy_coef=0.01, temperature=0.7, has_old=True, has_ref=True)
+
+    def step(logits):
+        logits = logits * 1.0
+        out = logits if inplace else torch.empty_like(logits)
+        results = triton_backend.forward_with_grad(logits, targets, advantages, old, ref, params, weights, out)
+        return results.loss, out
+
+    return _trace(step, logits)
 
 
 # ----------------------------------------------------------------------------------
@@ -194,14 +201,17 @@ pytestmark = pytest.mark.skipif(not _has_triton(), reason="triton is not install
 
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm80", "sm90"])
 def test_every_kernel_compiles_ahead_of_time(capability):
-    results = _run_here("compile", str(capability))
-    assert {r["kernel"] for r in results} == {"_ppo_forward_kernel", "_ppo_backward_kernel", "_logprobs_kernel"}
+    compiled = _run_here("compile", str(capability))
+    results = compiled["results"]
+    assert {r["kernel"] for r in results} == set(compiled["kernels"]), "every kernel of the module, compiled"
     for r in results:
-        assert r["cubin_bytes"] > 0, r
-        if r["aligned"]:  # 16-byte vectors: what the bytes model's bandwidth needs
-            assert r["vector_loads"] > 0, r
-            if r["kernel"] == "_ppo_backward_kernel":
-                assert r["vector_stores"] > 0, r
+        assert r["sass_lines"] > 0, r
+        if r["kernel"] in ("_combine_kernel",):
+            continue  # per-row vectors only
+        # 16-byte vectors for aligned rows and, thanks to the head/tail split, for odd ones too
+        assert r["vector_loads"] > 0, r
+        if r["kernel"] in ("_ppo_backward_kernel", "_ppo_forward_grad_kernel"):
+            assert r["vector_stores"] > 0, r
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
@@ -210,13 +220,23 @@ def test_compiled_step_traces_into_the_kernels(inplace):
     kernels = [k for graph in graphs for k in graph]
     by_name = {k["kernel"]: k for k in kernels}
     assert set(by_name) == {"_ppo_forward_kernel", "_ppo_backward_kernel"}, graphs
-    outputs = ["dlogp_ptr", "entropy_ptr", "kl_ptr", "logprobs_ptr", "loss_ptr", "lse_ptr", "pg_ptr", "ratio_ptr"]
+    outputs = ["dlogp_ptr", "entropy_ptr", "kl_ptr", "log_sum_ptr", "logprobs_ptr", "loss_ptr", "pg_ptr",
+               "ratio_ptr", "row_max_ptr"]
     assert by_name["_ppo_forward_kernel"]["clones"] == outputs  # the logits are only read
     assert "grad_ptr" in by_name["_ppo_backward_kernel"]["clones"]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
+def test_forward_with_grad_traces_into_one_kernel(inplace):
+    graphs = _run_here("trace_grad", str(int(inplace)))
+    kernels = [k for graph in graphs for k in graph]
+    assert [k["kernel"] for k in kernels] == ["_ppo_forward_grad_kernel"], graphs
+    assert "grad_ptr" in kernels[0]["clones"] and "logprobs_ptr" in kernels[0]["clones"]
 
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
     command, arg = sys.argv[1], int(sys.argv[2])
-    result = compile_all(arg) if command == "compile" else trace_compiled_step(bool(arg))
-    print(json.dumps(result, default=str))
+    commands = {"compile": compile_all, "trace": lambda a: trace_compiled_step(bool(a)),
+                "trace_grad": lambda a: trace_forward_with_grad(bool(a))}
+    print(json.dumps(commands[command](arg), default=str))

@@ -105,6 +105,56 @@ OPS: Tuple[Tuple[Callable, Tuple[str, ...]], ...] = (
 """Every kernel op with the arguments it mutates."""
 
 # ----------------------------------------------------------------------------------
+# Triton-only ops: the gradient computed in the forward (one read of the logits).
+# ----------------------------------------------------------------------------------
+
+
+def ppo_forward_grad(
+    logits: Tensor,  # [B, T, V]
+    targets: Tensor,  # [N] int32 | int64, sanitised ids
+    advantages: Tensor,  # [N] fp32
+    old_logprobs: Optional[Tensor],  # [N] fp32, or None: ratio 1
+    ref_logprobs: Optional[Tensor],  # [N] fp32, or None: no KL
+    weights: Tensor,  # [N] fp32 aggregation weights w: loss = Σ w·ℓ
+    ratio_low: float,  # 1 − ε_low
+    ratio_high: float,  # 1 + ε_high
+    dual_clip: float,  # c, 0 = off
+    kl_coef: float,  # β
+    kl_estimator: int,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    entropy_coef: float,  # η
+    temperature: float,  # τ
+    out: Tensor,  # [B, T, V] logits' dtype, written: d(Σ w·ℓ)/d(logits)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ppo_forward`'s outputs, and the gradient of Σ w·ℓ (upstream gradient 1) into ``out``."""
+    return tuple(_row_vector(logits) for _ in range(9))
+
+
+def ppo_forward_grad_inplace(
+    logits: Tensor,  # [B, T, V], overwritten by d(Σ w·ℓ)/d(logits) once each row is read
+    targets: Tensor,
+    advantages: Tensor,
+    old_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    weights: Tensor,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: int,
+    entropy_coef: float,
+    temperature: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ppo_forward_grad` into the logits' own memory (see :func:`ppo_backward_inplace`)."""
+    return tuple(_row_vector(logits) for _ in range(9))
+
+
+TRITON_OPS: Tuple[Tuple[Callable, Tuple[str, ...]], ...] = (
+    (ppo_forward_grad, ("out",)),
+    (ppo_forward_grad_inplace, ("logits",)),
+)
+"""Ops only the Triton backend has, with the arguments they mutate."""
+
+# ----------------------------------------------------------------------------------
 # C++-only diagnostics (no tensors: nothing to trace, no fake).
 # ----------------------------------------------------------------------------------
 
@@ -134,7 +184,7 @@ def check_signature(impl: Callable, stub: Callable) -> None:
 
 def triton_op(namespace: str, stub: Callable, interpreted: bool) -> Callable:
     """Decorator: register a Triton launch function as op ``namespace::<stub name>``."""
-    mutates = dict(OPS)[stub]
+    mutates = dict(OPS + TRITON_OPS)[stub]
 
     def register(impl: Callable):
         check_signature(impl, stub)
@@ -148,5 +198,6 @@ def triton_op(namespace: str, stub: Callable, interpreted: bool) -> Callable:
     return register
 
 
-__all__: List[str] = ["OPS", "CPP_DIAGNOSTICS", "define_cpp_ops", "triton_op", "ppo_forward", "ppo_backward",
-                      "ppo_backward_inplace", "logprobs"]
+__all__: List[str] = ["OPS", "TRITON_OPS", "CPP_DIAGNOSTICS", "define_cpp_ops", "triton_op", "ppo_forward",
+                      "ppo_backward", "ppo_backward_inplace", "logprobs", "ppo_forward_grad",
+                      "ppo_forward_grad_inplace"]

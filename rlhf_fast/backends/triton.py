@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ..kernels import ppo_loss as kernels
@@ -33,8 +34,6 @@ def _op(stub):
 
 def _on_device(t: Tensor):
     # Triton launches on the current CUDA device; make it the tensor's.
-    import torch
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -109,9 +108,69 @@ def _logprobs_op(
     return lp, entropy, row_max, log_sum
 
 
+@_op(ops.ppo_forward_grad)
+def _forward_grad_op(
+    logits: Tensor,  # [B, T, V]
+    targets: Tensor,  # [N] int32 | int64, sanitised ids
+    advantages: Tensor,  # [N] fp32
+    old_logprobs: Optional[Tensor],  # [N] fp32, or None: ratio 1
+    ref_logprobs: Optional[Tensor],  # [N] fp32, or None: no KL
+    weights: Tensor,  # [N] fp32 aggregation weights w: loss = Σ w·ℓ
+    ratio_low: float,  # 1 − ε_low
+    ratio_high: float,  # 1 + ε_high
+    dual_clip: float,  # c, 0 = off
+    kl_coef: float,  # β
+    kl_estimator: int,  # 0 k1, 1 k2, 2 k3, 3 k3+
+    entropy_coef: float,  # η
+    temperature: float,  # τ
+    out: Tensor,  # [B, T, V] logits' dtype, written: d(Σ w·ℓ)/d(logits)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outputs = ops.ppo_forward_grad(logits, targets, advantages, old_logprobs, ref_logprobs, weights, ratio_low,
+                                   ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature, out)
+    with _on_device(logits):
+        kernels.ppo_forward_grad(
+            logits, targets, advantages, old_logprobs, ref_logprobs, weights, outputs, out,
+            ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature,
+        )  # fmt: skip
+    return outputs
+
+
+@_op(ops.ppo_forward_grad_inplace)
+def _forward_grad_inplace_op(
+    logits: Tensor,  # [B, T, V], overwritten by d(Σ w·ℓ)/d(logits)
+    targets: Tensor,
+    advantages: Tensor,
+    old_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    weights: Tensor,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: int,
+    entropy_coef: float,
+    temperature: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outputs = ops.ppo_forward_grad_inplace(logits, targets, advantages, old_logprobs, ref_logprobs, weights,
+                                           ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+                                           temperature)
+    with _on_device(logits):
+        kernels.ppo_forward_grad(
+            logits, targets, advantages, old_logprobs, ref_logprobs, weights, outputs, logits,
+            ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature,
+        )  # fmt: skip
+    return outputs
+
+
 # ----------------------------------------------------------------------------------
 # RowOps
 # ----------------------------------------------------------------------------------
+
+
+def _per_token(params: RowParams) -> tuple:
+    """The per-token settings in the ops' argument order (ratio_low … temperature)."""
+    return (1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high, params.dual_clip, params.kl_coef,
+            params.kl_estimator, params.entropy_coef, params.temperature)  # fmt: skip
 
 
 def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams) -> TokenResults:
@@ -120,16 +179,46 @@ def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: Row
         logits, targets, advantages,
         old_logprobs if params.has_old else None,
         ref_logprobs if params.has_ref else None,
-        1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high, params.dual_clip,
-        params.kl_coef, params.kl_estimator, params.entropy_coef, params.temperature,
+        *_per_token(params),
     )  # fmt: skip
     return TokenResults(*outputs)
+
+
+def forward_with_grad(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams, weights: Tensor,
+                      out: Tensor) -> TokenResults:  # fmt: skip
+    """:func:`forward`, and d(Σ w·ℓ)/d(logits) ``[B, T, V]`` into ``out`` for upstream gradient 1.
+
+    ``weights`` ``[N]`` fp32 are the per-token aggregation weights w (loss = Σ w·ℓ); ``out``
+    may be ``logits`` itself. Where a row fits in registers (bf16 / fp32 rows of at most
+    64 KiB starting on 16-byte boundaries: ``kernels.forward_grad_applies``) one kernel reads
+    the logits once and writes the gradient, 2·N·V·b bytes; otherwise the forward and the
+    backward kernels run, 3·N·V·b bytes, with the same results.
+    """
+    old = old_logprobs if params.has_old else None
+    ref = ref_logprobs if params.has_ref else None
+    inplace = out is logits
+    if inplace:
+        _refuse_overlapping(logits)
+    if kernels.forward_grad_applies(logits, out):
+        if inplace:
+            outputs = _forward_grad_inplace_op(logits, targets, advantages, old, ref, weights, *_per_token(params))
+        else:
+            outputs = _forward_grad_op(logits, targets, advantages, old, ref, weights, *_per_token(params), out)
+        return TokenResults(*outputs)
+    results = forward(logits, targets, advantages, old, ref, params)
+    weighted = weights != 0  # a masked token's coefficients are 0, not 0·NaN
+    coef_logprob = torch.where(weighted, weights * results.dlogp, 0.0)
+    coef_entropy = torch.where(weighted, weights * params.entropy_coef, 0.0)
+    backward(logits, targets, results.row_max, results.log_sum, results.entropy, coef_logprob, coef_entropy,
+             params.temperature, out)
+    return results
 
 
 def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out) -> None:
     """Write d(loss)/d(logits) ``[B, T, V]`` into ``out`` (which may be ``logits`` itself)."""
     # Identity, not data_ptr: it also holds for the fake tensors of torch.compile.
     if out is logits:
+        _refuse_overlapping(logits)
         _backward_inplace_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
                              float(temperature))
     else:
@@ -141,6 +230,20 @@ def logprobs(logits: Tensor, targets: Tensor, temperature: float, with_entropy: 
     """Log-probs ``[N]`` (and entropy ``[N]`` or None) and the row statistics, without a graph."""
     lp, entropy, row_max, log_sum = _logprobs_op(logits, targets, float(temperature), bool(with_entropy))
     return RowStats(lp, entropy if with_entropy else None, row_max, log_sum)
+
+
+def _refuse_overlapping(logits: Tensor) -> None:
+    """In-place gradients need logits whose elements own their memory (not an expanded tensor)."""
+    dims = sorted((stride, size) for size, stride in zip(logits.shape, logits.stride()) if size > 1)
+    reach = 0  # the largest offset reached by the smaller dimensions
+    for stride, size in dims:
+        if stride <= reach:
+            raise ValueError(
+                f"logits: inplace_backward writes the gradient into the logits, but elements of these logits share "
+                f"memory (shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded tensor); pass "
+                f"logits that own their memory (logits.contiguous()) or inplace_backward=False"
+            )
+        reach += stride * (size - 1)
 
 
 ROW_OPS = RowOps(forward, backward, logprobs)
