@@ -6,7 +6,7 @@
 # an H100/H200 with PyTorch and Triton and nothing else: no network, pytest and
 # pytest-benchmark optional.
 #
-#   OUT=/path/to/results benchmarks/gpu_check.sh        # under 10 minutes (step limits sum to 560 s)
+#   OUT=/path/to/results benchmarks/gpu_check.sh        # under 10 minutes (step limits sum to 570 s)
 #
 # Writes $OUT/gpu_results.md (summary), $OUT/ppo_loss_raw.jsonl (one JSON row per
 # measurement), $OUT/launch_sweep.{md,jsonl}, $OUT/*.log (each step's output) and
@@ -71,8 +71,9 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --rootdir "$REPO" -c "$REPO/p
 
 # -- 1. the Triton kernels' own tests (CUDA: bf16/fp16 double baseline, V up to 151936) ---
 if [ "$HAVE_PYTEST" = 1 ]; then
-    run_step tests_triton 100 "${PYTEST[@]}" --junitxml="$OUT/junit_triton.xml" \
-        "$REPO/tests/test_triton_kernels.py" "$REPO/tests/test_triton_aot.py"
+    run_step tests_triton 150 "${PYTEST[@]}" --junitxml="$OUT/junit_triton.xml" \
+        "$REPO/tests/test_triton_kernels.py" "$REPO/tests/test_triton_aot.py" \
+        "$REPO/tests/test_static_roofline.py"
 else
     printf 'tests_triton\tno pytest\t0\n' >> "$STEPS"
 fi
@@ -92,7 +93,7 @@ else
 fi
 
 # -- 4. the static model of the same kernels (no GPU needed; for measured vs modelled) ------
-run_step static_model 120 "$PY" "$REPO/benchmarks/static_roofline.py" --vocab 151936 32000 --dtype bf16 fp32 \
+run_step static_model 80 "$PY" "$REPO/benchmarks/static_roofline.py" --vocab 151936 32000 --dtype bf16 fp32 \
     --json "$OUT/static_roofline.json" --markdown "$OUT/static_roofline.md"
 
 # -- summary -------------------------------------------------------------------------------
