@@ -784,6 +784,7 @@ class LaunchConfig(NamedTuple):
     bwd_parts: int = 1  # programs per row of the backward
     grad_row_block: int = 0  # ROW_BLOCK of the gradient-in-forward kernel; 0: it does not apply
     grad_num_warps: int = 0
+    grad_max_registers: int = 0  # per thread: two programs per SM, one loads while the other computes
 
 
 _TILE_BYTES = 8192  # the largest tile: 4 warps × 32 threads × four 16-byte vectors
@@ -814,7 +815,7 @@ def launch_config(vocab: int, dtype: torch.dtype, rows: int = 1 << 30, num_sms: 
     row_block = triton.next_power_of_2(vocab)
     grad_block = row_block if row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
     grad_warps = max(1, min(8, row_block * elem_bytes // 8192)) if grad_block else 0
-    return LaunchConfig(block, warps, block, warps, parts, parts, grad_block, grad_warps)
+    return LaunchConfig(block, warps, block, warps, parts, parts, grad_block, grad_warps, 128 if grad_block else 0)
 
 
 def _rows(logits: torch.Tensor):
@@ -1062,7 +1063,7 @@ def ppo_forward_grad(
         VEC=_vec(logits),
         ROW_BLOCK=cfg.grad_row_block,
         num_warps=cfg.grad_num_warps,
-        maxnreg=128,  # two programs per SM: one loads while the other computes
+        maxnreg=cfg.grad_max_registers,
     )  # fmt: skip
 
 
