@@ -256,12 +256,14 @@ def test_logprobs_subtract_the_row_max_first():
 
 
 @needs_cpp
+@pytest.mark.parametrize("old_logprob", [math.log(0.5) - 100.0, float("-inf")])
 @pytest.mark.parametrize("advantage,dual_clip,loss", [(0.0, None, 0.0), (1.0, None, -1.2), (-1.0, 3.0, 3.0)])
-def test_overflowing_ratio_gives_a_finite_loss_and_no_gradient(advantage, dual_clip, loss):
-    """r = e^100 overflows fp32; a zero-advantage, clipped or dual-clipped token still contributes
-    a finite value (0, −A·(1 + ε), −c·A) and exactly zero gradient, never 0·inf."""
+def test_overflowing_ratio_gives_a_finite_loss_and_no_gradient(advantage, dual_clip, loss, old_logprob):
+    """r = e^100 overflows fp32 (an old log-prob of −inf gives r = inf outright); a zero-advantage,
+    clipped or dual-clipped token still contributes a finite value (0, −A·(1 + ε), −c·A) and
+    exactly zero gradient, never 0·inf."""
     logits, targets = torch.zeros(1, 2), torch.tensor([0])
-    old = torch.tensor([math.log(0.5) - 100.0])
+    old = torch.tensor([old_logprob])
     (out, grad), _ = _cpp_and_truth(logits, targets, torch.tensor([advantage]), old, dual_clip=dual_clip)
     assert out.loss.item() == pytest.approx(loss)
     assert (grad == 0).all()
