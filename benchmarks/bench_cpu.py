@@ -1,4 +1,4 @@
-"""The C++ CPU backend vs the eager reference (issue 3), same inputs, same run.
+"""The C++ CPU backend vs the eager reference, same inputs, same run.
 
 Run: ``pytest benchmarks/bench_cpu.py -s`` (pytest-benchmark). Two workloads, fp32 logits
 ``[8, N/8, V]`` with V = 32000:
@@ -10,7 +10,7 @@ Run: ``pytest benchmarks/bench_cpu.py -s`` (pytest-benchmark). Two workloads, fp
 
 The bar shape N = 4096 holds ~0.5 GiB of logits and the eager reference needs several
 more [N, V] fp32 tensors and ~10 s a step on 2 cores, so it runs only with
-``RLHF_FAST_BENCH_FULL=1``, which also asserts the bars of issue 3 (fwd+bwd ≥ 4× faster
+``RLHF_FAST_BENCH_FULL=1``, which also asserts the C++ backend's bars (fwd+bwd ≥ 4× faster
 than eager with peak memory above the inputs ≤ 0.45× eager's; logprobs ≥ 3× faster). By
 default N = 512 and the numbers are reported, not asserted (CI smoke: seconds).
 

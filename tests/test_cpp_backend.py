@@ -411,7 +411,7 @@ def test_fp64_logits_go_to_eager_or_are_refused_by_cpp():
 
 
 # ---------------------------------------------------------------------------------------
-# bf16 / fp16: the double baseline of SPEC §7 through the public API
+# bf16 / fp16: the double baseline (the contract's accuracy section) through the public API
 # ---------------------------------------------------------------------------------------
 
 
