@@ -127,6 +127,26 @@ def test_two_steps_every_diagnostic_finite(tmp_path, arch, estimator, placement)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo", "sapo"])
+def test_variants_and_rollout_correction_train(tmp_path, policy_loss):
+    """Part of the loss layer's options through PPOConfig: a variant, the sampler's own log-probs as the
+    rollout log-probs of a truncated importance correction, the unbiased KL and the clamps."""
+    from rlhf_fast.training.records import ROLLOUT_CORRECTION_METRICS
+
+    policy, ref, reward_model, prompts = build("gpt2")
+    cfg = base_config(tmp_path, advantage_estimator="grpo", kl_placement="loss", kl_coef=0.1,
+                      policy_loss=policy_loss, rollout_is="truncate", rollout_is_level="sequence",
+                      kl_ratio_weighted=True, log_ratio_clamp=20.0, kl_clamp=10.0,
+                      clip_eps=1.0 if policy_loss == "cispo" else 0.2, clip_eps_high=4.0 if policy_loss == "cispo"
+                      else None)
+    records = train(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"])
+    for record in records:
+        assert set(METRICS) | set(ROLLOUT_CORRECTION_METRICS) <= set(record.metrics)
+        assert not all_finite(record.metrics), all_finite(record.metrics)
+        # generate's KV-cached forwards and the full forward agree closely: weights near 1
+        assert 0.9 < record.metrics["rollout_weight_mean"] < 1.1
+
+
 def test_separate_critic_and_prompt_tensor_input(tmp_path):
     policy, ref, reward_model, prompts = build("gpt2")
     critic = copy.deepcopy(reward_model)  # critic initialised from the reward model

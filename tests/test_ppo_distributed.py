@@ -140,7 +140,7 @@ def test_data_parallel_update_equals_one_process(tmp_path, world, kind, cases):
 
 
 def _fixed_replies(policy, prompt_lists, *, max_new_tokens, temperature, eos_token_id, pad_token_id,
-                   synced_gpus=False, batch_size=None):
+                   synced_gpus=False, batch_size=None, with_logprobs=False):
     """Stand-in for ``sample_replies``: each reply is a function of its prompt (and of its index among
     the copies of that prompt), laid out as ``sample_replies`` lays out ``generate``'s output."""
     from test_ppo import VOCAB

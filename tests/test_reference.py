@@ -14,6 +14,7 @@ from helpers import make_case, make_config
 
 import rlhf_fast as rf
 from rlhf_fast.loss import reference
+from rlhf_fast.loss.policy import token_terms
 
 LOG2 = math.log(2.0)
 
@@ -191,10 +192,11 @@ def test_closed_form_backward_matches_autograd():
     adv, old, ref = (t.reshape(-1).double() for t in (case.advantages, case.old_logprobs, case.ref_logprobs))
     weights = torch.rand(8, dtype=torch.float64)
     lp, entropy, row_max, log_sum = reference.selective_logprobs_entropy(logits, targets, cfg.temperature)
-    parts = reference.per_token_loss(lp, entropy, adv, old, ref, cfg)
-    (weights * parts["loss"]).sum().backward()
+    valid = torch.ones(8, dtype=torch.bool)
+    terms = token_terms(lp, entropy, adv, old, ref, None, valid, None, reference.plain_options(cfg))
+    (weights * terms.loss).sum().backward()
     res = reference.token_forward(logits.detach(), targets, adv, old, ref, cfg)
-    torch.testing.assert_close(res.loss, parts["loss"].detach())
+    torch.testing.assert_close(res.loss, terms.loss.detach())
     grad = reference.token_backward(logits.detach(), targets, res.row_max, res.log_sum, res.entropy,
                                     res.dlogp * weights,
                                     cfg.entropy_coef * weights, cfg.temperature)

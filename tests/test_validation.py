@@ -46,7 +46,7 @@ BAD = [
     ("kl without ref", dict(ref_logprobs=None, kl_coef=0.1), "ref_logprobs"),
     ("seq agg on 1-D", dict(logits=torch.randn(4, 5), targets=torch.zeros(4, dtype=torch.long),
                             advantages=torch.randn(4), old_logprobs=None, ref_logprobs=None, mask=None,
-                            loss_agg="seq-mean-token-sum"), "needs targets of shape [B, T]"),
+                            loss_agg="seq-mean-token-sum"), "needs sequences: targets of shape [B, T]"),
     ("global tokens", dict(global_num_tokens=0), "global_num_tokens"),
     ("global tokens agg", dict(global_num_tokens=4, loss_agg="seq-mean-token-sum"), "global_num_tokens"),
     ("not a tensor", dict(advantages=[1.0, 2.0]), "advantages must be a torch.Tensor"),

@@ -12,7 +12,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from ..backends.rows import RowParams
+from .policy import Sequences
 
 
 class PPOLossOutput(NamedTuple):
@@ -27,31 +27,35 @@ class PPOLossOutput(NamedTuple):
 
 
 def aggregation_weights(
-    valid: torch.Tensor, loss_agg: str, global_num_tokens=None
+    valid: torch.Tensor,  # [N] bool
+    loss_agg: str,
+    sequences: Optional[Sequences] = None,
+    global_num_tokens=None,
+    norm_length: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-token weights w with loss = Σ w·ℓ; ``valid`` is a bool ``[...]`` mask.
+    """Per-token weights w ``[N]`` with loss = Σ w·ℓ, in ``dtype`` (fp64 for the fp64 ground truth).
 
-    Every aggregation mode is linear in ℓ, so one weight per token describes it, and
-    a backward only ever needs w (times the upstream gradient).
+    The ``seq-*`` modes need ``sequences``; ``seq-mean-token-sum-norm`` divides by
+    B·``norm_length``.
     """
-    m = valid.to(torch.float32)
+    m = valid.to(dtype)
     if loss_agg == "token-mean":
         if global_num_tokens is None:
             denom = m.sum().clamp_min(1.0)
         elif isinstance(global_num_tokens, torch.Tensor):
-            denom = global_num_tokens.to(device=m.device, dtype=torch.float32).clamp_min(1.0)
+            denom = global_num_tokens.to(device=m.device, dtype=dtype).reshape(()).clamp_min(1.0)
         else:
             denom = float(global_num_tokens)
         return m / denom
-    num_seqs = m.shape[0]
-    tokens_per_seq = m.sum(-1, keepdim=True)
-    seqs_valid = (tokens_per_seq > 0).sum().to(torch.float32).clamp_min(1.0)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / float(sequences.count * norm_length)
+    tokens_per_seq = sequences.sum(m)
+    seqs_valid = (tokens_per_seq > 0).sum().to(dtype).clamp_min(1.0)
     if loss_agg == "seq-mean-token-sum":
         return m / seqs_valid
     if loss_agg == "seq-mean-token-mean":
-        return m / (tokens_per_seq.clamp_min(1.0) * seqs_valid)
-    if loss_agg == "seq-mean-token-sum-norm":
-        return m / float(num_seqs * m.shape[1])
+        return m / (sequences.expand(tokens_per_seq).clamp_min(1.0) * seqs_valid)
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
@@ -68,76 +72,85 @@ METRIC_NAMES = (
     "ratio_below",
     "approx_kl",
 )
+"""Always reported; with a rollout correction also ``rollout_weight_mean``, ``rollout_weight_max``
+and ``rollout_weight_masked``."""
+
+
+class MetricInputs(NamedTuple):
+    """Per-token values the metrics are computed from, ``[N]`` each (detached)."""
+
+    pg: torch.Tensor  # w·pg
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    ratio: torch.Tensor  # the ratio the variant uses (s_b for gspo)
+    token_ratio: torch.Tensor  # r_t = exp(lp − old)
+    log_ratio: torch.Tensor  # lp − old
+    clipped: torch.Tensor  # bool
+    dual: torch.Tensor  # bool
+    rollout_weight: Optional[torch.Tensor]
 
 
 @torch.no_grad()
-def loss_metrics(
-    valid: torch.Tensor,
-    advantages: torch.Tensor,
-    ratio: torch.Tensor,
-    log_ratio: torch.Tensor,
-    pg: torch.Tensor,
-    kl: torch.Tensor,
-    entropy: torch.Tensor,
-    params: RowParams,
-) -> Dict[str, torch.Tensor]:
-    """The metrics of the contract: token means over valid tokens; fp32 scalars, 0 with no valid token, no host sync.
+def loss_metrics(valid: torch.Tensor, x: MetricInputs, clip_low: float, clip_high: float) -> Dict[str, torch.Tensor]:
+    """The metrics of the contract: token means over valid tokens; 0 with no valid token, no host sync.
 
-    fp64 inputs (the ground truth of the accuracy tests) keep fp64 metrics.
+    fp64 inputs (the ground truth of the accuracy tests) keep fp64 metrics; everything else is fp32.
     """
-    dtype = torch.float64 if ratio.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if x.ratio.dtype == torch.float64 else torch.float32
     v = valid.reshape(-1)
     count = v.sum()
     denom = count.clamp_min(1).to(dtype)
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1).to(dtype)
-        return torch.where(v, x, torch.zeros_like(x)).sum() / denom
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).to(dtype)
+        return torch.where(v, t, torch.zeros_like(t)).sum() / denom
 
     def fraction(flag: torch.Tensor) -> torch.Tensor:
         return mean(flag.to(dtype))
 
-    r = ratio.reshape(-1).to(dtype)
-    a = advantages.reshape(-1)
-    zero = torch.zeros((), dtype=dtype, device=r.device)
-    inf = torch.full((), float("inf"), dtype=dtype, device=r.device)
-    above = r > 1.0 + params.clip_eps_high
-    below = r < 1.0 - params.clip_eps_low
-    clipped = ((a > 0) & above) | ((a < 0) & below)
-    dual = (a < 0) & (r > params.dual_clip) if params.has_dual_clip else torch.zeros_like(above)
-    return {
-        "pg_loss": mean(pg),
-        "kl": mean(kl),
-        "entropy": mean(entropy),
-        "clipfrac": fraction(clipped),
-        "clipfrac_lower": fraction(dual),
-        "ratio_mean": mean(r),
+    def extreme(t: torch.Tensor, largest: bool) -> torch.Tensor:
         # the appended ±inf keeps the reduction defined when there are no tokens at all (N = 0)
-        "ratio_min": torch.where(count > 0, torch.cat([torch.where(v, r, inf), inf.view(1)]).amin(), zero),
-        "ratio_max": torch.where(count > 0, torch.cat([torch.where(v, r, -inf), -inf.view(1)]).amax(), zero),
-        "ratio_above": fraction(above),
-        "ratio_below": fraction(below),
-        "approx_kl": mean((r - 1.0) - log_ratio.reshape(-1)),
+        t = t.reshape(-1).to(dtype)
+        fill = torch.full((), float("-inf") if largest else float("inf"), dtype=dtype, device=t.device)
+        padded = torch.cat([torch.where(v, t, fill), fill.view(1)])
+        return torch.where(count > 0, padded.amax() if largest else padded.amin(), torch.zeros_like(fill))
+
+    r = x.ratio.reshape(-1).to(dtype)
+    metrics = {
+        "pg_loss": mean(x.pg),
+        "kl": mean(x.kl),
+        "entropy": mean(x.entropy),
+        "clipfrac": fraction(x.clipped),
+        "clipfrac_lower": fraction(x.dual),
+        "ratio_mean": mean(r),
+        "ratio_min": extreme(r, largest=False),
+        "ratio_max": extreme(r, largest=True),
+        "ratio_above": fraction(r > clip_high),
+        "ratio_below": fraction(r < clip_low),
+        "approx_kl": mean((x.token_ratio.reshape(-1).to(dtype) - 1.0) - x.log_ratio.reshape(-1)),
     }
+    if x.rollout_weight is not None:
+        metrics["rollout_weight_mean"] = mean(x.rollout_weight)
+        metrics["rollout_weight_max"] = extreme(x.rollout_weight, largest=True)
+        metrics["rollout_weight_masked"] = fraction(x.rollout_weight == 0)
+    return metrics
 
 
-def finish(
+def output(
     loss: torch.Tensor,
     logprobs: torch.Tensor,  # [N]
     entropy: torch.Tensor,  # [N]
-    ratio: torch.Tensor,  # [N]
-    pg: torch.Tensor,  # [N]
-    kl: torch.Tensor,  # [N]
     valid: torch.Tensor,  # [N] bool
     shape: torch.Size,  # leading shape of the targets
-    advantages: torch.Tensor,  # [N]
-    old_logprobs: Optional[torch.Tensor],  # [N]
-    params: RowParams,
+    metrics: Dict[str, torch.Tensor],
 ) -> PPOLossOutput:
-    """The output of a fused backend's per-token results: metrics, and masked outputs zeroed."""
-    log_ratio = logprobs - old_logprobs if old_logprobs is not None else torch.zeros_like(logprobs)
-    metrics = loss_metrics(valid, advantages, ratio, log_ratio, pg, kl, entropy, params)
+    """The returned value: fp32 (fp64 stays fp64) per-token outputs, detached, 0 where masked."""
+    logprobs, entropy = logprobs.detach(), entropy.detach()
+    if logprobs.dtype != torch.float64:
+        logprobs, entropy = logprobs.float(), entropy.float()
     zeros = torch.zeros_like(logprobs)
     lp_out = torch.where(valid, logprobs, zeros).view(shape)
     entropy_out = torch.where(valid, entropy, zeros).view(shape)
+    if loss.dtype != torch.float64:
+        loss = loss.to(torch.float32)
     return PPOLossOutput(loss, lp_out, entropy_out, metrics)

@@ -1,10 +1,13 @@
-"""The autograd Function shared by every fused row backend (Triton, C++, and the reference as a row backend).
+"""The autograd Functions around any row backend (Triton, C++, the reference as a row backend).
 
-Forward: one backend pass gives the per-token results and g = dℓ/d lp; the loss is
-Σ w·ℓ with the aggregation weights w of :func:`rlhf_fast.loss.aggregation.aggregation_weights`.
-Backward: the backend recomputes p from the logits and writes
-(1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = g·w·grad and
-c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits themselves.
+* :class:`FusedPPOLoss` — the plain PPO loss in one pass: the backend's forward gives the
+  per-token results and g = dℓ/d lp; the loss is Σ w·ℓ with the aggregation weights w of
+  :func:`rlhf_fast.loss.aggregation.aggregation_weights`. Backward: the backend recomputes p
+  from the logits and writes (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with
+  c_lp = g·w·grad and c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits.
+* :class:`RowLogprobs` — differentiable per-token log-probs and entropy: forward, the
+  backend's statistics pass; backward, the same kernel with c_lp = dL/d lp and c_H = −dL/dH for
+  any function L the caller (or a policy-loss variant) wrote on them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,14 @@ from typing import Optional
 import torch
 
 from ..backends.rows import RowOps, RowParams
+
+
+def _gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """d(logits): the logits themselves, or a new buffer with the logits' strides (rows with the same
+    16-byte alignment as the input's, so an odd vocabulary keeps vector stores)."""
+    if inplace:
+        return logits
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 
 class FusedPPOLoss(torch.autograd.Function):
@@ -48,10 +59,30 @@ class FusedPPOLoss(torch.autograd.Function):
         params: RowParams = ctx.params
         coef_logprob = weighted_dlogp * grad_loss
         coef_entropy = (params.entropy_coef * grad_loss) * weights
-        if ctx.inplace_backward:
-            out = logits
-        else:
-            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = _gradient_buffer(logits, ctx.inplace_backward)
         ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, params.temperature,
                          out)
         return (out,) + (None,) * 9
+
+
+class RowLogprobs(torch.autograd.Function):
+    """(lp, H) ``[N]`` of logits ``[B, T, V]``, differentiable through the backend's fused backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, ops: RowOps,
+                inplace_backward: bool):
+        stats = ops.logprobs(logits, targets, temperature, True)
+        ctx.save_for_backward(logits, targets, stats.row_max, stats.log_sum, stats.entropy)
+        ctx.temperature, ctx.ops, ctx.inplace_backward = temperature, ops, inplace_backward
+        return stats.logprobs, stats.entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        zeros = torch.zeros_like(entropy)
+        coef_logprob = zeros if grad_logprobs is None else grad_logprobs.to(torch.float32).contiguous()
+        # dH/dx_j = −p_j·(log p_j + H): the kernel's entropy coefficient is −dL/dH
+        coef_entropy = zeros if grad_entropy is None else (-grad_entropy).to(torch.float32).contiguous()
+        out = _gradient_buffer(logits, ctx.inplace_backward)
+        ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, ctx.temperature, out)
+        return out, None, None, None, None

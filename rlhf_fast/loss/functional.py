@@ -15,8 +15,8 @@ import torch
 
 from .. import backends
 from . import inputs, reference
-from .aggregation import PPOLossOutput, finish
-from .autograd import FusedPPOLoss
+from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
+from .autograd import FusedPPOLoss, RowLogprobs
 from .options import LossOptions, with_loss_options
 
 
@@ -73,6 +73,32 @@ def row_ops(name: str, process_group=None) -> backends.RowOps:
     return ops
 
 
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded tensor, say).
+
+    Conservative: dims (size > 1) sorted by stride must each step over everything the smaller
+    ones span; a layout that fails this could still be injective, but no view torch makes is.
+    """
+    if t.numel() == 0:
+        return False
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def check_inplace(logits: torch.Tensor, inplace_backward: bool) -> None:
+    """``inplace_backward`` writes d(logits) into the logits' memory: refuse memory that overlaps itself."""
+    if inplace_backward and may_overlap_itself(logits):
+        raise ValueError(
+            "logits: inplace_backward=True needs logits whose elements do not share memory, got an expanded "
+            f"tensor (strides {logits.stride()}); pass inplace_backward=False or logits.contiguous()"
+        )
+
+
 @with_loss_options
 def ppo_loss(
     logits: torch.Tensor,
@@ -82,6 +108,8 @@ def ppo_loss(
     ref_logprobs: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     *,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     options: Optional[LossOptions] = None,
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
     inplace_backward: bool = False,
@@ -90,11 +118,13 @@ def ppo_loss(
     process_group=None,
     **loss_options,
 ) -> PPOLossOutput:
-    """Fused PPO loss for logits ``[..., V]`` and targets ``[...]`` (docs/contract.md).
+    """PPO loss (and its variants) for logits ``[..., V]`` and targets ``[...]`` (docs/contract.md).
 
-    The loss options (``clip_eps``, ``kl_coef``, ``loss_agg``, ...; see
+    The loss options (``clip_eps``, ``kl_coef``, ``loss_agg``, ``policy_loss``, ...; see
     :class:`~rlhf_fast.LossOptions`) are keyword arguments, or one ``options=LossOptions(...)``
-    object (keywords given as well replace its fields).
+    object (keywords given as well replace its fields). ``rollout_logprobs`` ``[...]`` are the
+    inference engine's log-probs (for ``rollout_is``); ``cu_seqlens`` ``[S + 1]`` marks packed
+    sequences in a flattened leading shape.
 
     Returns :class:`PPOLossOutput`: the differentiable fp32 loss, detached fp32 per-token
     log-probs and entropy (0 where masked) and the metrics. With ``inplace_backward=True``
@@ -108,28 +138,35 @@ def ppo_loss(
     """
     options = LossOptions.from_kwargs(options, loss_options, "ppo_loss")
     check_logits(logits)
+    check_inplace(logits, inplace_backward)
     x = inputs.prepare(
         logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype, targets, advantages, old_logprobs,
-        ref_logprobs, mask, options, validate=validate, global_num_tokens=global_num_tokens,
-        process_group=process_group,
+        ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
+        global_num_tokens=global_num_tokens, process_group=process_group,
     )
     name = backends.resolve(backend, logits)
     if name == "eager" and process_group is None:
-        shape = x.shape
-        loss, lp, entropy, metrics = reference.ppo_loss(
-            logits, x.targets.view(shape), x.valid.view(shape), x.weights.view(shape), x.advantages.view(shape),
-            None if x.old_logprobs is None else x.old_logprobs.view(shape),
-            None if x.ref_logprobs is None else x.ref_logprobs.view(shape), x.params,
-        )
-        return PPOLossOutput(loss, lp, entropy, metrics)
+        return reference.ppo_loss(logits, x)
+    ops = row_ops(name, process_group)
+    if not options.is_plain_ppo:  # a variant or correction: fused statistics, the per-token math on [N]
+        lp, entropy = RowLogprobs.apply(rows_view(logits), x.targets, options.temperature, ops, inplace_backward)
+        return reference.finish_token_loss(lp, entropy, x)
     loss, lp, entropy, ratio, pg, kl = FusedPPOLoss.apply(
         rows_view(logits), x.targets, x.valid, x.weights, x.advantages, x.old_logprobs, x.ref_logprobs, x.params,
-        row_ops(name, process_group), inplace_backward,
+        ops, inplace_backward,
     )
-    return finish(loss, lp, entropy, ratio, pg, kl, x.valid, x.shape, x.advantages, x.old_logprobs, x.params)
+    return fused_output(loss, lp, entropy, ratio, pg, kl, x)
 
 
-@torch.no_grad()
+def fused_output(loss, logprobs, entropy, ratio, pg, kl, x: inputs.LossInputs) -> PPOLossOutput:
+    """Metrics and outputs of the one-pass fused PPO loss's per-token results ``[N]``."""
+    log_ratio = logprobs - x.old_logprobs if x.old_logprobs is not None else torch.zeros_like(logprobs)
+    clipped, dual = reference.clip_flags(ratio, x.advantages, x.params)
+    metrics = loss_metrics(x.valid, MetricInputs(pg, kl, entropy, ratio, ratio, log_ratio, clipped, dual, None),
+                           1.0 - x.params.clip_eps_low, 1.0 + x.params.clip_eps_high)
+    return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
+
+
 def logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -140,21 +177,36 @@ def logprobs(
     backend: str = "auto",
     process_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Log-probs of the targets ``[...]`` (fp32, no grad, 0 where masked) for old/ref policies.
+    """Log-probs of the targets ``[...]`` (fp32, 0 where masked); ``(logprobs, entropy)`` with ``with_entropy``.
 
-    With ``with_entropy=True`` returns ``(logprobs, entropy)``. Never materialises the
-    full-vocabulary log-softmax on a fused backend. ``process_group``: as in :func:`ppo_loss`.
+    Never materialises the full-vocabulary log-softmax on a fused backend. When grad mode is on
+    and ``logits`` require grad, the outputs are differentiable: the gradient of any function
+    of them flows to the logits through the backend's fused backward (no ``[N, V]`` temporary
+    but d(logits) itself); otherwise this is the no-grad pass for old/reference log-probs.
+    ``process_group``: as in :func:`ppo_loss`.
     """
     LossOptions(temperature=temperature)  # validates τ
     check_logits(logits)
-    safe, valid = inputs.prepare_targets(
-        logits.shape[:-1], logits.shape[-1], logits.device, targets, mask, True, process_group
-    )
-    ops = row_ops(backends.resolve(backend, logits), process_group)
-    lp, entropy, _, _ = ops.logprobs(rows_view(logits), safe, float(temperature), with_entropy)
+    checks = inputs.Checks(True)
+    safe, valid = inputs.prepare_targets(logits.shape[:-1], logits.shape[-1], logits.device, targets, mask, checks,
+                                         process_group)
+    checks.resolve()
+    name = backends.resolve(backend, logits)
     shape = logits.shape[:-1]
-    lp = torch.where(valid, lp, torch.zeros_like(lp)).view(shape)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        with torch.no_grad():
+            lp, entropy, _, _ = row_ops(name, process_group).logprobs(rows_view(logits), safe, float(temperature),
+                                                                      with_entropy)
+    elif name == "eager" and process_group is None:
+        lp, entropy, _, _ = reference.selective_logprobs_entropy(logits, safe.view(shape), temperature,
+                                                                 valid.view(shape))
+        lp, entropy = lp.reshape(-1), entropy.reshape(-1)
+    else:
+        lp, entropy = RowLogprobs.apply(rows_view(logits), safe, float(temperature), row_ops(name, process_group),
+                                        False)
+    dtype = inputs.compute_dtype(logits.dtype)
+    lp = torch.where(valid, lp.to(dtype), torch.zeros((), dtype=dtype, device=lp.device)).view(shape)
     if not with_entropy:
         return lp
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy)).view(shape)
+    entropy = torch.where(valid, entropy.to(dtype), torch.zeros((), dtype=dtype, device=lp.device)).view(shape)
     return lp, entropy

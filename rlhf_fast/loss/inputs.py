@@ -1,20 +1,26 @@
 """Input preparation shared by the logits and fused-linear losses.
 
 Both losses check and flatten their per-token inputs here, once, into :class:`LossInputs`:
-the checks of the contract's "inputs that must be rejected" section (``ValueError`` naming
-the argument), sanitised targets, the valid mask, per-row fp32 vectors and the aggregation
-weights. The caller only checks what is its own (the logits tensor, or hidden/weight/bias).
+the checks of the contract's "inputs that are refused" section (``ValueError`` naming the
+argument), sanitised targets, the valid mask, per-row vectors (constants: detached), the
+sequences the per-token math and the aggregation need, and the aggregation weights. The
+caller only checks what is its own (the logits tensor, or hidden/weight/bias).
+
+Value checks on device tensors (target range, a {0, 1} mask, ``global_num_tokens``,
+``cu_seqlens``) cost one host synchronisation together when ``validate=True``; inside
+``torch.compile`` they become asynchronous device assertions.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ..backends.rows import RowParams
 from .aggregation import aggregation_weights
 from .options import LossOptions
+from .policy import Sequences
 
 
 class LossInputs(NamedTuple):
@@ -26,8 +32,40 @@ class LossInputs(NamedTuple):
     advantages: torch.Tensor  # [N] fp32 (fp64 for fp64 logits), 0 where masked
     old_logprobs: Optional[torch.Tensor]  # [N] or None
     ref_logprobs: Optional[torch.Tensor]  # [N] or None
+    rollout_logprobs: Optional[torch.Tensor]  # [N] or None (only with a rollout correction)
+    sequences: Optional[Sequences]  # which tokens form a sequence, when known
     weights: torch.Tensor  # [N] aggregation weights: loss = Σ w·ℓ
-    params: RowParams  # what a row backend sees
+    options: LossOptions
+    params: RowParams  # what a fused row backend sees
+
+
+class Checks:
+    """Value checks on device tensors, resolved together with one host synchronisation."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._pending: List[Tuple[torch.Tensor, Callable[[], str]]] = []
+
+    def fail_if(self, bad: torch.Tensor, message: Callable[[], str], what: str) -> None:
+        """Raise ``ValueError(message())`` when the 0-d bool tensor ``bad`` is true.
+
+        ``what`` is the short, data-free message of the asynchronous assertion used inside
+        ``torch.compile`` (no host sync there; a RuntimeError when it fires).
+        """
+        if not self.enabled:
+            return
+        if torch.compiler.is_compiling():
+            torch._assert_async(~bad, f"rlhf_fast: {what}")
+        else:
+            self._pending.append((bad, message))
+
+    def resolve(self) -> None:
+        if not self._pending:
+            return
+        flags = torch.stack([bad.reshape(()).to(torch.bool) for bad, _ in self._pending]).tolist()
+        for flag, (_, message) in zip(flags, self._pending):
+            if flag:
+                raise ValueError(message())
 
 
 def check_tensor(name: str, t, device: torch.device, other: str = "logits") -> None:
@@ -43,7 +81,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def prepare_targets(
-    lead: torch.Size, vocab: int, device: torch.device, targets, mask, validate: bool, process_group=None,
+    lead: torch.Size, vocab: int, device: torch.device, targets, mask, checks: Checks, process_group=None,
     other: str = "logits",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(targets [N], valid [N])``: ids checked against the vocabulary, sanitised where masked.
@@ -64,23 +102,23 @@ def prepare_targets(
         check_tensor("mask", mask, device, other)
         if mask.shape != lead:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match targets shape {tuple(lead)}")
+        if mask.is_complex():
+            raise ValueError(f"mask must be bool or hold 0 and 1, got {mask.dtype}")
         valid = mask if mask.dtype == torch.bool else mask != 0
+        if mask.dtype != torch.bool:
+            checks.fail_if(((mask != 0) & (mask != 1)).any(),
+                           lambda: "mask must be bool or hold only 0 and 1 (a fractional or NaN mask is not a "
+                                   "weight); pass mask.bool() or mask != 0", "mask must hold only 0 and 1")
     total_vocab = vocab
     if process_group is not None:  # this rank holds a vocabulary shard
         from .vocab_parallel import shard_range
 
         vocab_start, total_vocab = shard_range(vocab, device, process_group)
     in_range = (targets >= 0) & (targets < total_vocab)
-    if validate and torch.compiler.is_compiling():
-        # No host sync inside a compiled graph: an asynchronous device assertion instead
-        # (a RuntimeError when it fires, rather than the eager path's ValueError).
-        torch._assert_async(~(valid & ~in_range).any(), "rlhf_fast: targets has ids outside [0, V) at valid positions")
-    elif validate and bool((valid & ~in_range).any()):
-        bad = targets[valid & ~in_range]
-        raise ValueError(
-            f"targets has ids outside [0, {int(total_vocab)}) at valid positions, e.g. {bad[:5].tolist()} "
-            "(mask them out, or fix the vocabulary size)"
-        )
+    bad = valid & ~in_range
+    checks.fail_if(bad.any(), lambda: (
+        f"targets has ids outside [0, {int(total_vocab)}) at valid positions, e.g. {targets[bad][:5].tolist()} "
+        "(mask them out, or fix the vocabulary size)"), "targets has ids outside [0, V) at valid positions")
     if process_group is None:
         safe = torch.where(valid & in_range, targets, torch.zeros_like(targets))
     else:
@@ -92,38 +130,79 @@ def prepare_targets(
 
 def per_row(
     name: str, t, shape: torch.Size, valid: torch.Tensor, device, dtype: torch.dtype,
-    allow_per_sequence: bool = False, other: str = "logits",
+    sequences: Optional[Sequences] = None, other: str = "logits", allow_per_sequence: bool = False,
 ) -> Optional[torch.Tensor]:
-    """A per-token float input as a contiguous ``[N]`` vector in ``dtype``, 0 where masked."""
+    """A per-token float input as a contiguous, detached ``[N]`` vector in ``dtype``, 0 where masked.
+
+    With ``allow_per_sequence``, one value per sequence is accepted too (``[S]`` with
+    ``sequences``, or ``[B]`` for a ``[B, ...]`` shape) and broadcast over its tokens (a
+    per-token tensor wins when S = N). Inputs are constants of the loss: detached.
+    """
     if t is None:
         return None
     check_tensor(name, t, device, other)
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.shape != shape:
-        per_seq = allow_per_sequence and len(shape) >= 2 and t.shape == shape[:1]
-        if not per_seq:
-            hint = f" or [{shape[0]}] (one per sequence)" if allow_per_sequence and len(shape) >= 2 else ""
-            raise ValueError(f"{name} shape {tuple(t.shape)} must be {tuple(shape)}{hint}")
-        t = t.reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape)
-    t = t.to(dtype).reshape(-1)
+    t = t.detach()
+    if t.shape == shape:
+        t = t.reshape(-1)
+    elif allow_per_sequence and sequences is not None and t.shape == (sequences.count,):
+        t = sequences.expand(t)
+    elif allow_per_sequence and len(shape) >= 2 and t.shape == shape[:1]:  # [B] over [B, T, ...]
+        t = t.reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape).reshape(-1)
+    else:
+        count = sequences.count if sequences is not None else shape[0] if allow_per_sequence and len(shape) >= 2 \
+            else None
+        hint = f" or [{count}] (one per sequence)" if count is not None else ""
+        raise ValueError(f"{name} shape {tuple(t.shape)} must be {tuple(shape)}{hint}")
+    t = t.to(dtype)
     # Padding values (NaN, inf) at masked positions must not leak into the loss or its gradient.
     return torch.where(valid, t, torch.zeros_like(t)).contiguous()
 
 
-def loss_weights(shape: torch.Size, valid: torch.Tensor, loss_agg: str, global_num_tokens) -> torch.Tensor:
-    """Per-token aggregation weights ``[N]`` after checking ``global_num_tokens``."""
-    if loss_agg != "token-mean":
-        if len(shape) != 2:
-            raise ValueError(f"loss_agg {loss_agg!r} needs targets of shape [B, T], got {tuple(shape)}")
-        if global_num_tokens is not None:
-            raise ValueError("global_num_tokens applies to loss_agg='token-mean' only")
-    if global_num_tokens is not None and not isinstance(global_num_tokens, torch.Tensor):
-        if isinstance(global_num_tokens, bool) or not isinstance(global_num_tokens, (int, float)):
-            raise ValueError(f"global_num_tokens must be a number or a tensor, got {global_num_tokens!r}")
-        if global_num_tokens <= 0:
-            raise ValueError(f"global_num_tokens must be > 0, got {global_num_tokens!r}")
-    return aggregation_weights(valid.view(shape), loss_agg, global_num_tokens).reshape(-1).contiguous()
+def sequences_of(lead: torch.Size, device, cu_seqlens, checks: Checks, other: str = "logits") -> Optional[Sequences]:
+    """The sequences of the tokens: from ``cu_seqlens`` (packed), else the rows of a ``[B, T]`` shape."""
+    n = lead.numel()
+    if cu_seqlens is None:
+        if len(lead) != 2:
+            return None
+        batch, seq = lead
+        index = torch.arange(batch, device=device).repeat_interleave(seq)
+        return Sequences(index, batch)
+    check_tensor("cu_seqlens", cu_seqlens, device, other)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [S + 1], got {cu_seqlens.dtype} "
+                         f"of shape {tuple(cu_seqlens.shape)}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    checks.fail_if((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n) | (lengths < 0).any(), lambda: (
+        f"cu_seqlens must start at 0, end at the number of tokens N = {n} and never decrease, got "
+        f"{cu_seqlens[:8].tolist()}{' …' if cu_seqlens.numel() > 8 else ''} (ending at {int(cu_seqlens[-1])})"),
+        "cu_seqlens must start at 0, end at N and never decrease")
+    checks.resolve()  # a malformed cu_seqlens would make the index below meaningless
+    count = cu_seqlens.numel() - 1
+    index = torch.repeat_interleave(torch.arange(count, device=device), lengths.long(), output_size=n)
+    return Sequences(index, count)
+
+
+def check_global_num_tokens(value, device, checks: Checks) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"global_num_tokens must be a number or a one-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"global_num_tokens is on {value.device} but the loss is on {device}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"global_num_tokens must hold a count, got dtype {value.dtype}")
+        checks.fail_if(~(value.to(torch.float64) > 0).all() | ~torch.isfinite(value.to(torch.float64)).all(),
+                       lambda: f"global_num_tokens must be a finite number > 0, got {value.reshape(()).item()!r}",
+                       "global_num_tokens must be a finite number > 0")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"global_num_tokens must be a number or a tensor, got {value!r}")
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"global_num_tokens must be a finite number > 0, got {value!r}")
 
 
 def prepare(
@@ -139,6 +218,8 @@ def prepare(
     options: LossOptions,
     *,
     validate: bool,
+    rollout_logprobs=None,
+    cu_seqlens=None,
     global_num_tokens=None,
     process_group=None,
     other: str = "logits",
@@ -149,12 +230,35 @@ def prepare(
     vocabulary size and ``dtype`` their dtype.
     """
     params = options.row_params(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None)
-    safe, valid = prepare_targets(lead, vocab, device, targets, mask, validate, process_group, other)
+    if options.rollout_is != "none" and rollout_logprobs is None:
+        raise ValueError(f"rollout_is={options.rollout_is!r} needs rollout_logprobs (the inference engine's "
+                         "log-probs of the sampled tokens)")
+    checks = Checks(validate)
+    safe, valid = prepare_targets(lead, vocab, device, targets, mask, checks, process_group, other)
+    sequences = sequences_of(lead, device, cu_seqlens, checks, other)
+    if sequences is None and (options.needs_sequences or options.loss_agg != "token-mean"):
+        what = (f"loss_agg {options.loss_agg!r}" if options.loss_agg != "token-mean"
+                else "policy_loss='gspo'" if options.policy_loss == "gspo" else "rollout_is_level='sequence'")
+        raise ValueError(f"{what} needs sequences: targets of shape [B, T], or cu_seqlens for packed input "
+                         f"(got targets of shape {tuple(lead)})")
     if advantages is None:
         raise ValueError("advantages must be a tensor, got None")
     compute = compute_dtype(dtype)
-    adv = per_row("advantages", advantages, lead, valid, device, compute, allow_per_sequence=True, other=other)
+    adv = per_row("advantages", advantages, lead, valid, device, compute, sequences, other, allow_per_sequence=True)
     old = per_row("old_logprobs", old_logprobs, lead, valid, device, compute, other=other)
     ref = per_row("ref_logprobs", ref_logprobs, lead, valid, device, compute, other=other)
-    weights = loss_weights(lead, valid, options.loss_agg, global_num_tokens)
-    return LossInputs(safe, valid, lead, adv, old, ref, weights, params)
+    rollout = None
+    if options.rollout_is != "none":
+        rollout = per_row("rollout_logprobs", rollout_logprobs, lead, valid, device, compute, other=other)
+    if options.loss_agg != "token-mean" and global_num_tokens is not None:
+        raise ValueError("global_num_tokens applies to loss_agg='token-mean' only")
+    check_global_num_tokens(global_num_tokens, device, checks)
+    norm_length = options.norm_length
+    if options.loss_agg == "seq-mean-token-sum-norm" and norm_length is None:
+        if cu_seqlens is not None:
+            raise ValueError("loss_agg='seq-mean-token-sum-norm' with cu_seqlens needs norm_length (e.g. the "
+                             "maximum completion length, as TRL's dr_grpo uses)")
+        norm_length = lead[1]
+    checks.resolve()
+    weights = aggregation_weights(valid, options.loss_agg, sequences, global_num_tokens, norm_length, compute)
+    return LossInputs(safe, valid, lead, adv, old, ref, rollout, sequences, weights.contiguous(), options, params)

@@ -12,6 +12,8 @@ from .options import OPTION_NAMES, LossOptions
 
 _CALL_OPTIONS = frozenset({"global_num_tokens", "inplace_backward", "validate", "backend", "process_group"})
 """Keyword arguments of ppo_loss that are not loss options but may be fixed at construction too."""
+_PER_CALL_TENSORS = frozenset({"rollout_logprobs", "cu_seqlens"})
+"""Per-call tensors of ppo_loss, keywords of :meth:`PPOLoss.forward`."""
 
 
 class PPOLoss(torch.nn.Module):
@@ -44,10 +46,11 @@ class PPOLoss(torch.nn.Module):
         mask: Optional[torch.Tensor] = None,
         **per_call,
     ) -> PPOLossOutput:
-        """``per_call``: call options for this call only (e.g. ``global_num_tokens``)."""
-        unknown = set(per_call) - _CALL_OPTIONS
+        """``per_call``: this call's ``rollout_logprobs``, ``cu_seqlens`` and call options (``global_num_tokens``)."""
+        unknown = set(per_call) - _CALL_OPTIONS - _PER_CALL_TENSORS
         if unknown:
-            raise ValueError(f"PPOLoss.forward: unknown keyword(s) {sorted(unknown)}; valid: {sorted(_CALL_OPTIONS)}")
+            raise ValueError(f"PPOLoss.forward: unknown keyword(s) {sorted(unknown)}; valid: "
+                             f"{sorted(_CALL_OPTIONS | _PER_CALL_TENSORS)}")
         return ppo_loss(logits, targets, advantages, old_logprobs, ref_logprobs, mask, options=self.loss_options,
                         **{**self.call_options, **per_call})
 

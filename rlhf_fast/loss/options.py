@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
 
 from ..backends.rows import RowParams
-from ..registry import Registry
+from .policy import POLICY_LOSSES
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 """Names accepted by ``kl_estimator``; a backend receives the index into this tuple."""
@@ -36,10 +36,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any):
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-POLICY_LOSSES = Registry("policy loss")
-"""Policy-loss variants by name (``policy_loss=``); each registers its per-token math in
-:mod:`rlhf_fast.loss.reference`."""
-POLICY_LOSSES.register("ppo", "the clipped surrogate (asymmetric clip, dual clip) of the contract")
+
+ROLLOUT_IS_MODES = ("none", "truncate", "mask")
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38  # the smallest normal fp32 number
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,23 @@ class LossOptions:
     temperature: float = option(1.0, "τ: logits are divided by τ before everything else.")
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
         option("token-mean", "How per-token losses are aggregated into the loss."))
-    policy_loss: str = option("ppo", "Policy-loss variant (one of POLICY_LOSSES).")
+    policy_loss: str = option("ppo", 'Policy-loss variant: "ppo", "gspo", "cispo" or "sapo" (POLICY_LOSSES).')
+    sapo_tau_pos: float = option(1.0, "SAPO gate temperature κ for positive advantages.")
+    sapo_tau_neg: float = option(1.05, "SAPO gate temperature κ for negative advantages.")
+    rollout_is: Literal["none", "truncate", "mask"] = option(
+        "none", "Importance correction for the inference engine's sampling (needs rollout_logprobs per call).")
+    rollout_is_level: Literal["token", "sequence"] = option(
+        "token", "Rollout importance weight per token, or one per sequence.")
+    rollout_is_min: Optional[float] = option(None, "Lower bound of the rollout importance weight (None = none).")
+    rollout_is_max: Optional[float] = option(2.0, "Upper bound of the rollout importance weight (None = none).")
+    kl_ratio_weighted: bool = option(
+        False, "Weight each token's KL by its ratio r (the unbiased KL of TRL's use_bias_correction_kl).")
+    log_ratio_clamp: Optional[float] = option(
+        None, "Clamp each token's log-ratio to [−c, c] before exp (verl / OpenRLHF use 20); None = off.")
+    kl_clamp: Optional[float] = option(
+        None, "Clamp the KL value to [−c, c] (verl clamps k3 at 10); None = off.")
+    norm_length: Optional[float] = option(
+        None, "seq-mean-token-sum-norm divides by B·norm_length (default T; required for packed input).")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -87,7 +104,48 @@ class LossOptions:
             problems.append(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         if self.policy_loss not in POLICY_LOSSES:
             problems.append(f"policy_loss must be one of {POLICY_LOSSES.names()}, got {self.policy_loss!r}")
+        elif self.dual_clip is not None and not POLICY_LOSSES.get(self.policy_loss).takes_dual_clip:
+            problems.append(f"dual_clip applies to policy_loss 'ppo' and 'gspo' only, not {self.policy_loss!r}")
+        for name in ("clip_eps", "clip_eps_high"):  # 1 + ε must stay a finite fp32 number
+            value = getattr(self, name)
+            if _is_real(value) and math.isfinite(value) and value >= FP32_MAX / 2:
+                problems.append(f"{name} must be < {FP32_MAX / 2:.3g} (1 + ε must be a finite fp32 number), "
+                                f"got {value!r}")
+        if _is_real(self.temperature) and 0 < self.temperature < FP32_TINY:
+            problems.append(f"temperature must be ≥ {FP32_TINY:.3g} (a normal fp32 number), got {self.temperature!r}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "log_ratio_clamp", "kl_clamp", "norm_length"):
+            value = getattr(self, name)
+            if value is None and name in ("log_ratio_clamp", "kl_clamp", "norm_length"):
+                continue
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} must be a finite number > 0, got {value!r}")
+        if self.rollout_is not in ROLLOUT_IS_MODES:
+            problems.append(f"rollout_is must be one of {ROLLOUT_IS_MODES}, got {self.rollout_is!r}")
+        if self.rollout_is_level not in ROLLOUT_IS_LEVELS:
+            problems.append(f"rollout_is_level must be one of {ROLLOUT_IS_LEVELS}, got {self.rollout_is_level!r}")
+        if self.rollout_is in ("truncate", "mask"):
+            low, high = self.rollout_is_min, self.rollout_is_max
+            for name, value in (("rollout_is_min", low), ("rollout_is_max", high)):
+                if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
+                    problems.append(f"{name} must be a finite number ≥ 0 or None, got {value!r}")
+            if low is None and high is None:
+                problems.append(f"rollout_is={self.rollout_is!r} needs rollout_is_min or rollout_is_max (both None)")
+            elif low is not None and high is not None and _is_real(low) and _is_real(high) and low > high:
+                problems.append(f"rollout_is_min ({low}) must be ≤ rollout_is_max ({high})")
+        if not isinstance(self.kl_ratio_weighted, bool):
+            problems.append(f"kl_ratio_weighted must be a bool, got {self.kl_ratio_weighted!r}")
         return problems
+
+    @property
+    def is_plain_ppo(self) -> bool:
+        """Options the one-pass fused kernels compute entirely (no variant, correction or clamp)."""
+        return (self.policy_loss == "ppo" and self.rollout_is == "none" and not self.kl_ratio_weighted
+                and self.log_ratio_clamp is None and self.kl_clamp is None)
+
+    @property
+    def needs_sequences(self) -> bool:
+        """Whether the per-token math needs to know which tokens form a sequence."""
+        return self.policy_loss == "gspo" or (self.rollout_is != "none" and self.rollout_is_level == "sequence")
 
     @property
     def clip_high(self) -> float:

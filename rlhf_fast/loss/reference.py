@@ -2,25 +2,30 @@
 
 Two layers, both plain PyTorch:
 
-* the differentiable math (``selective_logprobs_entropy``, ``per_token_loss``,
-  ``ppo_loss``), which autograd differentiates; this is the ``"eager"`` backend;
-* the kernel contract in closed form (``token_forward``, ``token_backward``,
-  ``token_logprobs``): exactly what a fused backend computes per row, written so a
-  kernel can be compared against it term by term.
+* the differentiable math: :func:`selective_logprobs_entropy` here, then the per-token math of
+  every policy-loss variant in :mod:`.policy`; :func:`ppo_loss` is the ``"eager"`` backend,
+  which autograd differentiates;
+* the row-kernel contract of the plain PPO loss in closed form (:func:`token_forward`,
+  :func:`token_backward`, :func:`token_logprobs`): exactly what a fused backend computes per
+  row, written so a kernel can be compared against it term by term. It is also a row backend
+  (``REFERENCE_OPS``, registered as ``"eager"``).
 
-Shapes: ``N`` rows (tokens), ``V`` vocabulary. Logits of any float dtype are upcast
-to fp32 (fp64 stays fp64, for gradcheck).
+Shapes: ``N`` rows (tokens), ``V`` vocabulary. Logits of any float dtype are upcast to fp32
+(fp64 stays fp64, for gradcheck).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import backends
 from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
-from .aggregation import loss_metrics
+from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
+from .inputs import LossInputs
+from .options import KL_ESTIMATORS, LossOptions
+from .policy import kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -28,18 +33,22 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def selective_logprobs_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of each target, entropy, row max and log-sum; differentiable in lp and H.
 
     logits ``[..., V]``, targets ``[...]`` (valid ids). Returns ``(lp, H, m, log s)`` ``[...]``
-    with x = logits / τ, m = max x (0 for a row without a finite maximum), s = Σ exp(x − m).
+    with x = logits / τ, m = max x (−inf for a row of −inf only), s = Σ exp(x − m).
+    With ``valid`` ``[...]``, masked rows are computed on zero logits: whatever they hold (−inf
+    everywhere, NaN padding) gives finite values and an exactly zero gradient there.
     """
     x = logits.to(_compute_dtype(logits)) / temperature
+    if valid is not None:
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     # Centre on the row max: lp = (x_y − m) − log s and H = log s − Σ p·(x − m) have no
     # cancellation between large numbers (x_y − lse or lse − Σ p·x lose |lse|·ulp).
-    row_max = x.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    true_max = x.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(true_max), true_max, torch.zeros_like(true_max))  # keep it out of x − m
     z = x - row_max
     log_s = torch.logsumexp(z, dim=-1)
     lp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
@@ -48,45 +57,17 @@ def selective_logprobs_entropy(
     # 0·(−inf) never makes a NaN, in the value or in the gradient.
     z_finite = torch.where(z == float("-inf"), torch.zeros_like(z), z)
     entropy = log_s - (p * z_finite).sum(-1)
-    return lp, entropy, row_max.squeeze(-1), log_s
+    return lp, entropy, true_max.squeeze(-1), log_s
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int) -> torch.Tensor:
-    """KL estimator (per-token math of the contract) from δ = ref − lp; differentiable in ``logprobs``."""
-    delta = ref_logprobs - logprobs
-    k2 = 0.5 * delta * delta
-    if estimator == 0:  # k1
-        return -delta
-    if estimator == 1:  # k2
-        return k2
-    k3 = torch.exp(delta) - delta - 1.0
-    if estimator == 2:  # k3
-        return k3
-    return k2 + (k3 - k2).detach()  # k3+: value of k3, gradient of k2
-
-
-def per_token_loss(
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor],
-    ref_logprobs: Optional[torch.Tensor],
-    params: RowParams,
-) -> Dict[str, torch.Tensor]:
-    """ℓ = pg + β·kl − η·H per token, with its parts; differentiable in lp and H."""
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    log_ratio = logprobs - old
-    ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high)
-    pg = torch.maximum(-advantages * ratio, -advantages * clipped)
-    if params.has_dual_clip:
-        pg = torch.where(advantages < 0, torch.minimum(pg, -params.dual_clip * advantages), pg)
-    if params.has_ref:
-        kl = kl_estimate(logprobs, ref_logprobs, params.kl_estimator)
-    else:
-        kl = torch.zeros_like(logprobs)
-    loss = pg + params.kl_coef * kl - params.entropy_coef * entropy
-    return {"loss": loss, "pg": pg, "kl": kl, "ratio": ratio, "log_ratio": log_ratio}
+def plain_options(params: RowParams) -> LossOptions:
+    """The loss options of a row backend's parameters (the plain PPO loss)."""
+    return LossOptions(
+        clip_eps=params.clip_eps_low, clip_eps_high=params.clip_eps_high,
+        dual_clip=params.dual_clip if params.has_dual_clip else None, kl_coef=params.kl_coef,
+        kl_estimator=KL_ESTIMATORS[params.kl_estimator], entropy_coef=params.entropy_coef,
+        temperature=params.temperature,
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -95,13 +76,21 @@ def per_token_loss(
 
 
 def surrogate_active(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """Where the unclipped branch −A·r carries the gradient."""
+    """Where the unclipped branch −A·r carries the gradient (a zero advantage carries none)."""
     inactive = ((advantages > 0) & (ratio > 1.0 + params.clip_eps_high)) | (
         (advantages < 0) & (ratio < 1.0 - params.clip_eps_low)
     )
     if params.has_dual_clip:
         inactive = inactive | ((advantages < 0) & (ratio > params.dual_clip))
-    return ~inactive
+    return ~inactive & (advantages != 0)
+
+
+def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams):
+    """(clipped, dual) per token: the surrogate is clipped (clipfrac), the dual clip is active (clipfrac_lower)."""
+    clipped = ((advantages > 0) & (ratio > 1.0 + params.clip_eps_high)) | (
+        (advantages < 0) & (ratio < 1.0 - params.clip_eps_low))
+    dual = (advantages < 0) & (ratio > params.dual_clip) if params.has_dual_clip else torch.zeros_like(clipped)
+    return clipped, dual
 
 
 def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int) -> torch.Tensor:
@@ -140,12 +129,15 @@ def token_math(
     params: RowParams,
 ) -> TokenResults:
     """The per-token part of the forward, from each row's lp, H, m and log s ``[N]``."""
-    parts = per_token_loss(logprobs, entropy, advantages, old_logprobs, ref_logprobs, params)
-    ratio = parts["ratio"]
+    valid = torch.ones_like(logprobs, dtype=torch.bool)
+    terms = token_terms(logprobs, entropy, advantages, old_logprobs if params.has_old else None,
+                        ref_logprobs if params.has_ref else None, None, valid, None, plain_options(params))
+    ratio = terms.token_ratio
     dlogp = torch.where(surrogate_active(ratio, advantages, params), -advantages * ratio, 0.0)
+    dlogp = dlogp + torch.where(torch.isnan(terms.log_ratio), terms.log_ratio, 0.0)  # NaN in old reaches g
     if params.has_ref and params.kl_coef != 0.0:
         dlogp = dlogp + params.kl_coef * kl_grad(logprobs, ref_logprobs, params.kl_estimator)
-    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, parts["pg"], parts["kl"], parts["loss"], dlogp)
+    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp)
 
 
 @torch.no_grad()
@@ -169,12 +161,15 @@ def token_backward(
     shape = logits.shape
     logits = logits.reshape(-1, shape[-1])
     x = logits.to(_compute_dtype(logits)) / temperature
-    log_p = (x - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # a row of −inf only
+    log_p = (x - shift.unsqueeze(-1)) - log_sum.unsqueeze(-1)
     p = torch.exp(log_p)
     columns = torch.arange(x.shape[-1], device=x.device)
     one_hot = (columns == targets.reshape(-1, 1)).to(x.dtype)
     entropy_term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
     grad = coef_logprob.unsqueeze(-1) * (one_hot - p) + coef_entropy.unsqueeze(-1) * entropy_term
+    live = ((coef_logprob != 0) | (coef_entropy != 0)).unsqueeze(-1)  # a row without weight: exactly 0
+    grad = torch.where(live, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return (grad / temperature).to(logits.dtype).reshape(shape)
 
 
@@ -186,39 +181,30 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return RowStats(lp, entropy if with_entropy else None, row_max, log_sum)
 
 
-def ppo_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor,
-    weights: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor],
-    ref_logprobs: Optional[torch.Tensor],
-    params: RowParams,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-    """The eager backend: loss, per-token lp and H (detached, 0 where masked), metrics.
+def ppo_loss(logits: torch.Tensor, x: LossInputs) -> PPOLossOutput:
+    """The eager backend: autograd through the plain-PyTorch math, any policy loss and correction.
 
-    Inputs are already validated and broadcast: logits ``[..., V]``; targets, valid,
-    weights, advantages and the log-prob tensors ``[...]``; masked targets are valid ids.
+    ``x`` are the prepared inputs (:func:`rlhf_fast.loss.inputs.prepare`) of logits ``[..., V]``.
     """
-    lp, entropy, _, _ = selective_logprobs_entropy(logits, targets, params.temperature)
+    valid = x.valid.view(x.shape)
+    lp, entropy, _, _ = selective_logprobs_entropy(logits, x.targets.view(x.shape), x.options.temperature, valid)
+    return finish_token_loss(lp.reshape(-1), entropy.reshape(-1), x)
+
+
+def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs) -> PPOLossOutput:
+    """The loss, outputs and metrics from each row's differentiable lp and H ``[N]`` (eager or fused stats)."""
+    zeros = torch.zeros_like(logprobs)
     # A masked row's placeholder target may be a banned (−inf) token: zero lp and H there
     # so nothing downstream (exp(ref − lp) in k3) turns it into a NaN gradient.
-    zeros = torch.zeros_like(lp)
-    lp, entropy = torch.where(valid, lp, zeros), torch.where(valid, entropy, zeros)
-    parts = per_token_loss(lp, entropy, advantages, old_logprobs, ref_logprobs, params)
-    token_loss = torch.where(valid, parts["loss"], torch.zeros_like(parts["loss"]))
-    loss = (weights.to(token_loss.dtype) * token_loss).sum()
-    if loss.dtype != torch.float64:  # fp64 stays fp64, for gradcheck
-        loss = loss.to(torch.float32)
-    metrics = loss_metrics(
-        valid, advantages, parts["ratio"].detach(), parts["log_ratio"].detach(),
-        parts["pg"].detach(), parts["kl"].detach(), entropy.detach(), params,
-    )
-    lp_out, entropy_out = lp.detach(), entropy.detach()
-    if lp_out.dtype != torch.float64:
-        lp_out, entropy_out = lp_out.to(torch.float32), entropy_out.to(torch.float32)
-    return loss, lp_out, entropy_out, metrics
+    logprobs, entropy = torch.where(x.valid, logprobs, zeros), torch.where(x.valid, entropy, zeros)
+    terms = token_terms(logprobs, entropy, x.advantages, x.old_logprobs, x.ref_logprobs, x.rollout_logprobs,
+                        x.valid, x.sequences, x.options)
+    token_loss = torch.where(x.valid, terms.loss, torch.zeros_like(terms.loss))
+    loss = (x.weights.to(token_loss.dtype) * token_loss).sum()
+    metrics = loss_metrics(x.valid, MetricInputs(
+        terms.pg.detach(), terms.kl.detach(), entropy.detach(), terms.ratio, terms.token_ratio, terms.log_ratio,
+        terms.clipped, terms.dual, terms.rollout_weight), 1.0 - x.options.clip_eps, 1.0 + x.options.clip_high)
+    return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
 
 def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out):

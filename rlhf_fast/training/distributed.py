@@ -197,6 +197,7 @@ class DataParallel:
             sequence(samples.input_ids, pad_token_id), attention_mask, position_ids_from_mask(attention_mask),
             prompt_len, rows(samples.response_ids, reply_len, value=pad_token_id),
             rows(samples.response_mask, reply_len, value=False), rows(samples.lengths), rows(samples.has_eos),
+            None if samples.sampling_logprobs is None else rows(samples.sampling_logprobs, reply_len),
         )
         return local._replace(
             samples=gathered, old_logprobs=rows(local.old_logprobs, reply_len),

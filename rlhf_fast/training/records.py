@@ -19,6 +19,7 @@ class Samples(NamedTuple):
     response_mask: torch.Tensor  # [B, R] bool, True up to and including EOS
     lengths: torch.Tensor  # [B] long, reply length in tokens
     has_eos: torch.Tensor  # [B] bool, False when the reply hit max_new_tokens
+    sampling_logprobs: Optional[torch.Tensor] = None  # [B, R] fp32, the sampler's own log-probs (0 at padding)
 
     def replies(self) -> List[List[int]]:
         """The replies as unpadded token-id lists (EOS included when there is one)."""
@@ -99,4 +100,12 @@ METRICS: Dict[str, str] = {
     "early_stopped": "1 when approx_kl > 1.5× early_stop_approx_kl stopped the epoch loop",
     "step_time_s": "wall time of the step",
 }
-"""Every key of :attr:`StepRecord.metrics` (``extra_metrics`` adds its own)."""
+"""Every key of :attr:`StepRecord.metrics` (``extra_metrics`` adds its own; a rollout correction adds
+:data:`ROLLOUT_CORRECTION_METRICS`)."""
+
+ROLLOUT_CORRECTION_METRICS: Dict[str, str] = {
+    "rollout_weight_mean": "rollout importance weight w (rollout_is), mean over tokens and updates",
+    "rollout_weight_max": "rollout importance weight w, max over tokens, mean over updates",
+    "rollout_weight_masked": "fraction of tokens with w = 0 (rollout_is='mask'), mean over updates",
+}
+"""Keys of :attr:`StepRecord.metrics` when ``rollout_is`` is not "none"."""

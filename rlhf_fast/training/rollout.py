@@ -52,11 +52,15 @@ def sample_replies(
     pad_token_id: int,
     synced_gpus: bool = False,
     batch_size: Optional[int] = None,
+    with_logprobs: bool = False,
 ) -> Samples:
     """One reply per prompt: ``generate`` with do_sample at τ, no top-k / top-p, up to max_new_tokens.
 
     Uses torch's global RNG. ``batch_size`` generates that many prompts at a time (in order);
     ``synced_gpus``: every rank runs forwards until all ranks are done (sharded parameters, FSDP2).
+    ``with_logprobs``: also the sampler's own log-probs of the sampled tokens, from ``generate``'s
+    processed scores (its KV-cached forwards: what an inference engine reports as rollout
+    log-probs); this keeps a ``[B, V]`` score per generated token until the chunk is done.
     """
     from transformers import GenerationConfig
 
@@ -68,22 +72,36 @@ def sample_replies(
     synced = {"synced_gpus": True} if synced_gpus else {}
     step = batch_size or max(len(prompts), 1)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
-    chunks = []
+    if with_logprobs:
+        generation.output_scores, generation.return_dict_in_generate = True, True
+    chunks, chunk_logprobs = [], []
     for start in range(0, len(prompts), step):
         ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
         out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation, **synced)
-        chunks.append(out[:, prompt_ids.shape[1] :])
+        sequences = out.sequences if with_logprobs else out
+        reply = sequences[:, prompt_ids.shape[1] :]
+        chunks.append(reply)
+        if with_logprobs:  # scores: one [b, V] per step, the logits after every processor (÷ τ)
+            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+            chunk_logprobs.append(scores.gather(-1, reply[:, : scores.shape[1], None]).squeeze(-1))
     width = max(c.shape[1] for c in chunks)
-    response = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
+
+    def padded(tensors, value):
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+    response = padded(chunks, pad_token_id)
     is_eos = response == eos_token_id
     has_eos = is_eos.any(dim=1)
     lengths = torch.where(has_eos, is_eos.long().argmax(dim=1) + 1, torch.full_like(has_eos, width, dtype=torch.long))
     response_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
     response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    sampling_logprobs = None
+    if with_logprobs:
+        sampling_logprobs = torch.where(response_mask, padded(chunk_logprobs, 0.0), 0.0)
     return Samples(
         torch.cat([prompt_ids, response], dim=1), attention_mask, position_ids_from_mask(attention_mask),
-        prompt_ids.shape[1], response, response_mask, lengths, has_eos,
+        prompt_ids.shape[1], response, response_mask, lengths, has_eos, sampling_logprobs,
     )
 
 
@@ -126,7 +144,8 @@ def sample_and_score(
     """
     # 1. sample replies at τ
     samples = sample_replies(policy, step_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced_gpus)
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced_gpus,
+                             with_logprobs=cfg.rollout_is != "none")
     response_ids, response_mask = samples.response_ids, samples.response_mask
 
     # 2. old / reference log-probs at the same τ, and values of the states before each token

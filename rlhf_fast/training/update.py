@@ -127,6 +127,8 @@ def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows,
     targets, mask = rollout.samples.response_ids[rows], rollout.samples.response_mask[rows]
     args = (targets, rollout.advantages[rows], rollout.old_logprobs[rows], rollout.ref_logprobs[rows], mask)
     call = dict(options=cfg.loss_for_step(beta), backend=cfg.loss_backend)
+    if cfg.rollout_is != "none":  # the sampler's own log-probs (see sample_replies)
+        call["rollout_logprobs"] = rollout.samples.sampling_logprobs[rows]
     if global_num_tokens is not None:
         call["global_num_tokens"] = global_num_tokens
     head = lm_head(policy)

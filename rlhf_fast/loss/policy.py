@@ -1,0 +1,256 @@
+"""The per-token math of every policy-loss variant and correction, written once on ``[N]`` tensors.
+
+:func:`token_terms` turns each token's log-prob lp and entropy H (differentiable, from the
+eager reference or from a fused backend's :class:`~rlhf_fast.loss.autograd.RowLogprobs`) and
+the constants (advantages, old / reference / rollout log-probs) into the per-token loss
+ℓ_t = w_t·pg_t + β·kl_t − η·H_t and the quantities the metrics report. Autograd differentiates
+it; a fused backend's backward then turns d(loss)/d lp and d(loss)/dH into d(logits).
+
+Numerics (docs/contract.md): finite wherever the math is finite. A clipped or zero-advantage
+token takes no gradient through an overflowing ratio (the exponent is masked *before* exp, so
+autograd never forms 0·inf); a zero rollout weight or a zero coefficient never multiplies an
+infinite term; NaN in an input that enters the loss reaches the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+
+
+class Sequences(NamedTuple):
+    """Which tokens form a sequence: ``[B, T]`` rows, or packed with ``cu_seqlens``."""
+
+    index: Tensor  # [N] long: the sequence of each token
+    count: int  # S, the number of sequences
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Σ over each sequence's tokens ``[S]`` (differentiable in x)."""
+        return torch.zeros(self.count, dtype=x.dtype, device=x.device).index_add(0, self.index, x)
+
+    def expand(self, per_sequence: Tensor) -> Tensor:
+        """One value per sequence ``[S]`` → one per token ``[N]``."""
+        return per_sequence[self.index]
+
+
+class PolicyTerm(NamedTuple):
+    """A variant's per-token policy term and what the metrics report about it, ``[N]`` each."""
+
+    pg: Tensor  # the policy term (differentiable in lp)
+    ratio: Tensor  # the ratio the variant uses (s_b for gspo), detached: ratio_* metrics
+    clipped: Tensor  # bool: the term is clipped (clipfrac)
+    dual: Tensor  # bool: the dual clip is active (clipfrac_lower)
+
+
+class PolicyLoss(NamedTuple):
+    """A registered policy-loss variant."""
+
+    compute: Callable  # (lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm
+    takes_dual_clip: bool
+    needs_sequences: bool
+    description: str
+
+
+POLICY_LOSSES = Registry("policy loss")
+"""Policy-loss variants by name (``policy_loss=``)."""
+
+
+class TokenTerms(NamedTuple):
+    """Everything :func:`token_terms` computes, ``[N]`` each."""
+
+    loss: Tensor  # ℓ = w·pg + β·kl − η·H (differentiable)
+    pg: Tensor  # w·pg (differentiable)
+    kl: Tensor  # the KL term (after clamp and ratio weighting), differentiable
+    ratio: Tensor  # the ratio the variant uses, detached
+    token_ratio: Tensor  # r_t = exp(lp − old), detached
+    log_ratio: Tensor  # the token log-ratio lp − old, detached (approx_kl)
+    clipped: Tensor  # bool
+    dual: Tensor  # bool
+    rollout_weight: Optional[Tensor]  # w, detached; None without rollout correction
+
+
+# ----------------------------------------------------------------------------------
+# The variants
+# ----------------------------------------------------------------------------------
+
+
+def _clip_bounds(options):
+    low = 1.0 - options.clip_eps
+    high = 1.0 + (options.clip_eps if options.clip_eps_high is None else options.clip_eps_high)
+    return low, high
+
+
+def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, options) -> PolicyTerm:
+    """pg = max(−A·r, −A·clamp(r, 1 − ε_low, 1 + ε_high)) (and the dual clip), r = exp(log_ratio).
+
+    Written as −A·r where the unclipped branch is active and −A·bound elsewhere: the same
+    value, but a clipped or zero-advantage token takes no gradient and never forms 0·inf,
+    however large r is.
+    """
+    low, high = _clip_bounds(options)
+    ratio = torch.exp(log_ratio.detach())
+    clipped = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
+    if options.dual_clip is not None:
+        dual = (advantages < 0) & (ratio > options.dual_clip)
+    else:
+        dual = torch.zeros_like(clipped)
+    active = ~(clipped | dual) & (advantages != 0)
+    unclipped = torch.exp(torch.where(active, log_ratio, torch.zeros_like(log_ratio)))
+    bound = torch.where(advantages > 0, _full(log_ratio, high), _full(log_ratio, low))
+    if options.dual_clip is not None:
+        bound = torch.where(dual, _full(log_ratio, options.dual_clip), bound)
+    pg = -advantages * torch.where(active, unclipped, bound)
+    return PolicyTerm(_nan_from(log_ratio, pg), ratio, clipped, dual)
+
+
+def _full(like: Tensor, value: float) -> Tensor:
+    """``value`` as a 0-d tensor in ``like``'s dtype (fp64 stays exact; fp32 rounds once, as the kernels)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _nan_from(source: Tensor, value: Tensor) -> Tensor:
+    """``value`` with the NaNs of ``source`` (a zero advantage must not hide a NaN input)."""
+    return value + torch.where(torch.isnan(source), source, torch.zeros_like(source))
+
+
+def _ppo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
+    return clipped_surrogate(log_ratio, advantages, options)
+
+
+def _gspo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
+    """The token form of GSPO: ρ_t = sg(s_b)·exp(lp_t − sg(lp_t)), s_b = exp(mean of the raw log-ratios of b)."""
+    raw = torch.where(valid, raw_log_ratio.detach(), torch.zeros_like(raw_log_ratio))
+    tokens = sequences.sum(valid.to(raw.dtype))
+    log_s = sequences.sum(raw) / tokens.clamp_min(1.0)  # a sequence without a valid token: s_b = 1
+    if options.log_ratio_clamp is not None:
+        log_s = log_s.clamp(-options.log_ratio_clamp, options.log_ratio_clamp)
+    log_rho = sequences.expand(log_s) + (lp - lp.detach())  # value log s_b, gradient 1 w.r.t. lp_t
+    return clipped_surrogate(log_rho, advantages, options)
+
+
+def _cispo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
+    """CISPO (MiniMax-M1): −sg(clamp(r, 1 − ε_low, 1 + ε_high))·A·lp."""
+    low, high = _clip_bounds(options)
+    ratio = torch.exp(log_ratio.detach())
+    weight = ratio.clamp(low, high)
+    clipped = (ratio < low) | (ratio > high)
+    return PolicyTerm(-weight * advantages * lp, ratio, clipped, torch.zeros_like(clipped))
+
+
+def _sapo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
+    """SAPO's soft gate: −(4/κ)·σ(κ·(r − 1))·A, κ = sapo_tau_pos (A > 0) or sapo_tau_neg."""
+    kappa = torch.where(advantages > 0, _full(lp, options.sapo_tau_pos), _full(lp, options.sapo_tau_neg))
+    # σ(κ(r − 1)) is 1 in fp32 beyond κ(r − 1) = 40 (its gradient ~1e-16): cap the exponent there,
+    # so r never overflows and a saturated gate takes no gradient instead of 0·inf.
+    cap = math.log1p(40.0 / min(options.sapo_tau_pos, options.sapo_tau_neg))
+    gate = torch.sigmoid(kappa * (torch.exp(log_ratio.clamp(max=cap)) - 1.0))
+    pg = -(4.0 / kappa) * gate * advantages
+    ratio = torch.exp(log_ratio.detach())
+    no_clip = torch.zeros_like(advantages, dtype=torch.bool)
+    return PolicyTerm(_nan_from(log_ratio, pg), ratio, no_clip, no_clip)
+
+
+POLICY_LOSSES.register("ppo", PolicyLoss(_ppo, True, False, "the clipped surrogate (asymmetric clip, dual clip)"))
+POLICY_LOSSES.register("gspo", PolicyLoss(_gspo, True, True, "GSPO: the clipped surrogate of the sequence ratio"))
+POLICY_LOSSES.register("cispo", PolicyLoss(_cispo, False, False, "CISPO: clipped importance weight times A·lp"))
+POLICY_LOSSES.register("sapo", PolicyLoss(_sapo, False, False, "SAPO: a soft sigmoid gate on the ratio"))
+
+# ----------------------------------------------------------------------------------
+# KL, rollout correction, the per-token loss
+# ----------------------------------------------------------------------------------
+
+_KL_NAMES = ("k1", "k2", "k3", "k3+")
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
+    """KL estimator from δ = ref − lp (index into k1, k2, k3, k3+); differentiable in ``logprobs``."""
+    delta = ref_logprobs - logprobs
+    k2 = 0.5 * delta * delta
+    if estimator == 0:  # k1
+        return -delta
+    if estimator == 1:  # k2
+        return k2
+    k3 = torch.exp(delta) - delta - 1.0
+    if estimator == 2:  # k3
+        return k3
+    return k2 + (k3 - k2).detach()  # k3+: value of k3, gradient of k2
+
+
+def kl_term(logprobs: Tensor, ref_logprobs: Tensor, options) -> Tensor:
+    """The KL estimator, clamped to [−c, c] with ``kl_clamp`` (no gradient where clamped; k3+ keeps k2's)."""
+    estimator = _KL_NAMES.index(options.kl_estimator)
+    if options.kl_clamp is None:
+        return kl_estimate(logprobs, ref_logprobs, estimator)
+    c = options.kl_clamp
+    value = kl_estimate(logprobs.detach(), ref_logprobs, estimator)
+    if estimator == 3:  # k3+: value of the clamped k3, gradient of the unclamped k2
+        k2 = kl_estimate(logprobs, ref_logprobs, 1)
+        return k2 + (value.clamp(-c, c) - k2).detach()
+    clamped = (value > c) | (value < -c)
+    # where clamped, the estimator sees a constant δ = 0: no gradient, and no inf to multiply by 0
+    inside = torch.where(clamped, ref_logprobs, logprobs)
+    return torch.where(clamped, value.clamp(-c, c), kl_estimate(inside, ref_logprobs, estimator))
+
+
+def rollout_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, valid: Tensor,
+                    sequences: Optional[Sequences], options) -> Tensor:
+    """The rollout importance weight w ``[N]`` (no gradient): truncated or masked ρ, per token or sequence."""
+    log_rho = torch.where(valid, old_logprobs.detach() - rollout_logprobs, torch.zeros_like(rollout_logprobs))
+    if options.rollout_is_level == "sequence":
+        log_rho = sequences.expand(sequences.sum(log_rho).clamp(-20.0, 20.0))
+    rho = torch.exp(log_rho)
+    low, high = options.rollout_is_min, options.rollout_is_max
+    if options.rollout_is == "truncate":
+        return rho.clamp(low, high)
+    inside = torch.ones_like(valid)
+    if low is not None:
+        inside = inside & (rho >= low)
+    if high is not None:
+        inside = inside & (rho <= high)
+    return torch.where(inside | torch.isnan(rho), rho, torch.zeros_like(rho))
+
+
+def token_terms(
+    logprobs: Tensor,  # [N] lp, differentiable
+    entropy: Tensor,  # [N] H, differentiable
+    advantages: Tensor,  # [N]
+    old_logprobs: Optional[Tensor],  # [N] or None (on-policy: old = lp detached)
+    ref_logprobs: Optional[Tensor],  # [N] or None
+    rollout_logprobs: Optional[Tensor],  # [N] or None
+    valid: Tensor,  # [N] bool
+    sequences: Optional[Sequences],
+    options,  # LossOptions
+) -> TokenTerms:
+    """ℓ_t = w_t·pg_t + β·kl_t − η·H_t per token, with its parts (see the module docstring)."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    raw_log_ratio = logprobs - old
+    log_ratio = raw_log_ratio
+    if options.log_ratio_clamp is not None:
+        log_ratio = raw_log_ratio.clamp(-options.log_ratio_clamp, options.log_ratio_clamp)
+    term = POLICY_LOSSES.get(options.policy_loss).compute(
+        logprobs, log_ratio, raw_log_ratio, advantages, valid, sequences, options)
+    weight, pg = None, term.pg
+    if options.rollout_is != "none":
+        weight = rollout_weights(old, rollout_logprobs, valid, sequences, options)
+        pg = torch.where(weight == 0, torch.zeros_like(pg), weight * pg)  # a dropped token: 0, even if pg = inf
+    if ref_logprobs is not None:
+        kl = kl_term(logprobs, ref_logprobs, options)
+        if options.kl_ratio_weighted:
+            kl = torch.exp(log_ratio) * kl
+    else:
+        kl = torch.zeros_like(logprobs)
+    # β = 0 adds nothing, not even 0·inf from an overflowing k3, but a NaN KL (a NaN reference) still
+    # spreads; η·H is always added: H is finite for finite logits, NaN when a logit is NaN or +inf.
+    if options.kl_coef != 0.0:
+        loss = pg + options.kl_coef * kl
+    else:
+        nan_kl = kl.detach()  # no graph: 0·exp(δ) would be 0·inf in the backward
+        loss = pg + torch.where(torch.isnan(nan_kl), nan_kl, torch.zeros_like(nan_kl))
+    loss = loss - options.entropy_coef * entropy
+    raw = raw_log_ratio.detach()
+    return TokenTerms(loss, pg, kl, term.ratio, torch.exp(raw), raw, term.clipped, term.dual, weight)
