@@ -16,6 +16,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     # name: (module, one-line help)
     "demo": ("rlhf_fast.loss.demo", "the fused loss on random data, every available backend vs the reference"),
     "ppo": ("rlhf_fast.training.cli", "PPO on a saved policy, reward model and a JSONL prompt file"),
+    "calibrate": ("rlhf_fast.training.cli_calibrate",
+                  "store a saved reward model's score mean/std on its reference policy's replies (--reward-normalize)"),
     "casestudy": ("rlhf_fast.casestudy.cli", "reproduce and fix the reward-hacking case study"),
 }
 
