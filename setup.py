@@ -112,6 +112,6 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["transformers>=5,<6", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
     },
 )
