@@ -252,7 +252,7 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     logits = rows_view(inputs["logits"].detach())
     targets = inputs["targets"].reshape(-1)
     adv, old, ref = (inputs[k].reshape(-1).float() for k in ("advantages", "old_logprobs", "ref_logprobs"))
-    outputs = [torch.empty_like(adv) for _ in range(8)]
+    outputs = [torch.empty_like(adv) for _ in range(9)]  # TokenResults order: lp, H, m, log s, ...
     grad = torch.empty_like(logits)
     current = kernels.launch_config(shape.vocab, shape.torch_dtype)
     rows = []
@@ -266,7 +266,7 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
                 is_default = (block, warps) == (current.block_v, current.num_warps)
             else:
                 launch = lambda _, c=config: kernels.ppo_backward(  # noqa: E731
-                    logits, targets, outputs[2], outputs[1], adv, adv, 1.0, grad, config=c)
+                    logits, targets, outputs[2], outputs[3], outputs[1], adv, adv, 1.0, grad, config=c)
                 moved = 2 * bytes_moved(shape, "fwd")
                 is_default = (block, warps) == (current.bwd_block_v, current.bwd_num_warps)
             seconds = statistics.median(time_step(launch, None, "cuda", rounds, warmup=1))

@@ -1,7 +1,7 @@
 """Shared test helpers: the one tolerance table, input makers and comparisons.
 
 Every backend is compared with the eager reference (``backend="eager"``) through the
-public API; tolerances come from :data:`TOLERANCES` only (SPEC §7).
+public API; tolerances come from :data:`TOLERANCES` only (docs/contract.md, "Accuracy").
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def make_config(has_old: bool = False, has_ref: bool = False, **options) -> RowP
 
 
 TOLERANCES = {
-    # SPEC §7: fp32 inputs, every backend vs the eager reference.
+    # the contract's accuracy section: fp32 inputs, every backend vs the eager reference.
     torch.float32: dict(rtol=1e-5, atol=1e-6),
 }
-DOUBLE_BASELINE_FACTOR = 2.0  # SPEC §7: low-precision error ≤ 2× the eager reference's own
+DOUBLE_BASELINE_FACTOR = 2.0  # the contract: low-precision error ≤ 2× the eager reference's own
 DOUBLE_BASELINE_ATOL = 1e-6
 
 
@@ -141,7 +141,7 @@ def max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
 
 def assert_double_baseline(backend_vals: Dict[str, torch.Tensor], eager_vals: Dict[str, torch.Tensor],
                            truth_vals: Dict[str, torch.Tensor], what: str = "") -> None:
-    """SPEC §7 for bf16/fp16: max error vs fp64 truth ≤ 2× the eager reference's + 1e-6."""
+    """The contract's accuracy rule for bf16/fp16: max error vs fp64 truth ≤ 2× the eager reference's + 1e-6."""
     for name, truth in truth_vals.items():
         err = max_error(backend_vals[name], truth)
         bound = DOUBLE_BASELINE_FACTOR * max_error(eager_vals[name], truth) + DOUBLE_BASELINE_ATOL

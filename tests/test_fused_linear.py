@@ -1,7 +1,7 @@
 """Fused-linear PPO loss vs the eager reference applied to ``hidden @ weight.T (+ bias)``.
 
 The truth is ``rf.ppo_loss(logits, ..., backend="eager")`` differentiated by autograd back
-to hidden, weight and bias. fp32 uses the SPEC §7 tolerances of ``helpers.TOLERANCES``
+to hidden, weight and bias. fp32 uses the contract's tolerances of ``helpers.TOLERANCES``
 unchanged (the chunked matmuls sum in a different order than one big GEMM, but at these
 sizes the difference stays far inside rtol 1e-5 / atol 1e-6, so nothing is loosened);
 bf16 uses the double baseline against fp64 truth.
@@ -160,7 +160,7 @@ def assert_close_to_eager(out, grads, ref_out, ref_grads, what=""):
 
 
 # ----------------------------------------------------------------------------------
-# Every option of SPEC §1, pairwise, on every row backend.
+# Every option of the contract's API, pairwise, on every row backend.
 # ----------------------------------------------------------------------------------
 
 AXES = {
@@ -387,7 +387,7 @@ def test_finite_differences_fp64(agg):
 
 
 # ----------------------------------------------------------------------------------
-# bf16: the double baseline of SPEC §7.
+# bf16: the contract's double baseline.
 # ----------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ computes the single-process truth, ``rf.ppo_loss(hidden @ W.T + b, backend="eage
 differentiated by autograd, then ``rf.fused_linear_ppo_loss`` over its own (uneven) row shard
 of W and b. Loss, per-token outputs and metrics must equal the truth on every rank; d(hidden)
 is the full gradient on every rank and d(W_rank), d(b_rank) the matching slices
-(SPEC §7 fp32 tolerances).
+(the contract's fp32 tolerances).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _make_inputs(batch: int, seq: int, hidden_size: int, vocab: int, seed: int, 
 
 
 def _check_bf16(rank: int, world: int, lo: int, hi: int, vocab: int, backend: str) -> None:
-    """bf16 (SPEC §7 double baseline): the sharded loss's error against fp64 truth is at most 2× the
+    """bf16 (the contract's double baseline): the sharded loss's error against fp64 truth is at most 2× the
     eager reference's own bf16 error; d(hidden) is summed over ranks in fp32 and rounded once."""
     from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, max_error
 
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
             # which the fused path walks in chunks. Their summation order cannot match one
             # process's matmul (itself thread-order dependent: MKL adapts its threads to the
             # load), so fp32 rounding differs by a few ulps of the partial sums. They are held
-            # to the SPEC §7 double baseline instead: error against fp64 truth at most 2× the
+            # to the contract's double baseline instead: error against fp64 truth at most 2× the
             # one-process fp32 error, + 1e-6. Everything else is compared at fp32 tolerance.
             h64 = hidden.double().requires_grad_(True)
             w64 = weight.double().requires_grad_(True)

@@ -191,6 +191,34 @@ def _run_for_resume(out_dir, resume=False, crash_at=None):
     return policy, records
 
 
+def test_resume_falls_back_to_the_previous_checkpoint_and_removes_stray_files(tmp_path):
+    """A checkpoint.pt truncated by a kill mid-write: resume warns, continues from checkpoint.prev.pt and
+    still reproduces the uninterrupted run; temporaries of interrupted writes are deleted."""
+    full_policy, full_records = _run_for_resume(tmp_path / "full")
+    run = tmp_path / "damaged"
+    _run_for_resume(run)  # checkpoints at steps 2 and 4
+    assert load_checkpoint(str(run / "checkpoint.prev.pt"))["step"] == 2
+    with open(run / "checkpoint.pt", "r+b") as f:  # what a kill during a non-atomic write would leave
+        f.truncate(1000)
+    (run / ".tmp-interrupted.pt").write_bytes(b"partial")
+    (run / ".tmp-metrics.txt").write_text("partial")
+    with pytest.warns(RuntimeWarning, match="checkpoint.pt is unreadable"):
+        resumed_policy, resumed_records = _run_for_resume(run, resume=True)
+    assert _without_time(resumed_records) == _without_time(full_records)
+    for name, value in full_policy.state_dict().items():
+        assert torch.equal(value, resumed_policy.state_dict()[name]), name
+    assert not list(run.glob(".tmp-*"))
+    assert load_checkpoint(str(run / "checkpoint.pt"))["step"] == 4
+
+
+def test_resume_with_no_readable_checkpoint_says_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="no readable checkpoint"):
+        _run_for_resume(run, resume=True)
+
+
 def _without_time(records):
     return [{k: v for k, v in r.to_dict().items() if k != "step_time_s"} for r in records]
 

@@ -1,4 +1,4 @@
-"""Every backend against the eager reference over the option grid (SPEC §7 fp32 tolerances).
+"""Every backend against the eager reference over the option grid (the contract's fp32 tolerances).
 
 One test body serves all backends. The full product of options runs on the fast backends;
 the Triton interpreter runs a pairwise cover of the same grid.
@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import ALL_BACKENDS, FAST_BACKENDS, TRITON_INTERPRETED, device_for
 from helpers import assert_outputs_close, make_case, pairwise_cover, run_loss
+
+import rlhf_fast as rf
 
 AXES = {
     "kl_estimator": ["k1", "k2", "k3", "k3+"],
@@ -109,3 +111,25 @@ def test_nan_in_valid_row_propagates(backend, use_backend):
                       kl_coef=0.1, backend=name)
     assert torch.isnan(out.loss)
     assert torch.isnan(out.logprobs[0, 1]) and torch.isfinite(out.logprobs[1]).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_gradient_in_the_forward_equals_the_two_pass_gradient(backend, inplace, use_backend):
+    """grad_in_forward=True (one kernel per row where the backend has it, else the usual passes) gives the
+    same loss and d(logits), also for an upstream gradient that is not 1."""
+    name = use_backend(backend)
+    for vocab, strided in ((1024, False), (129, True)):  # one row fits the one-kernel path, one does not
+        case = make_case(2, 4, vocab, strided=strided, seed=31, device=device_for(backend))
+        options = dict(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+        grads = []
+        for grad_in_forward in (False, True):
+            base = case.logits_base.detach().clone().requires_grad_(True)
+            logits = (base[:, :-1] if strided else base) * 1.0  # a buffer the loss may overwrite
+            out = rf.ppo_loss(logits, case.targets, case.advantages, case.old_logprobs, case.ref_logprobs,
+                              case.mask, backend=name, inplace_backward=inplace, grad_in_forward=grad_in_forward,
+                              **options)
+            (2.5 * out.loss).backward()
+            grads.append((out.loss.detach(), base.grad))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)

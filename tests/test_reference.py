@@ -1,6 +1,6 @@
 """The eager reference: hand-computed conventions, gradcheck, closed-form contract.
 
-These pin the reference to SPEC §2–§5 by numbers worked out by hand; every other backend
+These pin the reference to the contract (docs/contract.md) by numbers worked out by hand; every other backend
 is then checked against the reference (test_ppo_loss_grid.py).
 """
 

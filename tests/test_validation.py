@@ -1,4 +1,5 @@
-"""SPEC §6: bad inputs raise a clear error naming the argument; the lean import; dispatch."""
+"""Bad inputs raise a clear error naming the argument (docs/contract.md, "Inputs that are refused");
+the lean import; dispatch."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Every rank builds the same full inputs, computes the single-process eager reference, then
 the loss over its own (uneven) vocabulary shard; loss, per-token outputs and metrics must
 equal the reference on every rank, and each shard's gradient the matching slice of the
-full gradient (SPEC §7 fp32 tolerances).
+full gradient (the contract's fp32 tolerances).
 """
 
 from __future__ import annotations

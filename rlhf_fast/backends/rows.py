@@ -70,6 +70,33 @@ class RowStats(NamedTuple):
     log_sum: torch.Tensor  # log s
 
 
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded tensor, say).
+
+    Conservative: dims (size > 1) sorted by stride must each step over everything the smaller
+    ones span; a layout that fails this could still be injective, but no view torch makes is.
+    """
+    if t.numel() == 0:
+        return False
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def refuse_overlapping(logits: torch.Tensor) -> None:
+    """In-place gradients need logits whose elements own their memory: a clear error otherwise."""
+    if may_overlap_itself(logits):
+        raise ValueError(
+            "logits: inplace_backward=True writes the gradient into the logits, but elements of these logits share "
+            f"memory (shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded tensor); pass "
+            "logits that own their memory (logits.contiguous()) or inplace_backward=False"
+        )
+
+
 class RowOps(NamedTuple):
     """A fused row backend: three functions over logits ``[B, T, V]`` and per-row vectors ``[N]``.
 
@@ -78,7 +105,8 @@ class RowOps(NamedTuple):
       writes d(loss)/d(logits) = (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] into ``out``
       (``[B, T, V]``, which may be ``logits`` itself), with p_j = exp((x_j − m) − log s);
       rows whose two coefficients are 0 get exact zeros;
-    * ``logprobs(logits, targets, temperature, with_entropy) -> RowStats``.
+    * ``logprobs(logits, targets, temperature, with_entropy) -> RowStats``;
+    * optionally ``forward_with_grad`` (below): the forward that also writes the gradient.
 
     Every backend subtracts the row maximum before anything else (lp = (x_y − m) − log s,
     never x_y − (m + log s)), so large logits lose no digits. Targets arrive sanitised
@@ -90,3 +118,6 @@ class RowOps(NamedTuple):
     forward: Callable
     backward: Callable
     logprobs: Callable
+    forward_with_grad: Optional[Callable] = None
+    """Optional: ``forward_with_grad(logits, targets, advantages, old, ref, params, weights, out)`` →
+    TokenResults, also writing d(Σ w·ℓ)/d(logits) (upstream gradient 1) into ``out`` in the same pass."""

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..kernels import ppo_loss as kernels
 from . import ops, triton_interpret
-from .rows import RowOps, RowParams, RowStats, TokenResults
+from .rows import RowOps, RowParams, RowStats, TokenResults, refuse_overlapping
 
 _NAMESPACE = "rlhf_fast_triton"
 _INTERPRETED = triton_interpret()
@@ -198,7 +198,7 @@ def forward_with_grad(logits, targets, advantages, old_logprobs, ref_logprobs, p
     ref = ref_logprobs if params.has_ref else None
     inplace = out is logits
     if inplace:
-        _refuse_overlapping(logits)
+        refuse_overlapping(logits)
     if kernels.forward_grad_applies(logits, out):
         if inplace:
             outputs = _forward_grad_inplace_op(logits, targets, advantages, old, ref, weights, *_per_token(params))
@@ -218,7 +218,7 @@ def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entr
     """Write d(loss)/d(logits) ``[B, T, V]`` into ``out`` (which may be ``logits`` itself)."""
     # Identity, not data_ptr: it also holds for the fake tensors of torch.compile.
     if out is logits:
-        _refuse_overlapping(logits)
+        refuse_overlapping(logits)
         _backward_inplace_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
                              float(temperature))
     else:
@@ -232,18 +232,4 @@ def logprobs(logits: Tensor, targets: Tensor, temperature: float, with_entropy: 
     return RowStats(lp, entropy if with_entropy else None, row_max, log_sum)
 
 
-def _refuse_overlapping(logits: Tensor) -> None:
-    """In-place gradients need logits whose elements own their memory (not an expanded tensor)."""
-    dims = sorted((stride, size) for size, stride in zip(logits.shape, logits.stride()) if size > 1)
-    reach = 0  # the largest offset reached by the smaller dimensions
-    for stride, size in dims:
-        if stride <= reach:
-            raise ValueError(
-                f"logits: inplace_backward writes the gradient into the logits, but elements of these logits share "
-                f"memory (shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded tensor); pass "
-                f"logits that own their memory (logits.contiguous()) or inplace_backward=False"
-            )
-        reach += stride * (size - 1)
-
-
-ROW_OPS = RowOps(forward, backward, logprobs)
+ROW_OPS = RowOps(forward, backward, logprobs, forward_with_grad)

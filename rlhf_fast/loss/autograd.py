@@ -5,6 +5,10 @@
   :func:`rlhf_fast.loss.aggregation.aggregation_weights`. Backward: the backend recomputes p
   from the logits and writes (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with
   c_lp = g·w·grad and c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits.
+  With ``grad_in_forward`` and a backend that can (``RowOps.forward_with_grad``), one kernel
+  reads each row once and writes d(loss)/d(logits) for an upstream gradient of 1 already in the
+  forward (2·N·V·b bytes instead of 3·N·V·b); the backward then only scales it when the upstream
+  gradient is not 1.
 * :class:`RowLogprobs` — differentiable per-token log-probs and entropy: forward, the
   backend's statistics pass; backward, the same kernel with c_lp = dL/d lp and c_H = −dL/dH for
   any function L the caller (or a policy-loss variant) wrote on them.
@@ -41,8 +45,15 @@ class FusedPPOLoss(torch.autograd.Function):
         params: RowParams,
         ops: RowOps,
         inplace_backward: bool,
+        grad_in_forward: bool = False,
     ):
-        res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, params)
+        ctx.grad = None
+        if grad_in_forward and ops.forward_with_grad is not None and ctx.needs_input_grad[0]:
+            ctx.grad = _gradient_buffer(logits, inplace_backward)
+            res = ops.forward_with_grad(logits, targets, advantages, old_logprobs, ref_logprobs, params, weights,
+                                        ctx.grad)
+        else:
+            res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, params)
         token_loss = torch.where(valid, res.loss, torch.zeros_like(res.loss))
         loss = (weights * token_loss).sum()
         # Masked rows may hold NaN in g (a banned placeholder target): keep them out of the backward.
@@ -55,6 +66,11 @@ class FusedPPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        if ctx.grad is not None:  # formed in the forward for an upstream gradient of 1
+            grad, ctx.grad = ctx.grad, None
+            if torch.compiler.is_compiling() or bool(grad_loss != 1):  # one scalar sync outside compile
+                grad = grad.mul_(grad_loss)
+            return (grad,) + (None,) * 10
         logits, targets, row_max, log_sum, entropy, weighted_dlogp, weights = ctx.saved_tensors
         params: RowParams = ctx.params
         coef_logprob = weighted_dlogp * grad_loss
@@ -62,7 +78,7 @@ class FusedPPOLoss(torch.autograd.Function):
         out = _gradient_buffer(logits, ctx.inplace_backward)
         ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, params.temperature,
                          out)
-        return (out,) + (None,) * 9
+        return (out,) + (None,) * 10
 
 
 class RowLogprobs(torch.autograd.Function):

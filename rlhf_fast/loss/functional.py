@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import backends
+from ..backends.rows import refuse_overlapping
 from . import inputs, reference
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
 from .autograd import FusedPPOLoss, RowLogprobs
@@ -73,30 +74,10 @@ def row_ops(name: str, process_group=None) -> backends.RowOps:
     return ops
 
 
-def may_overlap_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (an expanded tensor, say).
-
-    Conservative: dims (size > 1) sorted by stride must each step over everything the smaller
-    ones span; a layout that fails this could still be injective, but no view torch makes is.
-    """
-    if t.numel() == 0:
-        return False
-    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
-    span = 0
-    for stride, size in dims:
-        if stride <= span:
-            return True
-        span += (size - 1) * stride
-    return False
-
-
 def check_inplace(logits: torch.Tensor, inplace_backward: bool) -> None:
     """``inplace_backward`` writes d(logits) into the logits' memory: refuse memory that overlaps itself."""
-    if inplace_backward and may_overlap_itself(logits):
-        raise ValueError(
-            "logits: inplace_backward=True needs logits whose elements do not share memory, got an expanded "
-            f"tensor (strides {logits.stride()}); pass inplace_backward=False or logits.contiguous()"
-        )
+    if inplace_backward:
+        refuse_overlapping(logits)
 
 
 @with_loss_options
@@ -113,6 +94,7 @@ def ppo_loss(
     options: Optional[LossOptions] = None,
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
     inplace_backward: bool = False,
+    grad_in_forward: bool = False,
     validate: bool = True,
     backend: str = "auto",
     process_group=None,
@@ -129,7 +111,10 @@ def ppo_loss(
     Returns :class:`PPOLossOutput`: the differentiable fp32 loss, detached fp32 per-token
     log-probs and entropy (0 where masked) and the metrics. With ``inplace_backward=True``
     the backward writes d(loss)/d(logits) into the logits' memory: the logits must not be
-    used after ``backward()``.
+    used after ``backward()``. ``grad_in_forward=True`` asks for the gradient to be formed in the
+    forward by one kernel that reads each row once (Triton, plain PPO, rows of up to 64 KiB;
+    elsewhere the usual two passes run, with the same results); with ``inplace_backward`` the
+    logits are then overwritten by the forward itself.
 
     With ``process_group``, ``logits`` is this rank's contiguous vocabulary shard
     ``[..., V_rank]`` (ranks in order; shards may differ in size) and targets are global
@@ -153,7 +138,7 @@ def ppo_loss(
         return reference.finish_token_loss(lp, entropy, x)
     loss, lp, entropy, ratio, pg, kl = FusedPPOLoss.apply(
         rows_view(logits), x.targets, x.valid, x.weights, x.advantages, x.old_logprobs, x.ref_logprobs, x.params,
-        ops, inplace_backward,
+        ops, inplace_backward, grad_in_forward,
     )
     return fused_output(loss, lp, entropy, ratio, pg, kl, x)
 

@@ -1,0 +1,196 @@
+"""The numerical edges of the contract, one regression test per case, on every backend through the
+public API: finite inputs give finite outputs and gradients wherever the math is finite, NaN inputs
+at valid positions reach the loss, constants get no gradient, every backend agrees at the edges,
+and bad values are refused with a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ALL_BACKENDS, HAS_CPP, device_for
+
+import rlhf_fast as rf
+
+BACKENDS = ["eager"] + ALL_BACKENDS  # eager, the reference as a row backend, C++, Triton (interpreter)
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def _loss(backend, logits, targets, advantages, old=None, ref=None, mask=None, **options):
+    x = logits.detach().clone().to(device_for(backend)).requires_grad_(True)
+    put = lambda t: None if t is None else t.to(x.device)  # noqa: E731
+    out = rf.ppo_loss(x, put(targets), put(advantages), put(old), put(ref), put(mask), backend=backend, **options)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    return out, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_keep_their_digits_at_large_offsets(backend, use_backend):
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 16, 1000, generator=gen) * 10
+    targets = logits.argmax(-1)
+    truth = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    lp = rf.logprobs(logits.to(device_for(backend)), targets.to(device_for(backend)), backend=name).cpu()
+    torch.testing.assert_close(lp.double(), truth, **FP32)
+    for offset in (1e4, 1e30):
+        row = torch.tensor([[offset + 1.0, offset, offset - 1.0]]) if offset < 1e20 else \
+            torch.tensor([[offset, offset, offset]])
+        want = torch.log_softmax((row - row.max()).double(), -1)[0, 1]
+        got = rf.logprobs(row.to(device_for(backend)), torch.tensor([1]).to(device_for(backend)), backend=name)
+        assert abs(got.item() - want.item()) < 1e-6, (offset, got.item(), want.item())
+
+
+@pytest.mark.parametrize("advantage,options", [(0.0, {}), (1.0, {}), (-1.0, dict(dual_clip=3.0))])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overflowing_ratio_of_a_clipped_or_zero_advantage_token_is_finite(backend, advantage, options,
+                                                                               use_backend):
+    """log-ratio +100 (r = e^100 overflows fp32): the token's value is finite and its gradient 0."""
+    name = use_backend(backend)
+    logits = torch.zeros(1, 2, 2)
+    old = torch.tensor([[math.log(0.5) - 100.0, math.log(0.5)]])
+    adv = torch.tensor([[advantage, 0.5]])
+    out, grad = _loss(name, logits, torch.zeros(1, 2, dtype=torch.long), adv, old, **options)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert not grad[0, 0].any(), "an overflowing token contributes no gradient"
+    # the other token is unaffected: the same loss share and gradient as alone
+    alone, alone_grad = _loss(name, logits[:, 1:], torch.zeros(1, 1, dtype=torch.long), adv[:, 1:], old[:, 1:],
+                              **options)
+    clipped_value = {0.0: 0.0, 1.0: -1.2, -1.0: 3.0}[advantage]  # −A·(1+ε), −c·A
+    torch.testing.assert_close(out.loss.cpu(), (alone.loss.cpu() + clipped_value) / 2, **FP32)
+    torch.testing.assert_close(grad[0, 1], alone_grad[0, 0] / 2, **FP32)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k3+"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overflowing_kl_with_zero_kl_coef_is_only_a_metric(backend, estimator, use_backend):
+    name = use_backend(backend)
+    logits = torch.zeros(1, 2, 2)
+    lp = math.log(0.5)
+    ref = torch.tensor([[lp + 100.0, lp]])  # δ = 100: exp(δ) overflows fp32
+    adv = torch.tensor([[1.0, -1.0]])
+    with_ref, grad = _loss(name, logits, torch.zeros(1, 2, dtype=torch.long), adv, None, ref, kl_coef=0.0,
+                           kl_estimator=estimator)
+    without, grad_without = _loss(name, logits, torch.zeros(1, 2, dtype=torch.long), adv)
+    torch.testing.assert_close(with_ref.loss, without.loss, **FP32)
+    torch.testing.assert_close(grad, grad_without, **FP32)
+    assert math.isinf(with_ref.metrics["kl"].item())  # the metric is the (overflowing) truth
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_rows_of_minus_inf_or_nan_get_a_zero_gradient(backend, use_backend):
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 17, generator=gen)
+    logits[0, 1] = float("-inf")
+    logits[1, 2] = float("nan")
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = False
+    adv = torch.randn(2, 3, generator=gen)
+    old = torch.randn(2, 3, generator=gen) - 3
+    targets = torch.randint(0, 17, (2, 3), generator=gen)
+    out, grad = _loss(name, logits, targets, adv, old, old, mask, kl_coef=0.1, entropy_coef=0.01)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert not grad[0, 1].any() and not grad[1, 2].any()
+    everything_masked, grad = _loss(name, logits, targets, adv, old, old, torch.zeros_like(mask), kl_coef=0.1)
+    assert everything_masked.loss.item() == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_old_ref_and_advantages_are_constants(backend, use_backend):
+    """Inputs that require grad (an undetached critic, old log-probs from the same logits) get none."""
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 11, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 3), generator=gen)
+    adv = torch.randn(2, 3, generator=gen, requires_grad=True)
+    old = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)  # not detached
+    ref = (old.detach() + 0.1).requires_grad_(True)
+    out = rf.ppo_loss(logits, targets, adv, old, ref, kl_coef=0.1, backend=name)
+    out.loss.backward()
+    assert adv.grad is None and ref.grad is None
+    # old carries a graph back to the logits: the loss's gradient must not flow through it either
+    detached = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out2 = rf.ppo_loss(detached, targets, adv.detach(), old.detach(), ref.detach(), kl_coef=0.1, backend=name)
+    out2.loss.backward()
+    torch.testing.assert_close(logits.grad, detached.grad, **FP32)
+
+
+@pytest.mark.parametrize("where", ["old", "advantages", "ref"])
+@pytest.mark.parametrize("advantage", [0.0, 1.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_at_a_valid_position_reaches_the_loss(backend, advantage, where, use_backend):
+    name = use_backend(backend)
+    logits = torch.zeros(1, 2, 3)
+    old = torch.full((1, 2), math.log(1 / 3))
+    ref = old.clone()
+    adv = torch.full((1, 2), advantage)
+    {"old": old, "advantages": adv, "ref": ref}[where][0, 0] = float("nan")
+    out, _ = _loss(name, logits, torch.zeros(1, 2, dtype=torch.long), adv, old, ref, kl_coef=0.1)
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_into_memory_that_overlaps_itself_is_refused(backend, use_backend):
+    name = use_backend(backend)
+    logits = torch.randn(3, 1, 7).expand(3, 4, 7).to(device_for(backend))
+    with pytest.raises(ValueError, match="share memory"):
+        rf.ppo_loss(logits, torch.zeros(3, 4, dtype=torch.long, device=logits.device),
+                    torch.zeros(3, 4, device=logits.device), inplace_backward=True, backend=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_huge_jump_of_the_row_max_keeps_the_entropy_finite(backend, use_backend):
+    name = use_backend(backend)
+    row = torch.full((1, 1, 4100), -1e36)
+    row[0, 0, 2048:] = 1e36  # the max jumps at a 2048-logit block boundary
+    row[0, 0, 3000] = 1e36 + 1e30
+    lp, entropy = rf.logprobs(row.to(device_for(backend)), torch.tensor([[3000]]).to(device_for(backend)),
+                              with_entropy=True, backend=name)
+    assert torch.isfinite(lp).all() and torch.isfinite(entropy).all()
+    truth = torch.log_softmax(row.double(), -1)
+    want_entropy = -(truth.exp() * torch.where(truth.exp() > 0, truth, 0.0)).sum(-1)
+    torch.testing.assert_close(entropy.cpu().double(), want_entropy, **FP32)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is built in CI")
+def test_empty_batch_with_a_vocabulary_strided_view():
+    logits = torch.randn(2, 0, 10)[..., ::2]
+    out = rf.ppo_loss(logits, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0), backend="cpp")
+    assert out.loss.item() == 0.0
+
+
+def test_fp64_runs_eager_and_an_explicit_fused_backend_refuses_it():
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    assert rf.ppo_loss(logits, targets, torch.zeros(2, 3)).loss.dtype == torch.float64
+    with pytest.raises(ValueError, match="backend='eager' or 'auto' for fp64"):
+        rf.ppo_loss(logits, targets, torch.zeros(2, 3), backend="cpp")
+
+
+BAD = [
+    (dict(global_num_tokens=float("inf")), "global_num_tokens must be a finite number > 0"),
+    (dict(global_num_tokens=float("nan")), "global_num_tokens must be a finite number > 0"),
+    (dict(global_num_tokens=torch.tensor(-5.0)), "global_num_tokens must be a finite number > 0"),
+    (dict(global_num_tokens=torch.tensor([3.0, 3.0, 3.0])), "one-element tensor"),
+    (dict(global_num_tokens=torch.tensor([2.0, 2.0])), "one-element tensor"),
+    (dict(clip_eps=1e300), "clip_eps must be < "),
+    (dict(temperature=1e-50), "temperature must be ≥"),
+    (dict(mask=torch.full((2, 3), 0.5)), "mask must be bool or hold only 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD)
+def test_bad_values_are_refused(changes, message):
+    kwargs = dict(logits=torch.randn(2, 3, 5), targets=torch.zeros(2, 3, dtype=torch.long),
+                  advantages=torch.zeros(2, 3), backend="eager")
+    kwargs.update(changes)
+    with pytest.raises(ValueError, match=_escape(message)):
+        rf.ppo_loss(**kwargs)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
