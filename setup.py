@@ -113,5 +113,10 @@ setup(
         "triton": ["triton>=3.0"],
         "train": ["transformers>=5,<6", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        # The peers tests/test_peer_parity.py checks the loss against (docs/peers.md). A plain verl
+        # install brings its full requirements; CI installs it with --no-deps plus ray, tensordict,
+        # omegaconf and codetiming (.ci/run). `import rlhf_fast` imports neither.
+        "trl": ["trl==1.16.0"],
+        "verl": ["verl==0.9.1"],
     },
 )
