@@ -9,12 +9,16 @@ Two passes:
   the backward only scales them by the upstream scalar;
 * :class:`FusedLinearLogprobs` — differentiable (lp, H): a statistics pass in the forward,
   and a backward that recomputes each chunk's logits and writes d(logits) with the
-  coefficients of any function of (lp, H): what the policy-loss variants and §8 need.
+  coefficients of any function of (lp, H): what the policy-loss variants need.
+
+Both apply the model's :class:`LogitTransform` (a logit scale, tanh soft-capping) to each
+chunk's logits before the row backend, and its chain rule to each chunk's d(logits).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -143,28 +147,135 @@ class Gradients:
         return self.hidden, self.weight_grad, self.bias
 
 
-def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int):
-    """``(span, h, logits [rows, V])`` per chunk of rows; ``logits`` lives in one reused buffer."""
+_TRANSFORM_BLOCK_ELEMENTS = 1 << 20
+"""Low-precision buffers are transformed in fp32 blocks of at most this many elements (4 MiB)."""
+
+
+class LogitTransform(NamedTuple):
+    """The elementwise map a model applies to its logits before the softmax.
+
+    z ↦ s·z with ``scale`` s (Cohere's ``logit_scale``; Granite's 1 / ``logits_scaling``), then
+    z ↦ c·tanh(z / c) with ``softcap`` c (Gemma 2/3's ``final_logit_softcapping``); None skips
+    a step. The row backend sees the transformed logits; the chain rule turns its d(logits)
+    back into the gradient of the linear layer's output: ·s, and ·(1 − tanh²) for the cap.
+    """
+
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale is None and self.softcap is None
+
+    @property
+    def needs_spare(self) -> bool:
+        """Whether the backward needs a second [chunk, V] buffer (the cap's derivative reads the logits)."""
+        return self.softcap is not None
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Transform ``logits`` ``[rows, V]`` in place (fp32 math, one rounding for bf16 / fp16 buffers)."""
+        if not self.is_identity:
+            _blockwise(logits, None, self._forward)
+        return logits
+
+    def chain_(self, grad: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        """``grad`` ← grad·d(transformed)/dz, in place; ``transformed`` holds the transformed logits (soft-cap only)."""
+        _blockwise(grad, transformed, self._backward)
+        return grad
+
+    def _forward(self, z: torch.Tensor, _unused) -> torch.Tensor:
+        if self.scale is not None:
+            z = z.mul_(self.scale)
+        if self.softcap is not None:
+            z = z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def _backward(self, grad: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        # d(c·tanh(s·z/c))/dz = s·(1 − t²), t = transformed / c (autograd's tanh backward reads tanh's output too)
+        factor = transformed.div_(self.softcap).square_().neg_().add_(1.0)
+        if self.scale is not None:
+            factor = factor.mul_(self.scale)
+        return grad.mul_(factor)
+
+
+IDENTITY = LogitTransform()
+
+
+def _blockwise(x: torch.Tensor, other: Optional[torch.Tensor], fn) -> None:
+    """``x`` ← fn(x, other) in place (``other`` may be overwritten); bf16 / fp16 in fp32 blocks of rows."""
+    if x.numel() == 0:
+        return
+    if x.dtype in (torch.float32, torch.float64):
+        fn(x, other)
+        return
+    rows = max(1, _TRANSFORM_BLOCK_ELEMENTS // max(x.shape[-1], 1))
+    for start in range(0, x.shape[0], rows):
+        block = x[start:start + rows]
+        up = block.float()
+        block.copy_(fn(up, None if other is None else other[start:start + rows].float()))
+
+
+def check_transform(logit_scale, logit_softcap) -> LogitTransform:
+    """The :class:`LogitTransform` of the keyword arguments (``ValueError`` naming a bad one)."""
+    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (or None for none), got {value!r}")
+    return LogitTransform(None if logit_scale is None else float(logit_scale),
+                          None if logit_softcap is None else float(logit_softcap))
+
+
+def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int,
+           transform: LogitTransform = IDENTITY, spare: bool = False):
+    """``(span, h, logits [rows, V], spare)`` per chunk of rows.
+
+    ``logits`` = transform(h @ W.T (+ b)) lives in one reused buffer; ``spare`` is a second
+    buffer of the same shape when asked for and the transform's backward needs one, else None.
+    """
     n_rows, vocab = hidden2d.shape[0], weight.shape[0]
-    buffer = torch.empty(max(min(chunk, n_rows), 1), vocab, dtype=hidden2d.dtype, device=hidden2d.device)
+    rows = max(min(chunk, n_rows), 1)
+    buffer = torch.empty(rows, vocab, dtype=hidden2d.dtype, device=hidden2d.device)
+    second = torch.empty_like(buffer) if spare and transform.needs_spare else None
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         h = hidden2d[start:stop]
-        yield slice(start, stop), h, _logits_chunk(h, weight, bias, buffer[: stop - start])
+        logits = transform.apply_(_logits_chunk(h, weight, bias, buffer[: stop - start]))
+        yield slice(start, stop), h, logits, None if second is None else second[: stop - start]
+
+
+def chunk_backward(ops: RowOps, logits: torch.Tensor, spare: Optional[torch.Tensor], targets, row_max, log_sum,
+                   entropy, coef_logprob: torch.Tensor, coef_entropy: torch.Tensor, temperature: float,
+                   transform: LogitTransform) -> torch.Tensor:
+    """d(loss)/d(h @ W.T + b) of one chunk ``[rows, V]``, from the row backend's d(loss)/d(transformed logits).
+
+    Without a soft-cap it overwrites ``logits`` (a scale folds into the coefficients: the row
+    gradient is linear in them); with one it is written into ``spare`` and multiplied by the
+    cap's derivative, which reads (and consumes) ``logits``.
+    """
+    if transform.scale is not None and not transform.needs_spare:
+        coef_logprob, coef_entropy = coef_logprob * transform.scale, coef_entropy * transform.scale
+    logits3 = logits.view(1, logits.shape[0], logits.shape[1])
+    out = logits if not transform.needs_spare else spare
+    ops.backward(logits3, targets, row_max, log_sum, entropy, coef_logprob.contiguous(), coef_entropy.contiguous(),
+                 temperature, out.view(logits3.shape))
+    if transform.needs_spare:
+        transform.chain_(out, logits)
+    return out
 
 
 class PPOPass:
     """Per-token results of the plain PPO pass and, when asked, the input gradients."""
 
     def __init__(self, hidden2d, weight, bias, x: LossInputs, ops: RowOps, chunk: int,
-                 needs: Tuple[bool, bool, bool], process_group=None):
+                 needs: Tuple[bool, bool, bool], process_group=None, transform: LogitTransform = IDENTITY):
         n_rows = hidden2d.shape[0]
         dtype = result_dtype(hidden2d)
         empty = lambda: torch.empty(n_rows, dtype=dtype, device=hidden2d.device)
         self.logprobs, self.entropy, self.ratio = empty(), empty(), empty()
         self.pg, self.kl, self.token_loss = empty(), empty(), empty()
         grads = Gradients(hidden2d, weight, needs, process_group)
-        for span, h, logits in chunks(hidden2d, weight, bias, chunk):
+        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any):
             logits3 = logits.view(1, logits.shape[0], logits.shape[1])
             targets = x.targets[span]
             res = ops.forward(
@@ -180,12 +291,12 @@ class PPOPass:
                 continue
             w = x.weights[span]
             # Masked rows may hold NaN in g (a banned placeholder target): keep them out of d(logits).
-            coef_logprob = torch.where(x.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp)).contiguous()
-            coef_entropy = (x.params.entropy_coef * w).contiguous()
-            # d(loss)/d(logits) overwrites the logits: the buffer is ours and used only here.
-            ops.backward(logits3, targets, res.row_max, res.log_sum, res.entropy, coef_logprob, coef_entropy,
-                         x.params.temperature, logits3)
-            grads.add(span, logits, h)
+            coef_logprob = torch.where(x.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp))
+            coef_entropy = x.params.entropy_coef * w
+            # d(loss)/d(logits) overwrites the logits (or the spare buffer): both are ours and used only here.
+            dlogits = chunk_backward(ops, logits, spare, targets, res.row_max, res.log_sum, res.entropy, coef_logprob,
+                                     coef_entropy, x.params.temperature, transform)
+            grads.add(span, dlogits, h)
         self.grad_hidden, self.grad_weight, self.grad_bias = grads.finish()
 
     def loss(self, x: LossInputs) -> torch.Tensor:
@@ -197,9 +308,10 @@ class FusedLinearPPOLoss(torch.autograd.Function):
     """Forward: the chunked pass with gradients; backward: scale them by the upstream scalar."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops, chunk, process_group):
+    def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops, chunk, process_group,
+                transform: LogitTransform = IDENTITY):
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
-        p = PPOPass(hidden2d, weight, bias, x, ops, chunk, needs, process_group)
+        p = PPOPass(hidden2d, weight, bias, x, ops, chunk, needs, process_group, transform)
         ctx.grads = (p.grad_hidden, p.grad_weight, p.grad_bias)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         outputs = (p.logprobs, p.entropy, p.ratio, p.pg, p.kl)
@@ -223,16 +335,16 @@ class FusedLinearPPOLoss(torch.autograd.Function):
                 continue
             grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
             scaled.append(grad.to(dtype))
-        return tuple(scaled) + (None,) * 4
+        return tuple(scaled) + (None,) * 5
 
 
 def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float, ops: RowOps, chunk: int,
-               with_entropy: bool) -> RowStats:
-    """(lp, H or None, m, log s) ``[N]`` of ``hidden @ W.T (+ b)``, chunk by chunk (no gradient work)."""
+               with_entropy: bool, transform: LogitTransform = IDENTITY) -> RowStats:
+    """(lp, H or None, m, log s) ``[N]`` of transform(``hidden @ W.T (+ b)``), chunk by chunk (no gradient work)."""
     n_rows = hidden2d.shape[0]
     dtype = result_dtype(hidden2d)
     out = [torch.zeros(n_rows, dtype=dtype, device=hidden2d.device) for _ in range(4)]
-    for span, _, logits in chunks(hidden2d, weight, bias, chunk):
+    for span, _, logits, _ in chunks(hidden2d, weight, bias, chunk, transform):
         stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets[span], float(temperature),
                              with_entropy)
         for buffer, value in zip(out, stats):
@@ -242,13 +354,16 @@ def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
-    """(lp, H) ``[N]`` of ``hidden @ W.T (+ b)``, differentiable; the backward recomputes each chunk's logits."""
+    """(lp, H) ``[N]`` of transform(``hidden @ W.T (+ b)``), differentiable; the backward recomputes each chunk's
+    logits."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets, temperature: float, ops: RowOps, chunk: int, process_group):
-        stats = stats_pass(hidden2d, weight, bias, targets, temperature, ops, chunk, True)
+    def forward(ctx, hidden2d, weight, bias, targets, temperature: float, ops: RowOps, chunk: int, process_group,
+                transform: LogitTransform = IDENTITY):
+        stats = stats_pass(hidden2d, weight, bias, targets, temperature, ops, chunk, True, transform)
         ctx.save_for_backward(hidden2d, weight, bias, targets, stats.row_max, stats.log_sum, stats.entropy)
         ctx.temperature, ctx.ops, ctx.chunk, ctx.process_group = temperature, ops, chunk, process_group
+        ctx.transform = transform
         return stats.logprobs, stats.entropy
 
     @staticmethod
@@ -260,13 +375,12 @@ class FusedLinearLogprobs(torch.autograd.Function):
         coef_entropy = zeros if grad_entropy is None else (-grad_entropy).to(torch.float32)  # dH/dx = −p(log p + H)
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         grads = Gradients(hidden2d, weight, needs, ctx.process_group)
-        for span, h, logits in chunks(hidden2d, weight, bias, ctx.chunk):
-            logits3 = logits.view(1, logits.shape[0], logits.shape[1])
-            ctx.ops.backward(logits3, targets[span], row_max[span], log_sum[span], entropy[span],
-                             coef_logprob[span].contiguous(), coef_entropy[span].contiguous(), ctx.temperature,
-                             logits3)
-            grads.add(span, logits, h)
+        for span, h, logits, spare in chunks(hidden2d, weight, bias, ctx.chunk, ctx.transform, spare=True):
+            dlogits = chunk_backward(ctx.ops, logits, spare, targets[span], row_max[span], log_sum[span],
+                                     entropy[span], coef_logprob[span], coef_entropy[span], ctx.temperature,
+                                     ctx.transform)
+            grads.add(span, dlogits, h)
         d_hidden, d_weight, d_bias = grads.finish()
         dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         out = tuple(None if g is None else g.to(dtype) for g, dtype in zip((d_hidden, d_weight, d_bias), dtypes))
-        return out + (None,) * 5
+        return out + (None,) * 6

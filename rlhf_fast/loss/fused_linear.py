@@ -4,14 +4,19 @@
 ``ppo_loss(hidden @ weight.T (+ bias), ...)`` but holds at most one ``[chunk, V]`` block of
 logits at a time. Per chunk of ``chunk`` tokens:
 
-1. ``logits = h_chunk @ W.T (+ b)`` into one reusable ``[chunk, V]`` buffer (dtype of ``hidden``);
+1. ``logits = h_chunk @ W.T (+ b)`` into one reusable ``[chunk, V]`` buffer (dtype of ``hidden``),
+   then the model's output transform, if any: ``logit_scale`` s (logits·s, as Cohere) and
+   ``logit_softcap`` c (c·tanh(logits / c), as Gemma 2/3), in that order, in place;
 2. the row backend (Triton on CUDA, C++ on CPU when built, the closed-form reference
    otherwise) gives the per-token results of the contract;
 3. if a gradient is wanted, the same backend writes d(loss)/d(logits) *in place* into the
    buffer. This is possible in the forward because every aggregation mode is linear,
    loss = Σ w·ℓ with per-token weights w known before any logit is seen, so
    c_lp = g·w and c_H = η·w (upstream gradient 1);
-4. ``d hidden_chunk = dlogits @ W``, ``d W += dlogitsᵀ @ h_chunk`` and ``d b += Σ dlogits``
+4. the transform's chain rule (s folds into the coefficients of step 3; the cap's
+   derivative s·(1 − tanh²) needs a second ``[chunk, V]`` buffer, as d(logits) cannot
+   overwrite the capped logits it is computed from);
+5. ``d hidden_chunk = dlogits @ W``, ``d W += dlogitsᵀ @ h_chunk`` and ``d b += Σ dlogits``
    (``d W`` and ``d b`` accumulate in fp32).
 
 The autograd backward only multiplies the stored gradients by the upstream scalar (plain PPO).
@@ -63,6 +68,7 @@ from .chunked import (
     FusedLinearPPOLoss,
     PPOPass,
     agree_across_ranks,
+    check_transform,
     default_chunk_size,
     result_dtype,
     stats_pass,
@@ -136,6 +142,8 @@ def fused_linear_ppo_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    logit_scale: Optional[float] = None,
+    logit_softcap: Optional[float] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     options: Optional[LossOptions] = None,
@@ -147,7 +155,10 @@ def fused_linear_ppo_loss(
 ) -> PPOLossOutput:
     """PPO loss (and its variants) of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
-    hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` (one dtype, one device); targets,
+    hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` (one dtype, one device); ``logit_scale``
+    s and ``logit_softcap`` c (numbers > 0, None = off) make the logits
+    ``c·tanh(s·(hidden @ weight.T + bias) / c)`` before everything else (temperature included),
+    as the output layer of Cohere (s) and Gemma 2/3 (c) models does; targets,
     advantages (or one per sequence), old/ref/rollout log-probs and mask ``[...]``, the leading
     shape of ``hidden``. Every option of :func:`rlhf_fast.ppo_loss` applies, except
     ``inplace_backward``, which is implied (d(logits) always overwrites the internal
@@ -166,6 +177,7 @@ def fused_linear_ppo_loss(
     """
     options = LossOptions.from_kwargs(options, loss_options, "fused_linear_ppo_loss")
     check_linear(hidden, weight, bias, chunk_size)
+    transform = check_transform(logit_scale, logit_softcap)
     x = inputs.prepare(
         hidden.shape[:-1], weight.shape[0], hidden.device, hidden.dtype, targets, advantages, old_logprobs,
         ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
@@ -177,15 +189,16 @@ def fused_linear_ppo_loss(
     if not options.is_plain_ppo:  # a variant or correction: statistics pass, gradients in the backward
         if with_grad:
             lp, entropy = FusedLinearLogprobs.apply(hidden2d, weight, bias, x.targets, options.temperature, ops,
-                                                    chunk, process_group)
+                                                    chunk, process_group, transform)
         else:
-            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, x.targets, options.temperature, ops, chunk, True)
+            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, x.targets, options.temperature, ops, chunk, True,
+                                           transform)
         return reference.finish_token_loss(lp, entropy, x)
     if with_grad:
         loss, lp, entropy, ratio, pg, kl = FusedLinearPPOLoss.apply(hidden2d, weight, bias, x, ops, chunk,
-                                                                    process_group)
+                                                                    process_group, transform)
     else:  # nothing to differentiate: skip the gradient work
-        p = PPOPass(hidden2d, weight, bias, x, ops, chunk, (False, False, False))
+        p = PPOPass(hidden2d, weight, bias, x, ops, chunk, (False, False, False), transform=transform)
         loss, lp, entropy, ratio, pg, kl = p.loss(x), p.logprobs, p.entropy, p.ratio, p.pg, p.kl
     return fused_output(loss, lp, entropy, ratio, pg, kl, x)
 
@@ -200,13 +213,16 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    logit_scale: Optional[float] = None,
+    logit_softcap: Optional[float] = None,
     backend: str = "auto",
     process_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probs ``[...]`` of the targets under ``hidden @ weight.T (+ bias)`` (fp32, 0 where masked).
 
     The fused-linear counterpart of :func:`rlhf_fast.logprobs`: ``(logprobs, entropy)`` with
-    ``with_entropy=True``. When grad mode is on and hidden, weight or bias require grad, the
+    ``with_entropy=True``. ``logit_scale`` and ``logit_softcap`` transform the logits as in
+    :func:`fused_linear_ppo_loss`. When grad mode is on and hidden, weight or bias require grad, the
     outputs are differentiable: the backward recomputes each chunk's logits and writes
     d(logits) into the one ``[chunk, V]`` buffer, so no ``[N, V]`` tensor ever exists.
     ``process_group``: weight/bias are this rank's vocabulary shard, as in
@@ -214,6 +230,7 @@ def fused_linear_logprobs(
     """
     LossOptions(temperature=temperature)  # validates τ
     check_linear(hidden, weight, bias, chunk_size)
+    transform = check_transform(logit_scale, logit_softcap)
     lead = hidden.shape[:-1]
     checks = inputs.Checks(True)
     safe, valid = inputs.prepare_targets(lead, weight.shape[0], hidden.device, targets, mask, checks,
@@ -224,10 +241,11 @@ def fused_linear_logprobs(
                                   with_grad and hidden.requires_grad)
     if with_grad:
         lp, entropy = FusedLinearLogprobs.apply(hidden2d, weight, bias, safe, float(temperature), ops, chunk,
-                                                process_group)
+                                                process_group, transform)
     else:
         with torch.no_grad():
-            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, safe, temperature, ops, chunk, with_entropy)
+            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, safe, temperature, ops, chunk, with_entropy,
+                                           transform)
     zero = torch.zeros((), dtype=result_dtype(hidden), device=hidden.device)
     lp = torch.where(valid, lp, zero).view(lead)
     if not with_entropy:
