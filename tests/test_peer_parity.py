@@ -318,9 +318,10 @@ def test_trl_config_is_exercised():
     assert ((rho > 2.0) & valid).any() and ((rho < 0.5) & valid).any()
 
 
-def test_trl_difference_grpo_counts_empty_rows():
+def test_trl_grpo_counts_empty_rows_with_global_num_sequences():
     """TRL's grpo / sapo average over all B rows, a row without tokens adding 0; seq-mean-token-mean
-    averages over the B_valid rows that have a token: TRL = ours · B_valid / B."""
+    averages over the B_valid rows that have a token (TRL = ours · B_valid / B), unless
+    global_num_sequences = B, which gives TRL's convention exactly."""
     case = trl_case(seed=5, empty_row=True)
     args = trl_config(loss_type="grpo", beta=0.04)
     peer, peer_grad = run_trl(args, case)
@@ -328,6 +329,8 @@ def test_trl_difference_grpo_counts_empty_rows():
     scale = 3 / 4  # rows with a token / rows
     assert_parity(ours * scale, ours_grad * scale, peer, peer_grad, "grpo with an empty row")
     assert not torch.allclose(ours, peer, rtol=1e-3)
+    exact, exact_grad = run_ours_trl(case, "eager", global_num_sequences=TRL_B, **trl_options(args))
+    assert_parity(exact, exact_grad, peer, peer_grad, "grpo with an empty row, global_num_sequences = B")
 
 
 def test_trl_difference_entropy_is_a_token_mean():
@@ -634,20 +637,22 @@ def test_verl_config_is_exercised():
     assert ((rho > 2.0) & valid).any() and ((rho < 0.5) & valid).any()
 
 
-def test_verl_difference_global_batch_size():
+def test_verl_global_batch_size_is_global_num_sequences():
     """verl's seq-mean-* modes divide by global_batch_size (the actor passes the mini-batch size: every
-    sequence, with or without a token); ours divides seq-mean-token-mean / -sum by B_valid (sequences of
-    the call with a token) and seq-mean-token-sum-norm by B. With an empty row and global_batch_size = B:
-    verl = ours · B_valid / B for seq-mean-token-mean, and equal for seq-mean-token-sum-norm. Without a
-    global_batch_size (agg_loss's own default) verl divides sum-norm by B_valid: verl = ours · B / B_valid."""
+    sequence, with or without a token); ours divide seq-mean-token-mean / -sum by B_valid (sequences of the
+    call with a token) and seq-mean-token-sum-norm by B, unless global_num_sequences says otherwise: with it
+    they are equal. (Without a global_batch_size, agg_loss's own default, verl divides sum-norm by B_valid.)"""
     case = verl_case(seed=11, empty_row=True)
-    for agg, global_batch_size, scale in (("seq-mean-token-mean", VERL_B, 3 / 4),
-                                          ("seq-mean-token-sum-norm", VERL_B, 1.0),
-                                          ("seq-mean-token-sum-norm", None, 4 / 3)):
+    for agg, global_batch_size, sequences, scale in (("seq-mean-token-mean", VERL_B, None, 3 / 4),
+                                                     ("seq-mean-token-mean", VERL_B, VERL_B, 1.0),
+                                                     ("seq-mean-token-sum", 6, 6, 1.0),
+                                                     ("seq-mean-token-sum-norm", VERL_B, None, 1.0),
+                                                     ("seq-mean-token-sum-norm", None, 3, 1.0)):
         actor = verl_actor(loss_agg_mode=agg, use_kl_loss=True, kl_loss_type="k2")
         peer, peer_grad = run_verl(actor, case, global_batch_size=global_batch_size)
-        ours, ours_grad = run_ours_verl(case, "eager", False, **verl_options(actor))
-        assert_parity(ours * scale, ours_grad * scale, peer, peer_grad, f"{agg} global_batch_size={global_batch_size}")
+        ours, ours_grad = run_ours_verl(case, "eager", False, global_num_sequences=sequences, **verl_options(actor))
+        assert_parity(ours * scale, ours_grad * scale, peer, peer_grad,
+                      f"{agg} global_batch_size={global_batch_size} global_num_sequences={sequences}")
 
 
 def test_verl_difference_sapo_aggregation():
@@ -683,8 +688,6 @@ def test_verl_gspo_clamp_value():
     torch.testing.assert_close(ours, peer, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="known divergence, reported: gspo's clamped log s_b still passes a "
-                                       "gradient (e^10·A per token) where verl's clamp passes none")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_verl_gspo_clamp_gradient(backend):
     """Beyond the clamp (mean log-ratio 12 > 10) verl's gspo ratio is a constant: zero gradient."""

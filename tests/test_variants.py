@@ -359,6 +359,24 @@ def test_bad_cu_seqlens(cu, message):
                     cu_seqlens=torch.tensor(cu))
 
 
+def test_global_num_sequences_sets_the_sequence_divisor():
+    """The sequences of a whole mini-batch split into micro-batches: each seq-* mode divides by it."""
+    case = make_case(3, 4, 13, seed=6, dtype=torch.float64)
+    common = (case.logits(), case.targets, case.advantages, case.old_logprobs, None, case.mask)
+    valid_rows = int(case.mask.any(-1).sum())
+    for agg, own in (("seq-mean-token-mean", valid_rows), ("seq-mean-token-sum", valid_rows),
+                     ("seq-mean-token-sum-norm", 3)):
+        local = rf.ppo_loss(*common, loss_agg=agg, backend="eager").loss
+        shared = rf.ppo_loss(*common, loss_agg=agg, global_num_sequences=10, backend="eager").loss
+        torch.testing.assert_close(shared, local * own / 10, rtol=1e-12, atol=1e-12)
+        as_tensor = rf.ppo_loss(*common, loss_agg=agg, global_num_sequences=torch.tensor(10), backend="eager").loss
+        torch.testing.assert_close(as_tensor, shared, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="global_num_sequences applies to the seq-"):
+        rf.ppo_loss(*common, global_num_sequences=4, backend="eager")
+    with pytest.raises(ValueError, match="global_num_sequences must be a finite number > 0"):
+        rf.ppo_loss(*common, loss_agg="seq-mean-token-mean", global_num_sequences=torch.tensor(-1.0))
+
+
 def test_packed_needs_norm_length_for_dr_grpo():
     logits = torch.randn(1, 6, 9)
     with pytest.raises(ValueError, match="needs norm_length"):

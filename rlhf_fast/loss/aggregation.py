@@ -33,30 +33,42 @@ def aggregation_weights(
     global_num_tokens=None,
     norm_length: Optional[float] = None,
     dtype: torch.dtype = torch.float32,
+    global_num_sequences=None,
 ) -> torch.Tensor:
     """Per-token weights w ``[N]`` with loss = Σ w·ℓ, in ``dtype`` (fp64 for the fp64 ground truth).
 
     The ``seq-*`` modes need ``sequences``; ``seq-mean-token-sum-norm`` divides by
-    B·``norm_length``.
+    B·``norm_length``. ``global_num_sequences`` replaces the number of sequences every ``seq-*``
+    mode divides by (B_valid, or B for ``-norm``): the sequences of a whole mini-batch split into
+    micro-batches or data-parallel ranks, as verl's ``global_batch_size``.
     """
     m = valid.to(dtype)
     if loss_agg == "token-mean":
         if global_num_tokens is None:
             denom = m.sum().clamp_min(1.0)
-        elif isinstance(global_num_tokens, torch.Tensor):
-            denom = global_num_tokens.to(device=m.device, dtype=dtype).reshape(()).clamp_min(1.0)
         else:
-            denom = float(global_num_tokens)
+            denom = _as_denominator(global_num_tokens, m)
         return m / denom
+    if global_num_sequences is not None:
+        count = _as_denominator(global_num_sequences, m)
     if loss_agg == "seq-mean-token-sum-norm":
+        if global_num_sequences is not None:
+            return m / (count * norm_length)
         return m / float(sequences.count * norm_length)
     tokens_per_seq = sequences.sum(m)
-    seqs_valid = (tokens_per_seq > 0).sum().to(dtype).clamp_min(1.0)
+    seqs_valid = count if global_num_sequences is not None else (tokens_per_seq > 0).sum().to(dtype).clamp_min(1.0)
     if loss_agg == "seq-mean-token-sum":
         return m / seqs_valid
     if loss_agg == "seq-mean-token-mean":
         return m / (sequences.expand(tokens_per_seq).clamp_min(1.0) * seqs_valid)
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+def _as_denominator(value, like: torch.Tensor):
+    """A caller's global count (a number, or a one-element tensor floored at 1) as a divisor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype).reshape(()).clamp_min(1.0)
+    return float(value)
 
 
 METRIC_NAMES = (

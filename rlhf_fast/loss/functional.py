@@ -93,6 +93,7 @@ def ppo_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     options: Optional[LossOptions] = None,
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
+    global_num_sequences: Union[int, float, torch.Tensor, None] = None,
     inplace_backward: bool = False,
     grad_in_forward: bool = False,
     validate: bool = True,
@@ -127,7 +128,8 @@ def ppo_loss(
     x = inputs.prepare(
         logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype, targets, advantages, old_logprobs,
         ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        global_num_tokens=global_num_tokens, process_group=process_group,
+        global_num_tokens=global_num_tokens, global_num_sequences=global_num_sequences,
+        process_group=process_group,
     )
     name = backends.resolve(backend, logits)
     if name == "eager" and process_group is None:

@@ -148,6 +148,7 @@ def fused_linear_ppo_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     options: Optional[LossOptions] = None,
     global_num_tokens: Union[int, float, torch.Tensor, None] = None,
+    global_num_sequences: Union[int, float, torch.Tensor, None] = None,
     validate: bool = True,
     backend: str = "auto",
     process_group=None,
@@ -181,7 +182,8 @@ def fused_linear_ppo_loss(
     x = inputs.prepare(
         hidden.shape[:-1], weight.shape[0], hidden.device, hidden.dtype, targets, advantages, old_logprobs,
         ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        global_num_tokens=global_num_tokens, process_group=process_group, other="hidden",
+        global_num_tokens=global_num_tokens, global_num_sequences=global_num_sequences,
+        process_group=process_group, other="hidden",
     )
     with_grad = _wants_grad(hidden, weight, bias)
     hidden2d, ops, chunk = _setup(hidden, weight, bias, chunk_size, backend, process_group,

@@ -184,25 +184,25 @@ def sequences_of(lead: torch.Size, device, cu_seqlens, checks: Checks, other: st
     return Sequences(index, count)
 
 
-def check_global_num_tokens(value, device, checks: Checks) -> None:
+def check_global_count(name: str, value, device, checks: Checks) -> None:
+    """``global_num_tokens`` / ``global_num_sequences``: a finite number > 0, or a one-element tensor of one."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(f"global_num_tokens must be a number or a one-element tensor, got shape "
-                             f"{tuple(value.shape)}")
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         if value.device != device:
-            raise ValueError(f"global_num_tokens is on {value.device} but the loss is on {device}")
+            raise ValueError(f"{name} is on {value.device} but the loss is on {device}")
         if value.dtype == torch.bool or value.is_complex():
-            raise ValueError(f"global_num_tokens must hold a count, got dtype {value.dtype}")
+            raise ValueError(f"{name} must hold a count, got dtype {value.dtype}")
         checks.fail_if(~(value.to(torch.float64) > 0).all() | ~torch.isfinite(value.to(torch.float64)).all(),
-                       lambda: f"global_num_tokens must be a finite number > 0, got {value.reshape(()).item()!r}",
-                       "global_num_tokens must be a finite number > 0")
+                       lambda: f"{name} must be a finite number > 0, got {value.reshape(()).item()!r}",
+                       f"{name} must be a finite number > 0")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"global_num_tokens must be a number or a tensor, got {value!r}")
+        raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
     if not (value > 0 and value < float("inf")):
-        raise ValueError(f"global_num_tokens must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def prepare(
@@ -221,6 +221,7 @@ def prepare(
     rollout_logprobs=None,
     cu_seqlens=None,
     global_num_tokens=None,
+    global_num_sequences=None,
     process_group=None,
     other: str = "logits",
 ) -> LossInputs:
@@ -252,7 +253,11 @@ def prepare(
         rollout = per_row("rollout_logprobs", rollout_logprobs, lead, valid, device, compute, other=other)
     if options.loss_agg != "token-mean" and global_num_tokens is not None:
         raise ValueError("global_num_tokens applies to loss_agg='token-mean' only")
-    check_global_num_tokens(global_num_tokens, device, checks)
+    if options.loss_agg == "token-mean" and global_num_sequences is not None:
+        raise ValueError("global_num_sequences applies to the seq-* loss_agg modes only (token-mean takes "
+                         "global_num_tokens)")
+    check_global_count("global_num_tokens", global_num_tokens, device, checks)
+    check_global_count("global_num_sequences", global_num_sequences, device, checks)
     norm_length = options.norm_length
     if options.loss_agg == "seq-mean-token-sum-norm" and norm_length is None:
         if cu_seqlens is not None:
@@ -260,5 +265,6 @@ def prepare(
                              "maximum completion length, as TRL's dr_grpo uses)")
         norm_length = lead[1]
     checks.resolve()
-    weights = aggregation_weights(valid, options.loss_agg, sequences, global_num_tokens, norm_length, compute)
+    weights = aggregation_weights(valid, options.loss_agg, sequences, global_num_tokens, norm_length, compute,
+                                  global_num_sequences)
     return LossInputs(safe, valid, lead, adv, old, ref, rollout, sequences, weights.contiguous(), options, params)

@@ -10,8 +10,8 @@ from .aggregation import PPOLossOutput
 from .functional import ppo_loss
 from .options import OPTION_NAMES, LossOptions
 
-_CALL_OPTIONS = frozenset({"global_num_tokens", "inplace_backward", "grad_in_forward", "validate", "backend",
-                           "process_group"})
+_CALL_OPTIONS = frozenset({"global_num_tokens", "global_num_sequences", "inplace_backward", "grad_in_forward",
+                           "validate", "backend", "process_group"})
 """Keyword arguments of ppo_loss that are not loss options but may be fixed at construction too."""
 _PER_CALL_TENSORS = frozenset({"rollout_logprobs", "cu_seqlens"})
 """Per-call tensors of ppo_loss, keywords of :meth:`PPOLoss.forward`."""

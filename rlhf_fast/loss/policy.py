@@ -127,10 +127,12 @@ def _gspo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -
     raw = torch.where(valid, raw_log_ratio.detach(), torch.zeros_like(raw_log_ratio))
     tokens = sequences.sum(valid.to(raw.dtype))
     log_s = sequences.sum(raw) / tokens.clamp_min(1.0)  # a sequence without a valid token: s_b = 1
-    if options.log_ratio_clamp is not None:
-        log_s = log_s.clamp(-options.log_ratio_clamp, options.log_ratio_clamp)
-    log_rho = sequences.expand(log_s) + (lp - lp.detach())  # value log s_b, gradient 1 w.r.t. lp_t
-    return clipped_surrogate(log_rho, advantages, options)
+    through = lp - lp.detach()  # value 0, gradient 1 w.r.t. lp_t
+    if options.log_ratio_clamp is not None:  # a clamped sequence ratio is a constant: no gradient
+        c = options.log_ratio_clamp
+        through = torch.where(sequences.expand((log_s >= -c) & (log_s <= c)), through, torch.zeros_like(through))
+        log_s = log_s.clamp(-c, c)
+    return clipped_surrogate(sequences.expand(log_s) + through, advantages, options)
 
 
 def _cispo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
