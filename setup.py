@@ -102,7 +102,7 @@ setup(
     version="0.1.0",
     description="Fused, trustworthy PPO loss kernels and a lean RLHF loop",
     packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.loss", "rlhf_fast.training", "rlhf_fast.casestudy",
-              "rlhf_fast.kernels"],
+              "rlhf_fast.integrations", "rlhf_fast.kernels"],
     package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"},
     entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.__main__:main"]},
     ext_modules=ext_modules,

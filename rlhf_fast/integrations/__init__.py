@@ -1,0 +1,15 @@
+"""Use the fused-linear loss inside other trainers (docs/integrations.md).
+
+* :mod:`rlhf_fast.integrations.transformers` — the hidden states and LM head of any Hugging Face
+  causal LM, with the output transform its forward applies to the logits (scale, soft-cap);
+* :mod:`rlhf_fast.integrations.trl` — ``RLHFFastGRPOTrainer`` / ``equip(trainer)`` for TRL's
+  ``GRPOTrainer``;
+* :mod:`rlhf_fast.integrations.verl` — the forward verl's fused-kernel actor calls
+  (``fused_kernel_options.impl_backend=rlhf_fast``).
+
+This package imports nothing heavy; each submodule imports its framework (transformers, trl,
+verl) when it is imported itself. The integrations are the top layer: they use the loss and
+training layers, and nothing in rlhf_fast imports them.
+"""
+
+__all__ = ["transformers", "trl", "verl"]
