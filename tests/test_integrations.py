@@ -380,6 +380,13 @@ def test_trl_soft_capped_model(tiny_models, tmp_path):
                      _grpo_run(tiny_models["gemma2"], tmp_path, True, loss_type="dapo"), "gemma2")
 
 
+def test_trl_lm_head_in_fp32_under_bf16_autocast(tiny_models, tmp_path):
+    """cast_lm_head_to_fp32 under bf16 autocast: the backbone in autocast, both heads in fp32."""
+    config = dict(loss_type="dapo", bf16=True, cast_lm_head_to_fp32=True)
+    _assert_same_run(_grpo_run(tiny_models["llama"], tmp_path, False, **config),
+                     _grpo_run(tiny_models["llama"], tmp_path, True, **config), "cast_lm_head_to_fp32")
+
+
 UNSUPPORTED = {
     "vespo": dict(loss_type="vespo"),
     "top_entropy_quantile": dict(top_entropy_quantile=0.5),
