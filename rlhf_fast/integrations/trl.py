@@ -138,7 +138,8 @@ def loss_options(trainer, entropy_coef: float = 0.0) -> LossOptions:
 
 class _Setup(NamedTuple):
     options: LossOptions  # entropy_coef 0; the step's coefficient is substituted per call
-    head: LMHead  # the transform (the weight is read again at each call)
+    logit_scale: Optional[float]  # the model's logit transform (the head's weight is read at each call)
+    logit_softcap: Optional[float]
     backend: str
     chunk_size: Optional[int]
 
@@ -160,7 +161,7 @@ def equip(trainer: GRPOTrainer, *, backend: str = "auto", chunk_size: Optional[i
         head = lm_head(trainer.model, verify=verify_head, trust_head_forward=bool(trainer.args.cast_lm_head_to_fp32))
     except UnsupportedModelError as exc:
         raise ValueError(f"rlhf_fast cannot score this model: {exc}") from exc
-    trainer._rlhf_fast = _Setup(loss_options(trainer), head, backend, chunk_size)
+    trainer._rlhf_fast = _Setup(loss_options(trainer), head.logit_scale, head.logit_softcap, backend, chunk_size)
     trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
@@ -308,7 +309,7 @@ def _loss_parts(self: GRPOTrainer, model, batch, coef: float, accumulation: floa
             weight, bias = weight.clone(), None if bias is None else bias.clone()
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        head = setup.head._replace(weight=weight, bias=bias)
+        head = LMHead(weight, bias, setup.logit_scale, setup.logit_softcap)
         hidden = hidden.to(dtype)
         common = dict(chunk_size=setup.chunk_size, backend=setup.backend, **head.loss_kwargs())
         if one_pass:
