@@ -85,6 +85,14 @@ def _clip_bounds(options):
     return low, high
 
 
+def clip_flags(ratio: Tensor, advantages: Tensor, low: float, high: float, dual_clip: Optional[float]):
+    """(clipped, dual) per token: the surrogate is clipped (A > 0 and r > high, or A < 0 and r < low; the
+    clipfrac metric), and the dual clip is active (A < 0 and r > c; clipfrac_lower)."""
+    clipped = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
+    dual = (advantages < 0) & (ratio > dual_clip) if dual_clip is not None else torch.zeros_like(clipped)
+    return clipped, dual
+
+
 def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, options) -> PolicyTerm:
     """pg = max(−A·r, −A·clamp(r, 1 − ε_low, 1 + ε_high)) (and the dual clip), r = exp(log_ratio).
 
@@ -94,11 +102,7 @@ def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, options) -> PolicyT
     """
     low, high = _clip_bounds(options)
     ratio = torch.exp(log_ratio.detach())
-    clipped = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
-    if options.dual_clip is not None:
-        dual = (advantages < 0) & (ratio > options.dual_clip)
-    else:
-        dual = torch.zeros_like(clipped)
+    clipped, dual = clip_flags(ratio, advantages, low, high, options.dual_clip)
     active = ~(clipped | dual) & (advantages != 0)
     unclipped = torch.exp(torch.where(active, log_ratio, torch.zeros_like(log_ratio)))
     bound = torch.where(advantages > 0, _full(log_ratio, high), _full(log_ratio, low))

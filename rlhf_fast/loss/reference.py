@@ -25,6 +25,7 @@ from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
 from .inputs import LossInputs
 from .options import KL_ESTIMATORS, LossOptions
+from .policy import clip_flags as policy_clip_flags
 from .policy import kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
 
 
@@ -75,22 +76,16 @@ def plain_options(params: RowParams) -> LossOptions:
 # ----------------------------------------------------------------------------------
 
 
+def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams):
+    """(clipped, dual) per token for a row backend's parameters (see :func:`.policy.clip_flags`)."""
+    return policy_clip_flags(ratio, advantages, 1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high,
+                             params.dual_clip if params.has_dual_clip else None)
+
+
 def surrogate_active(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams) -> torch.Tensor:
     """Where the unclipped branch −A·r carries the gradient (a zero advantage carries none)."""
-    inactive = ((advantages > 0) & (ratio > 1.0 + params.clip_eps_high)) | (
-        (advantages < 0) & (ratio < 1.0 - params.clip_eps_low)
-    )
-    if params.has_dual_clip:
-        inactive = inactive | ((advantages < 0) & (ratio > params.dual_clip))
-    return ~inactive & (advantages != 0)
-
-
-def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams):
-    """(clipped, dual) per token: the surrogate is clipped (clipfrac), the dual clip is active (clipfrac_lower)."""
-    clipped = ((advantages > 0) & (ratio > 1.0 + params.clip_eps_high)) | (
-        (advantages < 0) & (ratio < 1.0 - params.clip_eps_low))
-    dual = (advantages < 0) & (ratio > params.dual_clip) if params.has_dual_clip else torch.zeros_like(clipped)
-    return clipped, dual
+    clipped, dual = clip_flags(ratio, advantages, params)
+    return ~(clipped | dual) & (advantages != 0)
 
 
 def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int) -> torch.Tensor:
