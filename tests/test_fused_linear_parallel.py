@@ -28,6 +28,10 @@ OPTION_SETS = [
          global_num_tokens=40),
     dict(kl_estimator="k3+", kl_coef=0.2, loss_agg="seq-mean-token-mean"),
     dict(kl_estimator="k3", kl_coef=0.05, entropy_coef=0.03, loss_agg="seq-mean-token-sum-norm"),
+    # variants and corrections: a statistics pass, then the backward recomputes each chunk's logits
+    dict(policy_loss="gspo", rollout_is="truncate", rollout_is_level="sequence", kl_coef=0.1,
+         loss_agg="seq-mean-token-mean"),
+    dict(policy_loss="sapo", kl_coef=0.1, kl_clamp=0.05, kl_ratio_weighted=True, entropy_coef=0.01),
 ]
 
 
@@ -104,6 +108,8 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
                 3, 9, 16, vocab, seed=30 + i, per_sequence=i == 1)
             if not with_bias:
                 bias = None
+            if options.get("rollout_is", "none") != "none":
+                options = dict(options, rollout_logprobs=old + 0.05 * torch.cos(old))
             # single-process truth: eager loss on the materialised logits, autograd to hidden/W/b
             h_full = hidden.clone().requires_grad_(True)
             w_full = weight.clone().requires_grad_(True)

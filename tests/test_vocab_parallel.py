@@ -23,6 +23,11 @@ OPTION_SETS = [
     dict(kl_estimator="k2", kl_coef=0.1, entropy_coef=0.02, dual_clip=3.0),
     dict(kl_estimator="k3", kl_coef=0.1, entropy_coef=0.01, temperature=0.7, clip_eps_high=0.28),
     dict(kl_estimator="k3+", kl_coef=0.2, loss_agg="seq-mean-token-mean"),
+    # the variants and corrections: statistics over the shards, per-token math, the same local backward
+    dict(policy_loss="gspo", rollout_is="truncate", rollout_is_level="sequence", kl_coef=0.1,
+         kl_ratio_weighted=True, loss_agg="seq-mean-token-mean"),
+    dict(policy_loss="cispo", clip_eps_high=3.0, kl_coef=0.1, kl_clamp=0.05, log_ratio_clamp=0.5, entropy_coef=0.01),
+    dict(policy_loss="sapo", rollout_is="mask", rollout_is_min=0.9, rollout_is_max=1.2, temperature=0.8),
 ]
 
 
@@ -41,6 +46,8 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
         tol = TOLERANCES[torch.float32]
         for i, options in enumerate(OPTION_SETS):
             case = make_case(3, 6, vocab, seed=20 + i, strided=True, banned_tokens=3)
+            if options.get("rollout_is", "none") != "none":
+                options = dict(options, rollout_logprobs=case.old_logprobs + 0.1 * torch.sin(case.old_logprobs))
             full = case.logits_base.detach().clone().requires_grad_(True)
             ref = rf.ppo_loss(full[:, :-1], case.targets, case.advantages, case.old_logprobs, case.ref_logprobs,
                               case.mask, backend="eager", **options)
@@ -64,6 +71,17 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
                                               temperature=0.9, backend="eager")
             torch.testing.assert_close(lp, lp_ref, **tol)
             torch.testing.assert_close(entropy, entropy_ref, **tol)
+        # differentiable log-probs and entropy over the shards: a caller's function of both
+        case = make_case(2, 5, vocab, seed=40, strided=False)
+        full = case.logits_base.detach().clone().requires_grad_(True)
+        lp_ref, entropy_ref = rf.logprobs(full, case.targets, case.mask, with_entropy=True, backend="eager")
+        ((lp_ref * 1.5).sum() + (entropy_ref ** 2).sum()).backward()
+        shard = case.logits_base.detach()[..., lo:hi].clone().requires_grad_(True)
+        lp, entropy = rf.logprobs(shard, case.targets, case.mask, with_entropy=True, backend=backend,
+                                  process_group=dist.group.WORLD)
+        ((lp * 1.5).sum() + (entropy ** 2).sum()).backward()
+        torch.testing.assert_close(lp, lp_ref, **tol)
+        torch.testing.assert_close(shard.grad, full.grad[..., lo:hi], **tol)
         # a target id beyond the global vocabulary is still an error
         bad = torch.full((1, 2), vocab, dtype=torch.long)
         try:
