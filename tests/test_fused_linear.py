@@ -540,3 +540,30 @@ def test_inplace_backward_is_not_an_option():
     with pytest.raises(TypeError):
         rf.fused_linear_ppo_loss(case.hidden, case.weight, case.targets, case.advantages,
                                  inplace_backward=True)
+
+
+# ----------------------------------------------------------------------------------
+# Policy-loss variants and corrections: statistics pass, then a backward that recomputes the chunks.
+# ----------------------------------------------------------------------------------
+
+VARIANTS = {
+    "gspo-sequence-is": dict(policy_loss="gspo", rollout_is="truncate", rollout_is_level="sequence",
+                             loss_agg="seq-mean-token-mean", kl_coef=0.1),
+    "cispo-clamps": dict(policy_loss="cispo", clip_eps_high=3.0, kl_coef=0.1, kl_clamp=0.05, log_ratio_clamp=0.6,
+                         entropy_coef=0.02),
+    "sapo-mask-is": dict(policy_loss="sapo", rollout_is="mask", rollout_is_min=0.9, rollout_is_max=1.1,
+                         kl_coef=0.1, kl_ratio_weighted=True, temperature=0.8),
+    "ppo-token-is": dict(rollout_is="truncate", dual_clip=3.0, kl_coef=0.1, loss_agg="seq-mean-token-sum-norm"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_variants_match_eager(backend, variant, triton_env):
+    case = make_linear_case(2, 9, 16, 97, seed=17, device=_device(backend), mask="random")
+    options = dict(VARIANTS[variant])
+    if options.get("rollout_is", "none") != "none":
+        options["rollout_logprobs"] = case.old_logprobs + 0.05 * torch.sin(3 * case.old_logprobs)
+    ref_out, ref_grads = run_eager(case, **options)
+    out, grads = run_fused(case, backend, chunk_size=5, **options)
+    assert_close_to_eager(out, grads, ref_out, ref_grads, what=f"{backend} {variant}")
