@@ -13,15 +13,14 @@ import sys
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from rlhf_fast.__main__ import main  # noqa: E402
-from rlhf_fast.training import RewardModel, load_reward_model, sample_replies, save_reward_model  # noqa: E402
-from rlhf_fast.training import cli as ppo_cli  # noqa: E402
-from rlhf_fast.training import cli_calibrate as calibrate_cli  # noqa: E402
-from rlhf_fast.training.cli_calibrate import cycled_prompts  # noqa: E402
-from rlhf_fast.training.seeding import seed_everything  # noqa: E402
+from rlhf_fast.__main__ import main
+from rlhf_fast.training import RewardModel, load_reward_model, sample_replies, save_reward_model
+from rlhf_fast.training import cli as ppo_cli
+from rlhf_fast.training import cli_calibrate as calibrate_cli
+from rlhf_fast.training.cli_calibrate import cycled_prompts
+from rlhf_fast.training.seeding import seed_everything
 
 VOCAB, EOS = 32, 1
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18]]
