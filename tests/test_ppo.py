@@ -480,3 +480,34 @@ def test_normalised_reward_uses_the_calibration(tmp_path):
     m = record.metrics
     assert m["score_norm_mean"] == pytest.approx((m["score_raw_mean"] - mean) / std, rel=1e-4, abs=1e-5)
     assert m["score_mean"] == pytest.approx(m["score_norm_mean"], rel=1e-5, abs=1e-6)
+
+
+def test_soft_capped_model_uses_the_models_own_logits(tmp_path):
+    """A Gemma-2-style model soft-caps its logits: the loop's old log-probs are those of the model's own
+    logits (logits path and fused-linear path), and a step trains."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                          eos_token_id=EOS, pad_token_id=PAD["llama"], bos_token_id=PAD["llama"])
+    policy = Gemma2ForCausalLM(config).eval()
+    reward_model = RewardModel(tiny_lm("gpt2", seed=1).base_model).eval()
+    _, _, _, prompts = build("gpt2")
+    step_prompts = [p for p in prompts[:3] for _ in range(2)]
+    for fused in (False, True):
+        cfg = base_config(tmp_path / str(fused), steps=1, epochs=1, minibatch_size=6, advantage_estimator="rloo",
+                          use_fused_linear=fused)
+        seed_everything(0)
+        rollout = collect_rollout(cfg, policy, policy, reward_model, None, step_prompts, 0.0, EOS, PAD["llama"])
+        samples = rollout.samples
+        with torch.no_grad():
+            logits = policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
+                            position_ids=samples.position_ids).logits[:, samples.prompt_len - 1 : -1]
+        assert logits.abs().max() <= 0.5 + 1e-6  # the cap is active
+        want = torch.log_softmax(logits.float() / cfg.temperature, -1).gather(
+            -1, samples.response_ids[..., None]).squeeze(-1) * samples.response_mask
+        torch.testing.assert_close(rollout.old_logprobs, want, rtol=1e-5, atol=1e-5)
+        (record,) = train(cfg, copy.deepcopy(policy), policy, reward_model, prompts, eos_token_id=EOS,
+                          pad_token_id=PAD["llama"])
+        assert abs(record.metrics["ratio_max"] - 1) < 1e-5

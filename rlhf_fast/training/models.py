@@ -1,7 +1,9 @@
 """What the loop needs from the models: the value head, hidden states, the LM head, log-probs.
 
-Logits are ``lm_head(last_hidden_state)`` of the model's body (true for GPT-2, Llama,
-Mistral, Qwen; models that post-process logits, e.g. with soft-capping, are not supported).
+Logits are ``f(lm_head(last_hidden_state))`` of the model's body, with ``f`` the output transform
+of the model's config (identity for GPT-2, Llama, Mistral, Qwen; a scale for Cohere or Granite;
+soft-capping for Gemma 2/3: :mod:`.hf_models`, checked once against the model's own forward by
+:func:`check_compatibility`; other post-processing is refused there).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 from torch import nn
 
 from .. import loss as rf_loss
+from .hf_models import apply_transform, check_output_layer, output_transform, unwrap
+from .hf_models import lm_head as output_layer
 from .records import Samples
 
 
@@ -49,18 +53,30 @@ def lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits ``[..., V]`` from its final hidden states: the head, then its output transform."""
+    z = lm_head(model)(hidden)
+    scale, softcap = output_transform(unwrap(model).config)
+    return z if scale is None and softcap is None else apply_transform(z, scale, softcap)
+
+
+def fused_head(model: nn.Module) -> dict:
+    """``weight`` and the keywords of ``rf.fused_linear_*`` that reproduce :func:`logits` from hidden states."""
+    head = output_layer(model, verify=False)
+    return {"weight": head.weight, **head.loss_kwargs()}
+
+
 def token_logprobs(
     model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
     use_fused_linear: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy ``[B, R]`` of ``targets`` at temperature τ (no grad)."""
-    head = lm_head(model)
     if use_fused_linear:
-        return rf_loss.fused_linear_logprobs(
-            hidden, head.weight, targets, mask, temperature=temperature, with_entropy=True,
-            bias=getattr(head, "bias", None), backend=backend,
-        )
-    return rf_loss.logprobs(head(hidden), targets, mask, temperature=temperature, with_entropy=True, backend=backend)
+        head = fused_head(model)
+        return rf_loss.fused_linear_logprobs(hidden, head.pop("weight"), targets, mask, temperature=temperature,
+                                             with_entropy=True, backend=backend, **head)
+    return rf_loss.logprobs(logits(model, hidden), targets, mask, temperature=temperature, with_entropy=True,
+                            backend=backend)
 
 
 def critic_values(critic: nn.Module, hidden: torch.Tensor, samples: Samples, rows=None) -> torch.Tensor:
@@ -117,3 +133,7 @@ def check_compatibility(
     for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if not isinstance(token, int) or token < 0 or (sizes["policy"] is not None and token >= sizes["policy"]):
             raise ValueError(f"{name} must be a token id in [0, {sizes['policy']}), got {token!r}")
+    for model in (policy, ref_policy):
+        if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):
+            # the logits the loop computes (head, then the config's transform) must be the model's own
+            check_output_layer(unwrap(model), output_layer(model, verify=False))

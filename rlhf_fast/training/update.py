@@ -12,7 +12,7 @@ from .. import loss as rf_loss
 from . import distributed
 from .advantages import masked_mean
 from .metrics import UpdateStats
-from .models import critic_values, lm_head, response_hidden
+from .models import critic_values, fused_head, logits, response_hidden
 from .records import Rollout
 
 
@@ -131,8 +131,7 @@ def policy_loss(policy: nn.Module, hidden: torch.Tensor, rollout: Rollout, rows,
         call["rollout_logprobs"] = rollout.samples.sampling_logprobs[rows]
     if global_num_tokens is not None:
         call["global_num_tokens"] = global_num_tokens
-    head = lm_head(policy)
     if cfg.use_fused_linear:
-        bias = getattr(head, "bias", None)
-        return rf_loss.fused_linear_ppo_loss(hidden, head.weight, *args, bias=bias, **call)
-    return rf_loss.ppo_loss(head(hidden), *args, **call)
+        head = fused_head(policy)
+        return rf_loss.fused_linear_ppo_loss(hidden, head.pop("weight"), *args, **head, **call)
+    return rf_loss.ppo_loss(logits(policy, hidden), *args, **call)
