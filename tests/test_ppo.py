@@ -170,6 +170,26 @@ def test_early_stop_on_approx_kl(tmp_path):
     assert record.metrics["epochs_run"] < cfg.epochs
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_lr_schedule(tmp_path, schedule):
+    """linear: the policy's lr is lr × (1 − step / steps) in step ``step`` (0-based); constant: lr throughout."""
+    policy, ref, reward_model, prompts = build("gpt2")
+    cfg = base_config(tmp_path, steps=4, lr=1e-3, value_lr=4e-3, lr_schedule=schedule)
+    seen = []
+
+    def log_fn(record):
+        seen.append(record.metrics["lr"])
+
+    train(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"], log_fn=log_fn)
+    expected = [1e-3 * (1 - s / 4) if schedule == "linear" else 1e-3 for s in range(4)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_schedule_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        base_config(tmp_path, lr_schedule="cosine")
+
+
 class _Crash(RuntimeError):
     pass
 

@@ -20,6 +20,7 @@ from . import distributed
 from .advantages import ADVANTAGE_ESTIMATORS
 
 KL_PLACEMENTS = ("reward", "loss")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class PPOConfig(LossOptions):
     lr: float = option(1e-5, "AdamW learning rate of the policy.")
     value_lr: Optional[float] = option(None, "Learning rate of the value head or critic (None = lr).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
+    lr_schedule: Literal["constant", "linear"] = option(
+        "constant", "Learning rates over the run: constant, or linear decay from lr (and value_lr) at the first "
+                    "step toward 0 after the last (cleanrl's anneal_lr; TRL's default scheduler).")
     # --- sampling ---
     max_new_tokens: int = option(32, "Length limit of a reply, in tokens (EOS included).")
     # --- loss execution ---
@@ -117,6 +121,7 @@ class PPOConfig(LossOptions):
             need(isinstance(value, (int, float)) and value >= 0, f"{name} must be >= 0, got {value}")
         one_of("loss_backend", BACKENDS)
         one_of("kl_placement", KL_PLACEMENTS)
+        one_of("lr_schedule", LR_SCHEDULES)
         one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
         one_of("data_parallel", distributed.DATA_PARALLEL_MODES)
         need(

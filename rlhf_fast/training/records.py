@@ -71,6 +71,7 @@ METRICS: Dict[str, str] = {
     "kl_ref_k3_mean": "KL to the reference, k3 per token, mean over tokens",
     "kl_coef": "β used in this step",
     "kl_coef_next": "β after the controller update",
+    "lr": "learning rate of the policy in this step's updates (lr × the lr_schedule factor)",
     "loss_kl": "the loss's KL estimator (kl_estimator) of the updated policy, mean over updates",
     "pg_loss": "clipped surrogate, mean over updates",
     "clipfrac": "fraction of tokens whose surrogate is clipped, mean over updates",

@@ -8,6 +8,7 @@ process.
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,17 @@ from .advantages import ADVANTAGE_ESTIMATORS, whiten
 from .models import critic_values, response_hidden, token_logprobs
 from .records import Rollout, Samples
 from .reward import position_ids_from_mask
+
+
+class _PaddedDecodeWarning(logging.Filter):
+    """Drops transformers' "pass an `attention_mask`" warning: :func:`sample_replies` passes one, and
+    the warning fires only because a finished row's next decode input is the pad token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in str(record.msg)
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_PaddedDecodeWarning())
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -114,6 +114,7 @@ def train(
         param_groups.append({"params": [p for p in critic.parameters() if p.requires_grad],
                              "lr": cfg.value_lr or cfg.lr})
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_lrs = [group["lr"] for group in param_groups]
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
 
@@ -141,12 +142,15 @@ def train(
         step_prompts = choose_prompts(prompts, cfg, step)
         dp.seed_step(cfg.seed, step)  # data parallel: each rank's sampling stream from (seed, step, rank)
         rollout = collect_rollout(cfg, dp, ref_policy, reward_model, step_prompts, beta, eos_token_id, pad_token_id)
+        lr_factor = 1.0 - step / cfg.steps if cfg.lr_schedule == "linear" else 1.0  # from the step alone: resume-exact
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * lr_factor
         update_metrics = ppo_update(cfg, dp, optimizer, rollout, beta, dp.minibatch_order(cfg.seed, step))
 
         # KL controller: the target is the KL per reply (k1 summed over tokens, mean over replies)
         metrics = rollout_metrics(rollout, cfg)
         kl_ctl.update(metrics["kl_ref_k1_sum"], len(step_prompts))
-        metrics.update(update_metrics, kl_coef=beta, kl_coef_next=kl_ctl.value)
+        metrics.update(update_metrics, kl_coef=beta, kl_coef_next=kl_ctl.value, lr=optimizer.param_groups[0]["lr"])
         from_main = {}  # computed by rank 0 alone, the same on every rank
         if extra_metrics is not None and dp.is_main:
             from_main.update({k: float(v) for k, v in extra_metrics(step_prompts, rollout.samples.replies()).items()})
