@@ -1,0 +1,133 @@
+"""GSPO, CISPO and SAPO against the plain PPO call on the same backend, same inputs, same run (CPU, fp32).
+
+Run: ``pytest benchmarks/bench_policy_variants.py`` (pytest-benchmark; the end of the run says what
+each variant's call costs as a multiple of the plain PPO call; ``-s`` also prints every number of
+``extra_info``). One call = forward + backward of ``out.loss``, gradients into fresh ``.grad``
+buffers. Two forms, each with the C++ row backend (``backend="cpp"``):
+
+* ``logits``: ``rf.ppo_loss`` on logits ``[8, N/8, V]``, a leaf with grad. Plain PPO runs the
+  one-pass fused kernels; a variant runs the statistics pass, its per-token math on ``[N]``
+  tensors (``rlhf_fast/loss/policy.py``) and the same fused backward.
+* ``fused-linear``: ``rf.fused_linear_ppo_loss`` on hidden ``[8, N/8, H]`` and the LM head
+  ``[V, H]``, both leaves with grad, H = 256. Plain PPO forms its gradients chunk by chunk in the
+  forward (one logits matmul per chunk, then the two gradient matmuls).
+
+Options, shared by every call: old and reference log-probs, one advantage per sequence
+(``[8]``), clip ε = 0.2 / ε_high = 0.28, k3 KL β = 0.05, entropy bonus η = 0.01, token-mean;
+GSPO takes the small clip range it is used with (ε = 3e-4, ε_high = 4e-4) and CISPO / SAPO their
+defaults otherwise. The per-token math is O(N) either way; what a variant may cost is in the
+passes over the logits (and, for the fused-linear form, the matmuls).
+
+Shapes: ``RLHF_FAST_BENCH_FULL=1`` runs N = 4096, V = 32000 and asserts the bars of :data:`BARS` (a
+variant's call ≤ 1.2× the plain PPO call in the logits form, ≤ 1.45× in the fused-linear form, medians);
+by default (CI smoke) N = 512 and nothing is asserted.
+
+Time: ``benchmark.pedantic`` times the variant; the plain PPO call runs, timed by hand, in the
+untimed ``setup`` of each round, so the two alternate and share the machine's noise. Medians of
+both (hand-timed, so ``--benchmark-disable`` still reports them) and their ratio go to
+``extra_info``, after one warm-up call of each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from machine import cpu_name
+
+import rlhf_fast as rf
+from rlhf_fast import backends
+
+FULL = os.environ.get("RLHF_FAST_BENCH_FULL", "0") == "1"
+SHAPE = dict(n=4096 if FULL else 512, h=256, v=32000)
+ROUNDS = 5 if FULL else 2
+BARS = {"logits": 1.2, "fused-linear": 1.45}
+"""Cost of a variant's call over the plain PPO call. Logits: the same two passes over the logits. Fused-linear:
+plain PPO forms its gradients in the forward (per chunk one logits matmul and two gradient matmuls), while a
+variant's per-token coefficient needs every token's log-prob first (GSPO: the sequence's ratio), so it runs a
+statistics pass and recomputes the logits in the backward: four matmuls instead of three, 4/3 plus 10 %."""
+VARIANTS = ("gspo", "cispo", "sapo")
+FORMS = ("logits", "fused-linear")
+BACKEND = "cpp"
+OPTIONS = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
+VARIANT_OPTIONS = {"gspo": dict(clip_eps=3e-4, clip_eps_high=4e-4)}
+
+HAS_CPP = backends.load_ops("cpp")[0] is not None
+pytestmark = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension not built: {backends.load_ops('cpp')[1]}")
+
+
+def make_inputs(form: str, n: int, h: int, v: int):
+    """(leaves with grad, targets [8, n/8], advantages [8], old, ref [8, n/8])."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (8, n // 8)
+    if form == "logits":
+        leaves = ((torch.randn(*shape, v, generator=gen) * 2.0).requires_grad_(True),)
+    else:
+        leaves = (torch.randn(*shape, h, generator=gen).requires_grad_(True),
+                  (torch.randn(v, h, generator=gen) / h**0.5).requires_grad_(True))
+    targets = torch.randint(0, v, shape, generator=gen)
+    advantages = torch.randn(shape[0], generator=gen)
+    old = -torch.rand(shape, generator=gen) * 3.0 - 1.0
+    ref = old + 0.1 * torch.randn(shape, generator=gen)
+    return leaves, targets, advantages, old, ref
+
+
+def step(form: str, policy_loss: str, leaves, targets, advantages, old, ref) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+    options = dict(OPTIONS, **VARIANT_OPTIONS.get(policy_loss, {}), policy_loss=policy_loss, backend=BACKEND)
+    if form == "logits":
+        out = rf.ppo_loss(leaves[0], targets, advantages, old, ref, **options)
+    else:
+        out = rf.fused_linear_ppo_loss(leaves[0], leaves[1], targets, advantages, old, ref, **options)
+    out.loss.backward()
+
+
+_inputs = {}  # one form's inputs at a time, shared by its tests
+
+
+def shared_inputs(form: str):
+    if form not in _inputs:
+        _inputs.clear()
+        _inputs[form] = make_inputs(form, SHAPE["n"], SHAPE["h"], SHAPE["v"])
+    return _inputs[form]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("form", FORMS)
+def test_cpu_variant_vs_plain_ppo(benchmark, form, variant):
+    n, h, v = SHAPE["n"], SHAPE["h"], SHAPE["v"]
+    inputs = shared_inputs(form)
+    times = {"ppo": [], variant: []}
+
+    def timed(policy_loss):
+        start = time.perf_counter()
+        step(form, policy_loss, *inputs)
+        times[policy_loss].append(time.perf_counter() - start)
+
+    step(form, "ppo", *inputs)  # warm-up
+    step(form, variant, *inputs)
+    load_before = os.getloadavg()[0]
+    shape = f"N={n} V={v}" + (f" H={h}" if form == "fused-linear" else "")
+    benchmark.group = f"CPU {form} {BACKEND} {shape} fp32 fwd+bwd: variant vs plain PPO"
+    benchmark.pedantic(timed, args=(variant,), setup=lambda: timed("ppo"), rounds=ROUNDS, iterations=1)
+    ppo_s, variant_s = statistics.median(times["ppo"]), statistics.median(times[variant])
+    runs = len(times[variant])
+    ratio = variant_s / ppo_s
+    how = "one run each, timing off: indicative only" if runs == 1 else f"medians of {runs} interleaved runs"
+    info = {
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average_1min": [load_before, os.getloadavg()[0]], "form": form, "backend": BACKEND,
+        "shape": f"{shape} fp32", "ppo_median_s": ppo_s, f"{variant}_median_s": variant_s,
+        "cost_vs_plain_ppo": ratio,
+        "vs_eager": (f"{variant} costs {ratio:.2f}× the plain PPO call ({form}, {BACKEND}; {variant_s:.3g} s vs "
+                     f"{ppo_s:.3g} s, {how}; bar ≤ {BARS[form]}×)"),
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + json.dumps(info, indent=1))
+    if FULL:
+        assert ratio <= BARS[form], info
