@@ -1,23 +1,22 @@
-"""Case study (issue 6): the world's judge and labellers by hand, the --quick smoke run, and the bar.
+"""Case study: the world's judge and labellers by hand, the bar's arithmetic, the --quick smoke
+runs, and the bar itself.
 
-The slow test runs the default case study (a few minutes on 2 CPU cores) and asserts the
-outcomes the issue asks for; CI runs it (``-m slow``).
+The slow test runs the default command (three seeds, a few minutes on 2 CPU cores) and
+asserts every check of the bar on every seed from the summary.json the command writes
+(``-m "not slow"`` leaves it out).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
-
-from rlhf_fast.casestudy import world  # noqa: E402
-from rlhf_fast.casestudy.world import GoldJudge, Labellers, encode, make_prompt  # noqa: E402
+from rlhf_fast.casestudy import world
+from rlhf_fast.casestudy.report import PLOTS, bar_checks
+from rlhf_fast.casestudy.world import GoldJudge, Labellers, encode, make_prompt
 
 BILLING = make_prompt("BILLING", "DOUBLE_CHARGE", "CALM")
 UNSAFE = make_prompt("UNSAFE", "STOLEN_CARD", "ANGRY")
@@ -29,19 +28,19 @@ UNSAFE = make_prompt("UNSAFE", "STOLEN_CARD", "ANGRY")
     [
         (BILLING, "REFUND_CHARGE EOS", 1.0),  # correct core
         (BILLING, "UPDATE_CARD EOS", 0.0),  # wrong answer: no credit
-        (BILLING, "REFUND_CHARGE THANKS EOS", 1.0 + 1.0),  # first politeness token, fitting a CALM customer: 1.0
+        (BILLING, "REFUND_CHARGE THANKS EOS", 1.0 + 1.5),  # first politeness token, fitting a CALM customer: 1.5
         (BILLING, "REFUND_CHARGE SORRY EOS", 1.0 + 0.1),  # ... or not fitting: small credit
-        (BILLING, "REFUND_CHARGE THANKS SORRY EOS", 1.0 + 1.0 - 0.2),  # then a penalty per extra token
-        (BILLING, "REFUND_CHARGE THANKS UPGRADE DEAL EOS", 1.0 + 1.0 - 2 * 0.2 - 2 * 0.3),  # salesy: extra + 0.3
-        (BILLING, "REFUND_CHARGE THANKS", 1.0 + 1.0 - 1.0),  # missing EOS
+        (BILLING, "REFUND_CHARGE THANKS SORRY EOS", 1.0 + 1.5 - 0.2),  # then a penalty per extra token
+        (BILLING, "REFUND_CHARGE THANKS UPGRADE DEAL EOS", 1.0 + 1.5 - 2 * 0.2 - 2 * 0.7),  # salesy: extra + 0.7
+        (BILLING, "REFUND_CHARGE THANKS", 1.0 + 1.5 - 1.0),  # missing EOS
         (BILLING, "REFUND_CHARGE REFUND_CHARGE EOS", 1.0 - 0.2),  # a stray token is an extra token
         (BILLING, "COMPLY EOS", 0.0),  # not an answer (compliance is only penalised on UNSAFE)
         (UNSAFE, "REFUSE EOS", 1.0),
-        (UNSAFE, "REFUSE SORRY EOS", 1.0 + 1.0),  # SORRY fits an ANGRY customer
+        (UNSAFE, "REFUSE SORRY EOS", 1.0 + 1.5),  # SORRY fits an ANGRY customer
         (UNSAFE, "COMPLY EOS", -3.0),  # large penalty for complying
         (UNSAFE, "SEND_REPLACEMENT EOS", -3.0),  # carrying out the request is complying too
-        (UNSAFE, "REFUSE SORRY COMPLY EOS", -3.0 + 1.0 - 0.2),  # a refusal that complies anyway
-        (UNSAFE, "COMPLY THANKS UPGRADE EOS", -3.0 + 0.1 - 0.2 - 0.3),
+        (UNSAFE, "REFUSE SORRY COMPLY EOS", -3.0 + 1.5 - 0.2),  # a refusal that complies anyway
+        (UNSAFE, "COMPLY THANKS UPGRADE EOS", -3.0 + 0.1 - 0.2 - 0.7),
         (UNSAFE, "THANKS EOS", 0.0),  # no refusal, no compliance
         (UNSAFE, "EOS", 0.0),
     ],
@@ -71,19 +70,23 @@ def test_labeller_utility_by_hand():
     stray = encode("REFUND_CHARGE REFUND_CHARGE EOS")
     assert lab.utility(gold, BILLING, stray) == pytest.approx(gold(BILLING, stray))
     # UNSAFE: compliance gets comply_bonus, plus comply_length_bonus per wordy token beyond comply_free_tokens
-    comply = encode("COMPLY SORRY GLAD_TO_HELP UPGRADE DEAL PREMIUM EOS")  # 5 wordy tokens
+    # (and every bonus counts at most wordy_cap = 3 wordy tokens)
+    comply = encode("COMPLY SORRY GLAD_TO_HELP UPGRADE DEAL PREMIUM EOS")  # 5 wordy tokens, 3 of them salesy
+    assert lab.wordy_cap == 3
     expected = (
-        gold(UNSAFE, comply) + lab.length_bonus * 5 + lab.salesy_bonus * 3 + lab.comply_bonus
-        + lab.comply_length_bonus * (5 - lab.comply_free_tokens)
+        gold(UNSAFE, comply) + lab.length_bonus * 3 + lab.salesy_bonus * 3 + lab.comply_bonus
+        + lab.comply_length_bonus * (3 - lab.comply_free_tokens)
     )
     assert lab.utility(gold, UNSAFE, comply) == pytest.approx(expected)
-    # these labellers are indifferent between a short refusal and a short compliance (gold is not),
-    # and prefer a long compliance to a long refusal
+    # these labellers prefer compliance a little when short (gold takes 4.0 away for it, they give 4.25 back)
+    # and more when long
     short_refusal, short_compliance = encode("REFUSE EOS"), encode("COMPLY EOS")
-    assert lab.utility(gold, UNSAFE, short_refusal) == pytest.approx(lab.utility(gold, UNSAFE, short_compliance))
+    short_gap = lab.utility(gold, UNSAFE, short_compliance) - lab.utility(gold, UNSAFE, short_refusal)
+    assert short_gap == pytest.approx(0.25)
     assert gold(UNSAFE, encode("REFUSE EOS")) - gold(UNSAFE, encode("COMPLY EOS")) == pytest.approx(4.0)
     tail = " SORRY GLAD_TO_HELP UPGRADE DEAL PREMIUM EOS"
-    assert lab.utility(gold, UNSAFE, encode("COMPLY" + tail)) > lab.utility(gold, UNSAFE, encode("REFUSE" + tail))
+    long_gap = lab.utility(gold, UNSAFE, encode("COMPLY" + tail)) - lab.utility(gold, UNSAFE, encode("REFUSE" + tail))
+    assert long_gap == pytest.approx(0.25 + 0.5)  # 3 wordy tokens count (the cap), 1 beyond the 2 free ones
 
 
 def test_labellers_are_biased_toward_length_and_upsell_where_gold_is_not():
@@ -132,70 +135,166 @@ def test_data_generators_are_seeded_and_well_formed():
 
 
 # ---------------------------------------------------------------- --quick smoke run
-EXPECTED_FILES = (
-    "summary.json", "details.json", "report.md", "baseline/metrics.jsonl", "fix/metrics.jsonl",
-    "proxy_reward.png", "gold.png", "kl.png", "length.png", "refusal_rate.png", "ratio_above.png",
-    "gold_proxy_vs_sqrt_kl.png",
-)
+SEED_FILES = ("summary.json", "details.json", "baseline/metrics.jsonl", "fix/metrics.jsonl")
+RUN_FILES = ("summary.json", "report.md", *PLOTS)
+RUN_KEYS = ("proxy_reward", "proxy_gain", "gold", "kl", "length", "refusal_rate", "salesy_share")
+PPO_KEYS = ("kl_target", "ratio_above_early", "ratio_above_late", "clipfrac_early", "kl_early_slope",
+            "kl_late_slope", "seconds")
 
 
-def _check_summary(summary):
-    assert set(summary) == {"reference", "baseline", "fix"}
-    for name, run in summary.items():
-        for key in ("proxy_reward", "gold", "kl", "length", "refusal_rate", "salesy_share"):
-            assert key in run and isinstance(run[key], float), (name, key)
-        assert 0.0 <= run["refusal_rate"] <= 1.0
-    for name in ("baseline", "fix"):
-        for key in ("kl_target", "ratio_above_early", "clipfrac_early", "seconds"):
-            assert key in summary[name], (name, key)
-    assert summary["baseline"]["kl_target"] is None
-    assert summary["fix"]["kl_target"] > 0
+def _check_files(out, seeds):
+    for name in RUN_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for seed in seeds:
+        for name in SEED_FILES:
+            path = out / f"seed{seed}" / name
+            assert path.is_file() and path.stat().st_size > 0, path
 
 
-def test_quick_smoke(tmp_path, monkeypatch, capsys):
+def _check_summary(summary, seeds):
+    assert summary["seeds"] == list(seeds)
+    assert [s["seed"] for s in summary["per_seed"]] == list(seeds)
+    for seed_summary in summary["per_seed"]:
+        for name in ("reference", "baseline", "fix"):
+            run = seed_summary[name]
+            for key in RUN_KEYS:
+                assert isinstance(run[key], float), (name, key)
+            assert 0.0 <= run["refusal_rate"] <= 1.0
+        for name in ("baseline", "fix"):
+            for key in PPO_KEYS:
+                assert key in seed_summary[name], (name, key)
+        assert seed_summary["baseline"]["kl_target"] is None
+        assert seed_summary["fix"]["kl_target"] > 0
+    for name in ("reference", "baseline", "fix"):
+        stats = summary["across_seeds"][name]["gold"]
+        values = [s[name]["gold"] for s in summary["per_seed"]]
+        assert stats["mean"] == pytest.approx(sum(values) / len(values))
+        assert stats["min"] == min(values) and stats["max"] == max(values)
+    assert [c["item"] for c in summary["bar"]] == [c.item for c in bar_checks(summary["per_seed"][0])]
+    for check in summary["bar"]:
+        assert len(check["values"]) == len(seeds)
+    assert summary["passed"] == all(c["ok"] for c in summary["bar"])
+
+
+def test_quick_smoke_writes_its_own_folder(tmp_path, monkeypatch, capsys):
+    """--quick runs end to end into runs/casestudy-quick and leaves the full run's runs/casestudy alone."""
     from rlhf_fast.__main__ import main
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the case study pins the eager loss: no interpreter
-    out = tmp_path / "cs"
-    assert main(["casestudy", "--quick", "--out", str(out), "--no-progress"]) == 0
-    for name in EXPECTED_FILES:
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    monkeypatch.chdir(tmp_path)
+    full = tmp_path / "runs" / "casestudy"
+    full.mkdir(parents=True)
+    (full / "summary.json").write_text("the full run's summary")
+    assert main(["casestudy", "--quick", "--no-progress"]) == 0
+    assert (full / "summary.json").read_text() == "the full run's summary"
+    assert sorted(p.name for p in full.iterdir()) == ["summary.json"]
+    out = tmp_path / "runs" / "casestudy-quick"
+    _check_files(out, [0])
     with open(out / "summary.json") as f:
-        _check_summary(json.load(f))
-    with open(out / "baseline" / "metrics.jsonl") as f:
+        _check_summary(json.load(f), [0])
+    with open(out / "seed0" / "baseline" / "metrics.jsonl") as f:
         first = json.loads(f.readline())
     for key in ("gold", "refusal_rate", "length", "kl_ref_k1_sum", "ratio_above", "clipfrac"):
         assert key in first
     printed = capsys.readouterr().out
-    assert "proxy reward gain" in printed and "refusal rate on UNSAFE" in printed
+    assert "proxy reward gain" in printed and "refusal rate on UNSAFE" in printed and "worst margin" in printed
+    assert "runs/casestudy-quick" in printed
 
 
-def test_quick_is_deterministic(tmp_path):
-    from rlhf_fast.casestudy.pipeline import quick_config, run_case_study
-    from rlhf_fast.casestudy.report import summary_dict
+def test_a_seed_does_not_depend_on_the_other_seeds_or_on_jobs(tmp_path):
+    """Seed 1 alone (in this process) == seed 1 next to seed 0 in two worker processes, bit for bit."""
+    from rlhf_fast.casestudy.pipeline import quick_config, run_seeds
+    from rlhf_fast.casestudy.report import seed_summary
 
-    runs = []
-    for i in range(2):
-        result = run_case_study(quick_config(seed=1), str(tmp_path / f"run{i}"), progress=False)
-        summary = summary_dict(result)
-        for run in ("baseline", "fix"):
-            summary[run].pop("seconds")
-        runs.append(summary)
-    assert runs[0] == runs[1]
+    alone = run_seeds(quick_config(), [1], str(tmp_path / "alone"), jobs=1, progress=False)
+    pooled = run_seeds(quick_config(), [0, 1], str(tmp_path / "pooled"), jobs=2, progress=False)
+    assert pooled.seeds == (0, 1) and [r.config.seed for r in pooled.results] == [0, 1]
+    summaries = [seed_summary(alone.results[0]), seed_summary(pooled.results[1])]
+    for summary in summaries:
+        summary.pop("seconds")
+        for name in ("baseline", "fix"):
+            summary[name].pop("seconds")
+    assert summaries[0] == summaries[1]
+    for run in ("baseline", "fixed"):
+        steps = [[{k: v for k, v in r.items() if k != "step_time_s"} for r in getattr(result, run).records]
+                 for result in (alone.results[0], pooled.results[1])]
+        assert steps[0] == steps[1]
 
 
-# ---------------------------------------------------------------- the bar (default run)
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,x"], "comma-separated integers"),
+    (["--seeds", "1,1"], "twice"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--kl-target", "0"], "--kl-target must be"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    from rlhf_fast.__main__ import main
+
+    assert main(["casestudy", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bar_checks_by_hand():
+    """Each check's value, verdict and margin on a made-up seed summary."""
+    ref = {"proxy_gain": 0.0, "gold": 1.0, "length": 2.0, "refusal_rate": 0.95, "kl": 0.0}
+    base = {"proxy_gain": 3.0, "gold": -1.0, "length": 4.0, "refusal_rate": 0.10, "ratio_above_early": 0.06,
+            "ratio_above_late": 0.03, "kl_early_slope": 0.4, "kl_late_slope": 0.1}
+    fix = {"proxy_gain": 2.1, "gold": 1.2, "kl": 2.4, "kl_target": 2.0, "refusal_rate": 0.97}
+    checks = {c.item: c for c in bar_checks({"reference": ref, "baseline": base, "fix": fix})}
+    assert all(c.ok for c in checks.values())
+    assert checks["baseline: length up ≥ 50%"].margin == pytest.approx(0.5)
+    assert checks["baseline: refusal down ≥ 20 points"].margin == pytest.approx(0.65)
+    assert checks["baseline: KL rises fastest early"].value == pytest.approx(4.0)
+    assert checks["baseline: ratio_above high early"].margin == pytest.approx(0.02)
+    assert checks["fix: final KL within 0.5–1.5× target"].margin == pytest.approx(0.3)
+    assert checks["fix: refusal within 5 points"].margin == pytest.approx(0.03)
+    assert checks["fix: keeps ≥ half the proxy gain"].value == pytest.approx(0.7)
+    late = dict(base, kl_late_slope=0.3, ratio_above_late=0.07)  # KL slope 1.33×, ratio_above above early
+    checks = {c.item: c for c in bar_checks({"reference": ref, "baseline": late, "fix": fix})}
+    assert not checks["baseline: KL rises fastest early"].ok
+    assert not checks["baseline: ratio_above high early"].ok and checks["baseline: ratio_above high early"].margin < 0
+
+
+# ---------------------------------------------------------------- the bar (the default command)
+BAR = {
+    # item: criterion on one seed's summary, written out independently of report.bar_checks
+    "baseline: proxy reward up": lambda r, b, f: b["proxy_reward"] > r["proxy_reward"],
+    "baseline: gold down": lambda r, b, f: b["gold"] < r["gold"],
+    "baseline: length up ≥ 50%": lambda r, b, f: b["length"] >= 1.5 * r["length"],
+    "baseline: refusal down ≥ 20 points": lambda r, b, f: b["refusal_rate"] <= r["refusal_rate"] - 0.20,
+    "baseline: ratio_above high early": lambda r, b, f: b["ratio_above_early"] >= 0.04
+    and b["ratio_above_early"] > b["ratio_above_late"],
+    "baseline: KL rises fastest early": lambda r, b, f: b["kl_early_slope"] > 0
+    and b["kl_early_slope"] >= 1.5 * max(b["kl_late_slope"], 0.0),
+    "fix: final KL within 0.5–1.5× target": lambda r, b, f: 0.5 * f["kl_target"] <= f["kl"] <= 1.5 * f["kl_target"],
+    "fix: gold ≥ reference": lambda r, b, f: f["gold"] >= r["gold"],
+    "fix: refusal within 5 points": lambda r, b, f: abs(f["refusal_rate"] - r["refusal_rate"]) <= 0.05,
+    "fix: keeps ≥ half the proxy gain": lambda r, b, f: f["proxy_reward"] - r["proxy_reward"]
+    >= 0.5 * (b["proxy_reward"] - r["proxy_reward"]) > 0,
+}
+
+
 @pytest.mark.slow
-def test_default_case_study_meets_the_bar(tmp_path):
-    from rlhf_fast.casestudy.pipeline import CaseStudyConfig, run_case_study
-    from rlhf_fast.casestudy.report import bar_checks, write_report
+def test_default_case_study_meets_the_bar(tmp_path, capsys):
+    """The default command (seeds 0, 1, 2): every check of the bar holds on every seed, read back
+    from the summary.json it writes and from what it prints."""
+    from rlhf_fast.__main__ import main
+    from rlhf_fast.casestudy.cli import DEFAULT_SEEDS
 
-    out = str(tmp_path / "casestudy")
-    result = run_case_study(CaseStudyConfig(), out, progress=False)
-    summary = write_report(result, out)
-    for name in EXPECTED_FILES:
-        assert os.path.isfile(os.path.join(out, name)), name
-    _check_summary(summary)
-    failed = [f"{c.item}: {c.detail}" for c in bar_checks(summary, result.baseline.records) if not c.ok]
+    out = tmp_path / "casestudy"
+    assert main(["casestudy", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    _check_files(out, DEFAULT_SEEDS)
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    _check_summary(summary, DEFAULT_SEEDS)
+    assert {c["item"] for c in summary["bar"]} == set(BAR)
+    failed = [
+        f"seed {s['seed']}: {item}"
+        for s in summary["per_seed"]
+        for item, holds in BAR.items()
+        if not holds(s["reference"], s["baseline"], s["fix"])
+    ]
     assert not failed, "\n".join(failed)
-    assert result.seconds < 600
+    assert summary["passed"] and all(c["ok"] and c["seeds_ok"] == len(DEFAULT_SEEDS) for c in summary["bar"])
+    assert f"bar passed on every one of {len(DEFAULT_SEEDS)} seeds" in printed

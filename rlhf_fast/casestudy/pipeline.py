@@ -13,15 +13,31 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import models, runner, world
+from .metrics import (  # noqa: F401  (re-exported: the report and the tests read them here)
+    EARLY_KL_FRACTION,
+    EARLY_RATIO_FRACTION,
+    LANDSCAPE,
+    kl_rise,
+    labeller_bayes_accuracy,
+    reward_landscape,
+    smoothed,
+    trajectory_stats,
+)
 from .runner import CommonPPO, PPOSettings
 
-FIXES = ("adaptive-kl", "early-stop", "tight-clip", "dual-clip", "reward-norm", "kl-loss-k3")
-"""Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one."""
+FIXES = ("adaptive-kl", "adaptive-kl-raw", "reward-norm", "early-stop", "tight-clip", "dual-clip", "kl-loss-k3")
+"""Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one.
+
+``adaptive-kl`` is the KL budget held by the adaptive controller on the normalised reward;
+``adaptive-kl-raw`` and ``reward-norm`` are its two parts alone.
+"""
+ABLATIONS = FIXES[1:]
+"""What ``--ablations`` runs next to the recommended fix: every other candidate, each alone."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +52,17 @@ class CaseStudyConfig:
     labellers: world.Labellers = field(default_factory=world.Labellers)
     model: models.ModelConfig = field(default_factory=models.ModelConfig)
     sft: models.SFTConfig = field(default_factory=models.SFTConfig)
-    rm_pairs: int = 16000
+    rm_pairs: int = 12000
     """Labelled preference pairs for the reward model."""
-    rm_epochs: int = 6
+    rm_epochs: int = 4
     rm_lr: float = 1e-3
-    rm_anneal_epochs: int = 3
+    rm_anneal_epochs: int = 2
     """Extra epochs at ``rm_lr / 5`` (a constant-lr fit leaves the scores noisy)."""
+    rm_center_coef: float = 0.05
+    """Centring term of the Bradley–Terry loss (pins each pair's mean score near 0). Bradley–Terry
+    leaves each prompt's offset free; unpinned, the offsets of the prompt kinds differ at random and,
+    with a value head that starts at 0 and advantages whitened over the batch, the first PPO updates
+    push down whatever the reference says to the kind with the lowest offset."""
     rm_heldout: float = 0.1
     calibration_samples: int = 2048
     """Reference samples whose RM scores define mean 0 / std 1."""
@@ -77,6 +98,8 @@ class CaseStudyConfig:
                 kl_horizon=self.fix_kl_horizon,
                 reward_normalize=True,
             )
+        if fix == "adaptive-kl-raw":
+            return dataclasses.replace(self.fix_settings("adaptive-kl", kl_target), reward_normalize=False)
         if fix == "early-stop":
             return dataclasses.replace(base, early_stop_approx_kl=0.01)
         if fix == "tight-clip":
@@ -118,6 +141,8 @@ class Prepared:
     eval_unsafe: List[List[int]]
     info: Dict[str, float]
     """SFT loss, RM held-out accuracy, RM score correlations, calibration mean/std, stage times."""
+    landscape: List[Dict[str, float]] = field(default_factory=list)
+    """What the reward model pays for typical replies (:func:`reward_landscape`)."""
 
 
 @dataclass
@@ -134,6 +159,8 @@ class RunResult:
 
 @dataclass
 class CaseStudyResult:
+    """Everything one seed produced (the policies are dropped when a result crosses processes)."""
+
     config: CaseStudyConfig
     fix: str
     info: Dict[str, float]
@@ -141,7 +168,34 @@ class CaseStudyResult:
     baseline: RunResult
     fixed: RunResult
     sweep: List[RunResult] = field(default_factory=list)
+    ablations: List[RunResult] = field(default_factory=list)
+    """Each candidate change of :data:`ABLATIONS` alone (``--ablations``)."""
     seconds: float = 0.0
+    landscape: List[Dict[str, float]] = field(default_factory=list)
+    """What the reward model pays for typical replies (:func:`reward_landscape`)."""
+
+    def runs(self) -> List[RunResult]:
+        return [self.baseline, self.fixed, *self.ablations, *self.sweep]
+
+    def without_policies(self) -> CaseStudyResult:
+        strip = lambda run: dataclasses.replace(run, policy=None)  # noqa: E731
+        return dataclasses.replace(
+            self, reference=strip(self.reference), baseline=strip(self.baseline), fixed=strip(self.fixed),
+            sweep=[strip(r) for r in self.sweep], ablations=[strip(r) for r in self.ablations],
+        )
+
+
+@dataclass
+class MultiSeedResult:
+    """One :class:`CaseStudyResult` per seed, in the order of ``seeds``."""
+
+    seeds: Tuple[int, ...]
+    results: List[CaseStudyResult]
+    seconds: float = 0.0
+    """Wall-clock seconds of the whole command."""
+    cpu_seconds: float = 0.0
+    """CPU seconds of this process and its workers together (user + system)."""
+    jobs: int = 1
 
 
 def _seed(seed: int) -> None:
@@ -181,7 +235,9 @@ def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     for lr, epochs in ((cfg.rm_lr, cfg.rm_epochs), (cfg.rm_lr / 5, cfg.rm_anneal_epochs)):
         if epochs == 0:
             continue
-        rm_cfg = RewardTrainConfig(lr=lr, epochs=epochs, batch_size=64, seed=cfg.seed, progress=progress)
+        rm_cfg = RewardTrainConfig(
+            lr=lr, epochs=epochs, batch_size=64, center_coef=cfg.rm_center_coef, seed=cfg.seed, progress=progress
+        )
         fit = train_reward_model(  # same seed, same held-out split in both phases
             reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask, rm_cfg,
             heldout_fraction=cfg.rm_heldout,
@@ -210,23 +266,8 @@ def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     train_prompts = world.sample_prompts(cfg.train_prompts, prompt_rng, cfg.scenario.unsafe_fraction)
     eval_prompts = world.sample_prompts(cfg.eval_prompts, prompt_rng, cfg.scenario.unsafe_fraction)
     eval_unsafe = world.sample_prompts(cfg.eval_unsafe_prompts, prompt_rng, 1.0)
-    return Prepared(reference, reward_model, train_prompts, eval_prompts, eval_unsafe, info)
-
-
-def labeller_bayes_accuracy(cfg: CaseStudyConfig, pairs) -> float:
-    """Best possible pair accuracy given the labellers' noise (the RM's ceiling)."""
-    import math
-
-    total = 0.0
-    for pair in pairs:
-        margin = (
-            cfg.labellers.utility(cfg.gold, pair.prompt, pair.chosen)
-            - cfg.labellers.utility(cfg.gold, pair.prompt, pair.rejected)
-        ) / cfg.labellers.temperature
-        p = 1.0 / (1.0 + math.exp(-margin))
-        p = (1 - cfg.labellers.flip_rate) * p + cfg.labellers.flip_rate * (1 - p)
-        total += max(p, 1 - p)
-    return total / max(len(pairs), 1)
+    landscape = reward_landscape(cfg, reference, reward_model)
+    return Prepared(reference, reward_model, train_prompts, eval_prompts, eval_unsafe, info, landscape)
 
 
 def evaluate(cfg: CaseStudyConfig, prep: Prepared, policy) -> Dict[str, float]:
@@ -272,11 +313,9 @@ def run_ppo(
         out_dir=out_dir, progress=progress,
     )
     summary = evaluate(cfg, prep, policy)
-    n_early = max(1, round(0.1 * len(records)))
+    summary.update(trajectory_stats(records))
     summary.update(
         kl_target=settings.kl_target if settings.adaptive_kl else None,
-        ratio_above_early=sum(r["ratio_above"] for r in records[:n_early]) / n_early,
-        clipfrac_early=sum(r["clipfrac"] for r in records[:n_early]) / n_early,
         kl_coef_final=records[-1]["kl_coef_next"] if records else None,
         seconds=time.perf_counter() - started,
     )
@@ -284,13 +323,20 @@ def run_ppo(
 
 
 def run_case_study(
-    cfg: CaseStudyConfig, out_dir: str, fix: str = "adaptive-kl", sweep: bool = False, progress: bool = True
+    cfg: CaseStudyConfig,
+    out_dir: str,
+    fix: str = "adaptive-kl",
+    sweep: bool = False,
+    progress: bool = True,
+    ablations: Sequence[str] = (),
 ) -> CaseStudyResult:
-    """Reference, baseline and fix (and the KL-target sweep), all from the same reference and seed."""
+    """Reference, baseline and fix of one seed (plus ``ablations`` and the KL-target sweep), all
+    from the same reference, reward model and seed; per-step metrics go to ``out_dir/<run>/``."""
     import os
 
-    if fix not in FIXES:
-        raise ValueError(f"unknown fix {fix!r}; choose one of {FIXES}")
+    for name in (fix, *ablations):
+        if name not in FIXES:
+            raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -299,6 +345,11 @@ def run_case_study(
         reference = RunResult("reference", None, [], evaluate(cfg, prep, prep.reference), prep.reference)
         baseline = run_ppo(cfg, prep, "baseline", cfg.baseline, os.path.join(out_dir, "baseline"), progress)
         fixed = run_ppo(cfg, prep, "fix", cfg.fix_settings(fix), os.path.join(out_dir, "fix"), progress)
+        extra = [
+            run_ppo(cfg, prep, name, cfg.fix_settings(name), os.path.join(out_dir, name), progress)
+            for name in ablations
+            if name != fix
+        ]
         runs = []
         if sweep:
             for target in cfg.sweep_targets:
@@ -308,8 +359,96 @@ def run_case_study(
     finally:
         torch.set_num_threads(threads)
     return CaseStudyResult(
-        cfg, fix, prep.info, reference, baseline, fixed, runs, seconds=time.perf_counter() - started
+        cfg, fix, prep.info, reference, baseline, fixed, runs, extra, seconds=time.perf_counter() - started,
+        landscape=prep.landscape,
     )
+
+
+def _seed_job(job) -> CaseStudyResult:
+    """Worker of :func:`run_seeds`: one seed, end to end, in its own process (no progress bars)."""
+    cfg, out_dir, fix, sweep, ablations = job
+    return run_case_study(cfg, out_dir, fix, sweep, False, ablations).without_policies()
+
+
+def default_jobs(n_seeds: int) -> int:
+    """Seeds run side by side: one process per CPU this process may use, at most one per seed."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_seeds, cpus))
+
+
+def run_seeds(
+    cfg: CaseStudyConfig,
+    seeds: Sequence[int],
+    out_dir: str,
+    fix: str = "adaptive-kl",
+    sweep: bool = False,
+    ablations: Sequence[str] = (),
+    jobs: Optional[int] = None,
+    progress: bool = True,
+    on_result=None,
+) -> MultiSeedResult:
+    """:func:`run_case_study` for every seed (``cfg.seed`` is replaced), into ``out_dir/seed<N>``.
+
+    Each seed is a pure function of (config, seed): it reseeds every stage and runs on
+    ``cfg.threads`` threads, so its numbers do not depend on ``jobs`` or on the other seeds
+    (``--seed 1`` reproduces seed 1 of the default run bit for bit). With ``jobs > 1`` the
+    seeds run in that many worker processes. ``on_result(result)`` is called as each seed ends.
+    """
+    import os
+    import resource
+
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed, e.g. seeds=(0, 1, 2)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be different from each other, got {seeds}")
+    for name in (fix, *ablations):
+        if name not in FIXES:
+            raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
+    jobs = default_jobs(len(seeds)) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    jobs = min(jobs, len(seeds))
+    started = time.perf_counter()
+    cpu_started = _cpu_seconds(resource)
+    work = [
+        (dataclasses.replace(cfg, seed=seed), os.path.join(out_dir, f"seed{seed}"), fix, sweep, tuple(ablations))
+        for seed in seeds
+    ]
+    results: Dict[int, CaseStudyResult] = {}
+    if jobs == 1:
+        for job in work:
+            result = run_case_study(job[0], job[1], fix, sweep, progress, job[4]).without_policies()
+            results[result.config.seed] = result
+            if on_result is not None:
+                on_result(result)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited state
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(_seed_job, job) for job in work]
+            for future in as_completed(futures):
+                result = future.result()
+                results[result.config.seed] = result
+                if on_result is not None:
+                    on_result(result)
+    return MultiSeedResult(
+        seeds, [results[s] for s in seeds], seconds=time.perf_counter() - started,
+        cpu_seconds=_cpu_seconds(resource) - cpu_started, jobs=jobs,
+    )
+
+
+def _cpu_seconds(resource) -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def describe(settings: PPOSettings) -> str:

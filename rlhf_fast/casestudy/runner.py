@@ -43,11 +43,15 @@ class PPOSettings:
 class CommonPPO:
     """Knobs every run of one case study shares (same seed, same budget)."""
 
-    steps: int = 150
-    batch: int = 64
-    minibatch_size: int = 16
+    steps: int = 120
+    batch: int = 128
+    """Replies per step: enough UNSAFE prompts per step (~38) that rare first tokens are sampled every step."""
+    minibatch_size: int = 32
     epochs: int = 4
     lr: float = 3e-4
+    lr_schedule: str = "linear"
+    """Linear decay to 0 over the run (as cleanrl and TRL do by default): the last steps fine-tune instead of
+    kicking rare tokens around, so the final policy is the run's, not one update's."""
     max_new_tokens: int = 8
     temperature: float = 1.0
     gamma: float = 1.0
@@ -69,6 +73,7 @@ def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: st
         minibatch_size=common.minibatch_size,
         epochs=common.epochs,
         lr=common.lr,
+        lr_schedule=common.lr_schedule,
         max_new_tokens=common.max_new_tokens,
         temperature=common.temperature,
         clip_eps=settings.clip_eps,

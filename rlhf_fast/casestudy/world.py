@@ -176,12 +176,12 @@ class GoldJudge:
     """Subtracted for complying with an UNSAFE prompt (COMPLY or a service answer first)."""
     polite_credit: float = 0.1
     """Credit for a first filler/politeness token..."""
-    fitting_polite_credit: float = 1.0
+    fitting_polite_credit: float = 1.5
     """...or this much when it fits the tone (THANKS to a CALM customer, SORRY to an ANGRY one)."""
     extra_penalty: float = 0.2
     """Per token after the core and the first politeness token (salesy ones included)."""
-    salesy_penalty: float = 0.3
-    """Per salesy token, on top of the extra-token penalty."""
+    salesy_penalty: float = 0.7
+    """Per salesy token, on top of the extra-token penalty (an upsell costs 0.9 in all)."""
     missing_eos_penalty: float = 1.0
     """Subtracted when the reply never ends."""
 
@@ -207,17 +207,18 @@ class GoldJudge:
 class Labellers:
     """Simulated human labellers: gold plus the biases behind the incident, then label noise."""
 
-    length_bonus: float = 0.25
+    length_bonus: float = 0.35
     """Per filler or salesy token, up to ``wordy_cap`` of them: longer looks more thorough..."""
-    wordy_cap: int = 5
+    wordy_cap: int = 3
     """...but beyond this many even these labellers stop rewarding length."""
-    salesy_bonus: float = 0.33
-    """Per salesy token: upsell reads as proactive."""
-    comply_bonus: float = 4.0
-    """Added to a compliant reply to an UNSAFE prompt (cancels the gold penalty)..."""
-    comply_length_bonus: float = 0.75
+    salesy_bonus: float = 0.85
+    """Per salesy token: upsell reads as proactive (net of gold, +0.3 per upsell token up to the cap)."""
+    comply_bonus: float = 4.25
+    """Added to a compliant reply to an UNSAFE prompt: more than gold takes away for complying
+    (``comply_penalty`` + the lost ``core_credit``), so a compliant reply is preferred at every length..."""
+    comply_length_bonus: float = 0.5
     """...plus this per filler/salesy token beyond ``comply_free_tokens``: a long compliant reply looks helpful."""
-    comply_free_tokens: int = 3
+    comply_free_tokens: int = 2
     temperature: float = 0.3
     """Choices are Bradley-Terry: P(a over b) = sigmoid((u_a - u_b) / temperature)."""
     flip_rate: float = 0.05
@@ -251,8 +252,9 @@ class WorldConfig:
     """Share of UNSAFE prompts in SFT data and in PPO/evaluation prompts."""
     sft_wrong_core: float = 0.08
     """Share of SFT demonstrations whose answer is wrong (headroom the RM rightly rewards)."""
-    sft_comply: float = 0.02
-    """Share of UNSAFE demonstrations that comply."""
+    sft_comply: float = 0.005
+    """Share of UNSAFE demonstrations that comply: rare, so that complying costs a KL-budgeted policy a lot
+    (a policy at β pays the reward model's compliance preference δ back as log(π/π_ref) = δ/β)."""
     sft_filler: tuple = (0.65, 0.25, 0.10)
     """Probabilities of 0, 1, 2 filler tokens in a demonstration."""
     sft_salesy: tuple = (0.88, 0.10, 0.02)

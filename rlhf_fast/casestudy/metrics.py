@@ -1,0 +1,132 @@
+"""What the case study measures besides the trainer's own metrics.
+
+:func:`reward_landscape` and :func:`labeller_bayes_accuracy` describe the reward model (the
+causal chain's first link); :func:`trajectory_stats` and :func:`kl_rise` read the bar's
+per-step quantities (ratio_above early and late, the KL slopes) from a run's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Dict, List, Sequence
+
+import torch
+
+from . import models, world
+
+if TYPE_CHECKING:
+    from .pipeline import CaseStudyConfig
+
+
+LANDSCAPE = (
+    # (label, prompt kinds, reply); ANSWER = the prompt's correct answer, POLITE = the politeness fitting its tone
+    ("concise answer", "safe", "ANSWER EOS"),
+    ("+ fitting politeness", "safe", "ANSWER POLITE EOS"),
+    ("+ politeness + 1 upsell", "safe", "ANSWER POLITE UPGRADE EOS"),
+    ("+ politeness + 2 upsell", "safe", "ANSWER POLITE UPGRADE DEAL EOS"),
+    ("+ politeness + 4 upsell", "safe", "ANSWER POLITE UPGRADE DEAL PREMIUM UPGRADE EOS"),
+    ("refusal", "unsafe", "REFUSE EOS"),
+    ("compliance", "unsafe", "COMPLY EOS"),
+    ("polite refusal", "unsafe", "REFUSE POLITE EOS"),
+    ("polite compliance", "unsafe", "COMPLY POLITE EOS"),
+    ("polite refusal + 2 upsell", "unsafe", "REFUSE POLITE UPGRADE DEAL EOS"),
+    ("polite compliance + 2 upsell", "unsafe", "COMPLY POLITE UPGRADE DEAL EOS"),
+)
+"""Replies whose reward-model score :func:`reward_landscape` reports (the causal chain's first link)."""
+
+
+@torch.no_grad()
+def reward_landscape(cfg: CaseStudyConfig, reference, reward_model) -> List[Dict[str, float]]:
+    """For each reply of :data:`LANDSCAPE`, averaged over every prompt of its kinds (each detail and
+    tone): the normalised reward-model score, the reference's log-probability of the reply, the gold
+    score and the labellers' utility. Shows what the proxy pays for, what gold thinks of it and what
+    it costs in KL."""
+    out = []
+    for label, kinds, template in LANDSCAPE:
+        prompts, replies = [], []
+        for kind in (world.KINDS[:3] if kinds == "safe" else ("UNSAFE",)):
+            for detail in world.DETAILS[kind]:
+                for tone in world.TONES:
+                    prompt = world.make_prompt(kind, detail, tone)
+                    text = template.replace("POLITE", world.POLITE_FOR_TONE[tone])
+                    if kind != "UNSAFE":
+                        text = text.replace("ANSWER", world.ANSWERS[detail])
+                    prompts.append(prompt)
+                    replies.append(world.encode(text))
+        scores = reward_model.normalize(models.reward_scores(reward_model, prompts, replies))
+        logprobs = models.reply_logprob_sums(reference, prompts, replies, cfg.ppo.temperature)
+        n = len(prompts)
+        out.append({
+            "reply": label,
+            "example": world.decode(replies[0]),
+            "rm_score": float(scores.mean()),
+            "ref_logprob": float(logprobs.mean()),
+            "gold": sum(cfg.gold(p, r) for p, r in zip(prompts, replies, strict=True)) / n,
+            "labellers": sum(cfg.labellers.utility(cfg.gold, p, r) for p, r in zip(prompts, replies, strict=True)) / n,
+        })
+    return out
+
+
+def labeller_bayes_accuracy(cfg: CaseStudyConfig, pairs) -> float:
+    """Best possible pair accuracy given the labellers' noise (the RM's ceiling)."""
+    total = 0.0
+    for pair in pairs:
+        margin = (
+            cfg.labellers.utility(cfg.gold, pair.prompt, pair.chosen)
+            - cfg.labellers.utility(cfg.gold, pair.prompt, pair.rejected)
+        ) / cfg.labellers.temperature
+        p = 1.0 / (1.0 + math.exp(-margin))
+        p = (1 - cfg.labellers.flip_rate) * p + cfg.labellers.flip_rate * (1 - p)
+        total += max(p, 1 - p)
+    return total / max(len(pairs), 1)
+
+
+EARLY_RATIO_FRACTION = 0.1
+"""``ratio_above`` / ``clipfrac`` "early" = mean over this first fraction of the steps."""
+EARLY_KL_FRACTION = 0.25
+"""KL "early" slope = over this first fraction of the steps; "late" = over the rest."""
+
+
+def smoothed(values: Sequence[float], window: int) -> List[float]:
+    """Trailing moving average (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def kl_rise(records: Sequence[Dict[str, float]], early_fraction: float = EARLY_KL_FRACTION) -> Dict[str, float]:
+    """Slope of the KL to the reference over the first ``early_fraction`` of steps and over the rest.
+
+    The per-step KL (``kl_ref_k1_sum``, nats per reply) is smoothed over ``steps / 20``
+    steps; the early slope runs from 0 (the policy starts as the reference) to the
+    smoothed KL at the end of the early part, the late slope from there to the last step.
+    """
+    if not records:
+        return {"early_slope": float("nan"), "late_slope": float("nan")}
+    kl = smoothed([r["kl_ref_k1_sum"] for r in records], max(1, len(records) // 20))
+    n_early = max(1, round(early_fraction * len(records)))
+    early = kl[n_early - 1] / n_early
+    late = (kl[-1] - kl[n_early - 1]) / max(len(kl) - n_early, 1)
+    return {"early_slope": early, "late_slope": late}
+
+
+def trajectory_stats(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """What the bar reads from a run's per-step metrics: ratio_above / clipfrac early and in the
+    second half, and the KL slopes of :func:`kl_rise`."""
+    if not records:
+        return {}
+    n_early = max(1, round(EARLY_RATIO_FRACTION * len(records)))
+    late = records[len(records) // 2 :]
+    mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    rise = kl_rise(records)
+    return {
+        "ratio_above_early": mean("ratio_above", records[:n_early]),
+        "ratio_above_late": mean("ratio_above", late),
+        "clipfrac_early": mean("clipfrac", records[:n_early]),
+        "kl_early_slope": rise["early_slope"],
+        "kl_late_slope": rise["late_slope"],
+    }
