@@ -320,6 +320,40 @@ def test_no_grad_skips_gradient_work(monkeypatch):
     torch.testing.assert_close(out.loss, ref_out.loss, **FP32)
 
 
+@pytest.mark.parametrize("options, passes", [
+    (dict(policy_loss="cispo"), 1),
+    (dict(policy_loss="sapo"), 1),
+    (dict(kl_clamp=2.0, log_ratio_clamp=5.0), 1),
+    (dict(policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4), 2),  # a token's coefficient waits for its sequence
+])
+def test_token_local_variants_form_the_logits_once(monkeypatch, options, passes):
+    """A token-local variant forms each chunk's logits once (gradients in the forward, as plain PPO); GSPO twice
+    (statistics, then the backward). Both equal eager autograd in fp64."""
+    from rlhf_fast.loss import chunked
+
+    calls = []
+    original = chunked._logits_chunk
+    monkeypatch.setattr(chunked, "_logits_chunk", lambda *a: calls.append(1) or original(*a))
+    case = make_linear_case(seed=11)
+    hidden, weight, bias = (t.detach().double().requires_grad_() for t in (case.hidden, case.weight, case.bias))
+    lp_inputs = [None if t is None else t.double() for t in (case.advantages, case.old_logprobs, case.ref_logprobs)]
+    kwargs = dict(kl_coef=0.1, entropy_coef=0.01, **options)
+    out = rf.fused_linear_ppo_loss(hidden, weight, case.targets, *lp_inputs, case.mask, bias=bias, chunk_size=16,
+                                   backend="eager", **kwargs)
+    n_chunks = -(-case.targets.numel() // 16)
+    out.loss.backward()
+    assert len(calls) == passes * n_chunks
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    eager = rf.ppo_loss(leaves[0] @ leaves[1].T + leaves[2], case.targets, *lp_inputs, case.mask, backend="eager",
+                        **kwargs)
+    eager.loss.backward()
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-12, atol=1e-12)
+    # the two-pass backward rounds its coefficients to fp32; the one-pass path keeps them in fp64
+    tolerance = dict(rtol=1e-6, atol=1e-8) if passes == 2 else dict(rtol=1e-10, atol=1e-10)
+    for mine, theirs in zip((hidden, weight, bias), leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad, **tolerance)
+
+
 def test_upstream_gradient_scales_and_composes():
     case = make_linear_case(seed=8)
     _, ref_grads = run_eager(case, kl_coef=0.1)

@@ -2,16 +2,21 @@
 block at a time, through one reusable buffer, and the gradients of hidden, weight and bias
 accumulated chunk by chunk (see :mod:`rlhf_fast.loss.fused_linear` for what the caller sees).
 
-Two passes:
+Three passes:
 
 * :class:`FusedLinearPPOLoss` — the plain PPO loss with its gradients formed in the forward
   (every aggregation is linear, so each token's weight is known before any logit is seen);
   the backward only scales them by the upstream scalar;
+* :class:`FusedLinearTokenLoss` — the same single pass for every variant whose per-token loss
+  depends on its own token only (CISPO, SAPO, clamps, token-level rollout correction): each
+  chunk's (lp, H) give that chunk's coefficients at once (autograd of the per-token math on
+  the chunk's ``[rows]`` slice), so the logits are formed once, as for plain PPO;
 * :class:`FusedLinearLogprobs` — differentiable (lp, H): a statistics pass in the forward,
   and a backward that recomputes each chunk's logits and writes d(logits) with the
-  coefficients of any function of (lp, H): what the policy-loss variants need.
+  coefficients of any function of (lp, H): what the sequence-level variants (GSPO,
+  sequence-level rollout correction) need, since a token's coefficient waits for its sequence.
 
-Both apply the model's :class:`LogitTransform` (a logit scale, tanh soft-capping) to each
+All apply the model's :class:`LogitTransform` (a logit scale, tanh soft-capping) to each
 chunk's logits before the row backend, and its chain rule to each chunk's d(logits).
 """
 
@@ -26,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from ..backends.rows import RowOps, RowStats
 from .inputs import LossInputs
+from .policy import token_terms
 
 _MIN_CHUNK = 256
 """Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
@@ -336,6 +342,61 @@ class FusedLinearPPOLoss(torch.autograd.Function):
             grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
             scaled.append(grad.to(dtype))
         return tuple(scaled) + (None,) * 5
+
+
+def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, span: slice):
+    """(d(Σ w·ℓ)/d lp, −d(Σ w·ℓ)/d H) of the tokens in ``span``, from their own (lp, H) alone (the variant's
+    per-token math is token-local: ``x.options.needs_sequences`` is False)."""
+    with torch.enable_grad():
+        lp = lp.detach().requires_grad_(True)
+        entropy = entropy.detach().requires_grad_(True)
+        valid = x.valid[span]
+        zeros = torch.zeros_like(lp)
+        part = lambda t: None if t is None else t[span]  # noqa: E731
+        terms = token_terms(torch.where(valid, lp, zeros), torch.where(valid, entropy, zeros), x.advantages[span],
+                            part(x.old_logprobs), part(x.ref_logprobs), part(x.rollout_logprobs), valid, None,
+                            x.options)
+        token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
+        d_lp, d_h = torch.autograd.grad((x.weights[span].to(token_loss.dtype) * token_loss).sum(), (lp, entropy),
+                                        allow_unused=True)
+    d_lp = torch.zeros_like(lp) if d_lp is None else d_lp
+    d_h = torch.zeros_like(lp) if d_h is None else d_h
+    # a masked row may hold NaN (a banned placeholder target): keep it out of d(logits), as the plain pass does
+    return torch.where(valid, d_lp, zeros), torch.where(valid, -d_h, zeros)
+
+
+class FusedLinearTokenLoss(torch.autograd.Function):
+    """A token-local variant in one pass: per chunk the row statistics, the chunk's coefficients, d(logits) and
+    the input gradients; the forward returns Σ w·ℓ and (lp, H), the backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops: RowOps, chunk: int, process_group,
+                transform: LogitTransform = IDENTITY):
+        from .reference import finish_token_loss
+
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        n_rows = hidden2d.shape[0]
+        dtype = result_dtype(hidden2d)
+        lp = torch.zeros(n_rows, dtype=dtype, device=hidden2d.device)
+        entropy = torch.zeros_like(lp)
+        grads = Gradients(hidden2d, weight, needs, process_group)
+        temperature = float(x.options.temperature)
+        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any):
+            targets = x.targets[span]
+            stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets, temperature, True)
+            lp[span], entropy[span] = stats.logprobs, stats.entropy
+            if not grads.any:
+                continue
+            coef_logprob, coef_entropy = _token_coefficients(lp[span], entropy[span], x, span)
+            dlogits = chunk_backward(ops, logits, spare, targets, stats.row_max, stats.log_sum, entropy[span],
+                                     coef_logprob, coef_entropy, temperature, transform)
+            grads.add(span, dlogits, h)
+        ctx.grads = grads.finish()
+        ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(lp, entropy)
+        return finish_token_loss(lp, entropy, x).loss.detach(), lp, entropy
+
+    backward = staticmethod(FusedLinearPPOLoss.backward)
 
 
 def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float, ops: RowOps, chunk: int,

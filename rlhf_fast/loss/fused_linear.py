@@ -19,7 +19,12 @@ logits at a time. Per chunk of ``chunk`` tokens:
 5. ``d hidden_chunk = dlogits @ W``, ``d W += dlogitsᵀ @ h_chunk`` and ``d b += Σ dlogits``
    (``d W`` and ``d b`` accumulate in fp32).
 
-The autograd backward only multiplies the stored gradients by the upstream scalar (plain PPO).
+The autograd backward only multiplies the stored gradients by the upstream scalar. Plain PPO
+gets step 2's coefficients from the fused kernel; a variant whose per-token loss depends on
+its own token only (CISPO, SAPO, the clamps, token-level rollout correction) gets them from
+the chunk's (lp, H) and the per-token math of :mod:`rlhf_fast.loss.policy` on that chunk, in
+the same single pass. GSPO and sequence-level rollout correction need a whole sequence's
+log-probs first: a statistics pass, then a backward that recomputes each chunk's logits.
 
 Memory beyond the inputs and the gradients themselves: the ``[chunk, V]`` buffer, the row
 backend's per-chunk temporaries (several fp32 ``[chunk, V]`` for the eager fallback, none
@@ -66,6 +71,7 @@ from .aggregation import PPOLossOutput
 from .chunked import (
     FusedLinearLogprobs,
     FusedLinearPPOLoss,
+    FusedLinearTokenLoss,
     PPOPass,
     agree_across_ranks,
     check_transform,
@@ -188,7 +194,12 @@ def fused_linear_ppo_loss(
     with_grad = _wants_grad(hidden, weight, bias)
     hidden2d, ops, chunk = _setup(hidden, weight, bias, chunk_size, backend, process_group,
                                   with_grad and hidden.requires_grad)
-    if not options.is_plain_ppo:  # a variant or correction: statistics pass, gradients in the backward
+    if not options.is_plain_ppo and with_grad and not options.needs_sequences:  # token-local: one pass
+        loss, lp, entropy = FusedLinearTokenLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group,
+                                                       transform)
+        out = reference.finish_token_loss(lp, entropy, x)
+        return out._replace(loss=loss)
+    if not options.is_plain_ppo:  # sequence-level: statistics pass, gradients in the backward
         if with_grad:
             lp, entropy = FusedLinearLogprobs.apply(hidden2d, weight, bias, x.targets, options.temperature, ops,
                                                     chunk, process_group, transform)
