@@ -320,15 +320,23 @@ def test_no_grad_skips_gradient_work(monkeypatch):
     torch.testing.assert_close(out.loss, ref_out.loss, **FP32)
 
 
-@pytest.mark.parametrize("options, passes", [
-    (dict(policy_loss="cispo"), 1),
-    (dict(policy_loss="sapo"), 1),
-    (dict(kl_clamp=2.0, log_ratio_clamp=5.0), 1),
-    (dict(policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4), 2),  # a token's coefficient waits for its sequence
+GSPO = dict(policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4)
+
+
+@pytest.mark.parametrize("options, chunk_size, logits_chunks", [
+    (dict(policy_loss="cispo"), 16, 7),  # 3 × 37 rows in chunks of 16: one pass
+    (dict(policy_loss="sapo"), 16, 7),
+    (dict(kl_clamp=2.0, log_ratio_clamp=5.0), 16, 7),
+    (GSPO, 16, 14),  # a sequence (37 rows) longer than a chunk: statistics pass, then the backward's
+    (GSPO, 40, 3),  # whole sequences per chunk: one pass, one sequence per chunk
+    (GSPO, 80, 2),  # two sequences, then one
+    (dict(rollout_is="truncate", rollout_is_level="sequence", rollout_is_max=2.0), 80, 2),
 ])
-def test_token_local_variants_form_the_logits_once(monkeypatch, options, passes):
-    """A token-local variant forms each chunk's logits once (gradients in the forward, as plain PPO); GSPO twice
-    (statistics, then the backward). Both equal eager autograd in fp64."""
+def test_logits_are_formed_once_when_each_chunk_holds_what_its_coefficients_need(monkeypatch, options, chunk_size,
+                                                                                  logits_chunks):
+    """Token-local variants form each chunk's logits once (gradients in the forward, as plain PPO), and so do the
+    sequence-level ones when whole sequences fit a chunk; else a statistics pass and the backward's recompute.
+    Every path equals eager autograd in fp64."""
     from rlhf_fast.loss import chunked
 
     calls = []
@@ -338,11 +346,13 @@ def test_token_local_variants_form_the_logits_once(monkeypatch, options, passes)
     hidden, weight, bias = (t.detach().double().requires_grad_() for t in (case.hidden, case.weight, case.bias))
     lp_inputs = [None if t is None else t.double() for t in (case.advantages, case.old_logprobs, case.ref_logprobs)]
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, **options)
-    out = rf.fused_linear_ppo_loss(hidden, weight, case.targets, *lp_inputs, case.mask, bias=bias, chunk_size=16,
-                                   backend="eager", **kwargs)
-    n_chunks = -(-case.targets.numel() // 16)
+    if "rollout_is" in options:
+        kwargs["rollout_logprobs"] = lp_inputs[1] + 0.05 * torch.randn(lp_inputs[1].shape, dtype=torch.float64)
+    out = rf.fused_linear_ppo_loss(hidden, weight, case.targets, *lp_inputs, case.mask, bias=bias,
+                                   chunk_size=chunk_size, backend="eager", **kwargs)
     out.loss.backward()
-    assert len(calls) == passes * n_chunks
+    assert len(calls) == logits_chunks
+    passes = 2 if logits_chunks > -(-case.targets.numel() // chunk_size) else 1
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
     eager = rf.ppo_loss(leaves[0] @ leaves[1].T + leaves[2], case.targets, *lp_inputs, case.mask, backend="eager",
                         **kwargs)
@@ -352,6 +362,25 @@ def test_token_local_variants_form_the_logits_once(monkeypatch, options, passes)
     tolerance = dict(rtol=1e-6, atol=1e-8) if passes == 2 else dict(rtol=1e-10, atol=1e-10)
     for mine, theirs in zip((hidden, weight, bias), leaves):
         torch.testing.assert_close(mine.grad, theirs.grad, **tolerance)
+
+
+def test_default_chunk_grows_to_hold_whole_sequences_for_gspo(monkeypatch):
+    """chunk_size=None and sequences (300 rows) longer than the default chunk (256): the chunk grows to one
+    sequence, so GSPO forms the logits once per sequence; an explicit chunk_size is kept (two passes)."""
+    from rlhf_fast.loss import chunked
+
+    calls = []
+    original = chunked._logits_chunk
+    monkeypatch.setattr(chunked, "_logits_chunk", lambda *a: calls.append(a[3].shape[0]) or original(*a))
+    case = make_linear_case(batch=2, seq=300, seed=12)
+    assert default_chunk_size(case.weight.shape[0], case.hidden.shape[-1]) == 256
+    for chunk_size, rows in ((None, [300, 300]), (256, [256, 256, 88] * 2)):
+        calls.clear()
+        hidden, weight = (t.detach().clone().requires_grad_() for t in (case.hidden, case.weight))
+        out = rf.fused_linear_ppo_loss(hidden, weight, case.targets, case.advantages, case.old_logprobs,
+                                       case.ref_logprobs, case.mask, chunk_size=chunk_size, backend="eager", **GSPO)
+        out.loss.backward()
+        assert calls == rows
 
 
 def test_upstream_gradient_scales_and_composes():

@@ -7,14 +7,15 @@ Three passes:
 * :class:`FusedLinearPPOLoss` — the plain PPO loss with its gradients formed in the forward
   (every aggregation is linear, so each token's weight is known before any logit is seen);
   the backward only scales them by the upstream scalar;
-* :class:`FusedLinearTokenLoss` — the same single pass for every variant whose per-token loss
-  depends on its own token only (CISPO, SAPO, clamps, token-level rollout correction): each
-  chunk's (lp, H) give that chunk's coefficients at once (autograd of the per-token math on
-  the chunk's ``[rows]`` slice), so the logits are formed once, as for plain PPO;
+* :class:`FusedLinearTokenLoss` — the same single pass for the variants: each chunk's (lp, H)
+  give that chunk's coefficients at once (autograd of the per-token math on the chunk's
+  ``[rows]`` slice), for a token-local option (CISPO, SAPO, clamps, token-level rollout
+  correction) on any chunks, for a sequence-level one (GSPO, sequence-level rollout
+  correction) on chunks of whole sequences (:func:`sequence_spans`);
 * :class:`FusedLinearLogprobs` — differentiable (lp, H): a statistics pass in the forward,
   and a backward that recomputes each chunk's logits and writes d(logits) with the
-  coefficients of any function of (lp, H): what the sequence-level variants (GSPO,
-  sequence-level rollout correction) need, since a token's coefficient waits for its sequence.
+  coefficients of any function of (lp, H): the sequence-level variants' path when a sequence
+  is longer than a chunk.
 
 All apply the model's :class:`LogitTransform` (a logit scale, tanh soft-capping) to each
 chunk's logits before the row backend, and its chain rule to each chunk's d(logits).
@@ -23,7 +24,7 @@ chunk's logits before the row backend, and its chain rule to each chunk's d(logi
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from ..backends.rows import RowOps, RowStats
 from .inputs import LossInputs
-from .policy import token_terms
+from .policy import Sequences, token_terms
 
 _MIN_CHUNK = 256
 """Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
@@ -52,8 +53,12 @@ def default_chunk_size(vocab: int, hidden_size: int) -> int:
       fp32 per-chunk temporaries at large V (V = 151936 gives 512 rows).
     """
     by_hidden = max(_pow2_floor(max(hidden_size, 1)), _MIN_CHUNK)
-    by_vocab = max(16, _pow2_floor(max(_MAX_CHUNK_ELEMENTS // max(vocab, 1), 1)))
-    return min(by_hidden, by_vocab)
+    return min(by_hidden, max_chunk_rows(vocab))
+
+
+def max_chunk_rows(vocab: int) -> int:
+    """The most rows a default ``[chunk, V]`` buffer may have: ``max(16, pow2_floor(2**27 // V))``."""
+    return max(16, _pow2_floor(max(_MAX_CHUNK_ELEMENTS // max(vocab, 1), 1)))
 
 
 def _pow2_floor(n: int) -> int:
@@ -233,8 +238,8 @@ def check_transform(logit_scale, logit_softcap) -> LogitTransform:
 
 
 def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int,
-           transform: LogitTransform = IDENTITY, spare: bool = False):
-    """``(span, h, logits [rows, V], spare)`` per chunk of rows.
+           transform: LogitTransform = IDENTITY, spare: bool = False, spans: Optional[List[slice]] = None):
+    """``(span, h, logits [rows, V], spare)`` per chunk of rows (``spans``: given spans of at most ``chunk`` rows).
 
     ``logits`` = transform(h @ W.T (+ b)) lives in one reused buffer; ``spare`` is a second
     buffer of the same shape when asked for and the transform's backward needs one, else None.
@@ -243,8 +248,10 @@ def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int,
     rows = max(min(chunk, n_rows), 1)
     buffer = torch.empty(rows, vocab, dtype=hidden2d.dtype, device=hidden2d.device)
     second = torch.empty_like(buffer) if spare and transform.needs_spare else None
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
+    if spans is None:
+        spans = [slice(start, min(start + chunk, n_rows)) for start in range(0, n_rows, chunk)]
+    for span in spans:
+        start, stop = span.start, span.stop
         h = hidden2d[start:stop]
         logits = transform.apply_(_logits_chunk(h, weight, bias, buffer[: stop - start]))
         yield slice(start, stop), h, logits, None if second is None else second[: stop - start]
@@ -344,9 +351,37 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         return tuple(scaled) + (None,) * 5
 
 
-def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, span: slice):
-    """(d(Σ w·ℓ)/d lp, −d(Σ w·ℓ)/d H) of the tokens in ``span``, from their own (lp, H) alone (the variant's
-    per-token math is token-local: ``x.options.needs_sequences`` is False)."""
+def sequence_spans(sequences: Optional[Sequences], n_rows: int, chunk: int) -> Optional[List[slice]]:
+    """Spans of at most ``chunk`` rows that hold whole sequences (consecutive, in order), or None when a
+    sequence is longer than ``chunk`` (its coefficients would wait for rows of another chunk)."""
+    if sequences is None or n_rows == 0:
+        return None
+    _, lengths = torch.unique_consecutive(sequences.index, return_counts=True)
+    spans, start, stop = [], 0, 0
+    for length in lengths.tolist():
+        if length > chunk:
+            return None
+        if stop + length - start > chunk:
+            spans.append(slice(start, stop))
+            start = stop
+        stop += length
+    spans.append(slice(start, stop))
+    return spans
+
+
+def _local_sequences(sequences: Optional[Sequences], span: slice) -> Optional[Sequences]:
+    """The sequences of the rows of ``span`` (whole sequences, see :func:`sequence_spans`), numbered from 0."""
+    if sequences is None or span.stop <= span.start:
+        return None
+    index = sequences.index[span]
+    first = int(index[0])
+    return Sequences(index - first, int(index[-1]) - first + 1)
+
+
+def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, span: slice,
+                        sequences: Optional[Sequences] = None):
+    """(d(Σ w·ℓ)/d lp, −d(Σ w·ℓ)/d H) of the tokens in ``span``, from their own (lp, H) and, for the
+    sequence-level options, those of the other tokens of their sequences (``sequences``: all in ``span``)."""
     with torch.enable_grad():
         lp = lp.detach().requires_grad_(True)
         entropy = entropy.detach().requires_grad_(True)
@@ -354,7 +389,7 @@ def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, 
         zeros = torch.zeros_like(lp)
         part = lambda t: None if t is None else t[span]  # noqa: E731
         terms = token_terms(torch.where(valid, lp, zeros), torch.where(valid, entropy, zeros), x.advantages[span],
-                            part(x.old_logprobs), part(x.ref_logprobs), part(x.rollout_logprobs), valid, None,
+                            part(x.old_logprobs), part(x.ref_logprobs), part(x.rollout_logprobs), valid, sequences,
                             x.options)
         token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
         d_lp, d_h = torch.autograd.grad((x.weights[span].to(token_loss.dtype) * token_loss).sum(), (lp, entropy),
@@ -381,13 +416,15 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         entropy = torch.zeros_like(lp)
         grads = Gradients(hidden2d, weight, needs, process_group)
         temperature = float(x.options.temperature)
-        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any):
+        spans = sequence_spans(x.sequences, n_rows, chunk) if x.options.needs_sequences else None
+        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any, spans=spans):
             targets = x.targets[span]
             stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets, temperature, True)
             lp[span], entropy[span] = stats.logprobs, stats.entropy
             if not grads.any:
                 continue
-            coef_logprob, coef_entropy = _token_coefficients(lp[span], entropy[span], x, span)
+            local = _local_sequences(x.sequences, span) if spans is not None else None
+            coef_logprob, coef_entropy = _token_coefficients(lp[span], entropy[span], x, span, local)
             dlogits = chunk_backward(ops, logits, spare, targets, stats.row_max, stats.log_sum, entropy[span],
                                      coef_logprob, coef_entropy, temperature, transform)
             grads.add(span, dlogits, h)

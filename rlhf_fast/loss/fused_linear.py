@@ -24,7 +24,9 @@ gets step 2's coefficients from the fused kernel; a variant whose per-token loss
 its own token only (CISPO, SAPO, the clamps, token-level rollout correction) gets them from
 the chunk's (lp, H) and the per-token math of :mod:`rlhf_fast.loss.policy` on that chunk, in
 the same single pass. GSPO and sequence-level rollout correction need a whole sequence's
-log-probs first: a statistics pass, then a backward that recomputes each chunk's logits.
+log-probs first: their chunks hold whole sequences (with ``chunk_size=None`` the chunk grows to
+the longest sequence within the buffer's element budget), and only a sequence longer than a
+chunk makes them run a statistics pass, then a backward that recomputes each chunk's logits.
 
 Memory beyond the inputs and the gradients themselves: the ``[chunk, V]`` buffer, the row
 backend's per-chunk temporaries (several fp32 ``[chunk, V]`` for the eager fallback, none
@@ -76,7 +78,9 @@ from .chunked import (
     agree_across_ranks,
     check_transform,
     default_chunk_size,
+    max_chunk_rows,
     result_dtype,
+    sequence_spans,
     stats_pass,
 )
 from .functional import fused_output, row_ops
@@ -122,10 +126,19 @@ def check_linear(hidden, weight, bias, chunk_size) -> None:
             raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
 
 
-def _setup(hidden, weight, bias, chunk_size, backend, process_group, wants_hidden_grad: bool):
-    """(hidden2d [N, H], row ops, chunk): the ranks of a process group agree on the chunk."""
+def _setup(hidden, weight, bias, chunk_size, backend, process_group, wants_hidden_grad: bool, whole_sequences=None):
+    """(hidden2d [N, H], row ops, chunk): the ranks of a process group agree on the chunk.
+
+    ``whole_sequences`` (the sequences of a sequence-level option): with ``chunk_size=None`` the chunk
+    grows to the longest sequence if that stays within the buffer's element budget, so that whole
+    sequences fit a chunk and the loss takes one pass over the logits.
+    """
     ops = row_ops(backends.resolve(backend, hidden), process_group)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0], hidden.shape[-1])
+    if chunk_size is None and whole_sequences is not None and whole_sequences.index.numel() > 0:
+        longest = int(torch.unique_consecutive(whole_sequences.index, return_counts=True)[1].max())
+        if chunk < longest <= max_chunk_rows(weight.shape[0]):
+            chunk = longest
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if process_group is not None:
         chunk = agree_across_ranks(chunk, hidden2d.shape[0], wants_hidden_grad, hidden.device, process_group)
@@ -192,9 +205,11 @@ def fused_linear_ppo_loss(
         process_group=process_group, other="hidden",
     )
     with_grad = _wants_grad(hidden, weight, bias)
+    sequence_level = with_grad and options.needs_sequences and not options.is_plain_ppo
     hidden2d, ops, chunk = _setup(hidden, weight, bias, chunk_size, backend, process_group,
-                                  with_grad and hidden.requires_grad)
-    if not options.is_plain_ppo and with_grad and not options.needs_sequences:  # token-local: one pass
+                                  with_grad and hidden.requires_grad, x.sequences if sequence_level else None)
+    one_pass = not options.needs_sequences or sequence_spans(x.sequences, hidden2d.shape[0], chunk) is not None
+    if not options.is_plain_ppo and with_grad and one_pass:  # token-local, or whole sequences per chunk: one pass
         loss, lp, entropy = FusedLinearTokenLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group,
                                                        transform)
         out = reference.finish_token_loss(lp, entropy, x)
