@@ -32,7 +32,8 @@ from torch.autograd.function import once_differentiable
 
 from ..backends.rows import RowOps, RowStats
 from .inputs import LossInputs
-from .policy import Sequences, token_terms
+from .policy import Sequences
+from .reference import weighted_token_loss
 
 _MIN_CHUNK = 256
 """Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
@@ -351,16 +352,18 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         return tuple(scaled) + (None,) * 5
 
 
-def sequence_spans(sequences: Optional[Sequences], n_rows: int, chunk: int) -> Optional[List[slice]]:
-    """Spans of at most ``chunk`` rows that hold whole sequences (consecutive, in order), or None when a
-    sequence is longer than ``chunk`` (its coefficients would wait for rows of another chunk)."""
-    if sequences is None or n_rows == 0:
+def sequence_lengths(sequences: Sequences) -> List[int]:
+    """The number of rows of each sequence, in order (sequences without rows left out)."""
+    return torch.unique_consecutive(sequences.index, return_counts=True)[1].tolist()
+
+
+def sequence_spans(lengths: List[int], chunk: int) -> Optional[List[slice]]:
+    """Spans of at most ``chunk`` rows that hold whole sequences (consecutive, in order), or None when there
+    are none or a sequence is longer than ``chunk`` (its coefficients would wait for rows of another chunk)."""
+    if not lengths or max(lengths) > chunk:
         return None
-    _, lengths = torch.unique_consecutive(sequences.index, return_counts=True)
     spans, start, stop = [], 0, 0
-    for length in lengths.tolist():
-        if length > chunk:
-            return None
+    for length in lengths:
         if stop + length - start > chunk:
             spans.append(slice(start, stop))
             start = stop
@@ -385,30 +388,24 @@ def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, 
     with torch.enable_grad():
         lp = lp.detach().requires_grad_(True)
         entropy = entropy.detach().requires_grad_(True)
-        valid = x.valid[span]
-        zeros = torch.zeros_like(lp)
-        part = lambda t: None if t is None else t[span]  # noqa: E731
-        terms = token_terms(torch.where(valid, lp, zeros), torch.where(valid, entropy, zeros), x.advantages[span],
-                            part(x.old_logprobs), part(x.ref_logprobs), part(x.rollout_logprobs), valid, sequences,
-                            x.options)
-        token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
-        d_lp, d_h = torch.autograd.grad((x.weights[span].to(token_loss.dtype) * token_loss).sum(), (lp, entropy),
-                                        allow_unused=True)
-    d_lp = torch.zeros_like(lp) if d_lp is None else d_lp
-    d_h = torch.zeros_like(lp) if d_h is None else d_h
+        loss = weighted_token_loss(lp, entropy, x, span, sequences)[3]
+        d_lp, d_h = torch.autograd.grad(loss, (lp, entropy), allow_unused=True)
+    valid, zeros = x.valid[span], torch.zeros_like(lp)
+    d_lp = zeros if d_lp is None else d_lp
+    d_h = zeros if d_h is None else d_h
     # a masked row may hold NaN (a banned placeholder target): keep it out of d(logits), as the plain pass does
     return torch.where(valid, d_lp, zeros), torch.where(valid, -d_h, zeros)
 
 
 class FusedLinearTokenLoss(torch.autograd.Function):
-    """A token-local variant in one pass: per chunk the row statistics, the chunk's coefficients, d(logits) and
-    the input gradients; the forward returns Σ w·ℓ and (lp, H), the backward scales the stored gradients."""
+    """A variant in one pass: per chunk the row statistics, the chunk's coefficients, d(logits) and the input
+    gradients. ``spans``: chunks of whole sequences (:func:`sequence_spans`) for a sequence-level option, None
+    for a token-local one. The forward returns (carrier, lp, H): the caller computes the loss from lp and H
+    (no graph) and adds the carrier, a 0 whose backward scales the stored gradients by the upstream scalar."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops: RowOps, chunk: int, process_group,
-                transform: LogitTransform = IDENTITY):
-        from .reference import finish_token_loss
-
+                transform: LogitTransform = IDENTITY, spans: Optional[List[slice]] = None):
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         n_rows = hidden2d.shape[0]
         dtype = result_dtype(hidden2d)
@@ -416,7 +413,6 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         entropy = torch.zeros_like(lp)
         grads = Gradients(hidden2d, weight, needs, process_group)
         temperature = float(x.options.temperature)
-        spans = sequence_spans(x.sequences, n_rows, chunk) if x.options.needs_sequences else None
         for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any, spans=spans):
             targets = x.targets[span]
             stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets, temperature, True)
@@ -431,9 +427,11 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         ctx.grads = grads.finish()
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(lp, entropy)
-        return finish_token_loss(lp, entropy, x).loss.detach(), lp, entropy
+        return torch.zeros((), dtype=dtype, device=hidden2d.device), lp, entropy
 
-    backward = staticmethod(FusedLinearPPOLoss.backward)
+    @staticmethod
+    def backward(ctx, grad_carrier, *_unused):
+        return FusedLinearPPOLoss.backward(ctx, grad_carrier) + (None,)  # and none for ``spans``
 
 
 def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float, ops: RowOps, chunk: int,

@@ -80,6 +80,7 @@ from .chunked import (
     default_chunk_size,
     max_chunk_rows,
     result_dtype,
+    sequence_lengths,
     sequence_spans,
     stats_pass,
 )
@@ -126,19 +127,18 @@ def check_linear(hidden, weight, bias, chunk_size) -> None:
             raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
 
 
-def _setup(hidden, weight, bias, chunk_size, backend, process_group, wants_hidden_grad: bool, whole_sequences=None):
+def _setup(hidden, weight, bias, chunk_size, backend, process_group, wants_hidden_grad: bool,
+           longest_sequence: int = 0):
     """(hidden2d [N, H], row ops, chunk): the ranks of a process group agree on the chunk.
 
-    ``whole_sequences`` (the sequences of a sequence-level option): with ``chunk_size=None`` the chunk
-    grows to the longest sequence if that stays within the buffer's element budget, so that whole
-    sequences fit a chunk and the loss takes one pass over the logits.
+    ``longest_sequence`` (rows, for a sequence-level option): with ``chunk_size=None`` the chunk grows
+    to it if that stays within the buffer's element budget, so that whole sequences fit a chunk and
+    the loss takes one pass over the logits.
     """
     ops = row_ops(backends.resolve(backend, hidden), process_group)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0], hidden.shape[-1])
-    if chunk_size is None and whole_sequences is not None and whole_sequences.index.numel() > 0:
-        longest = int(torch.unique_consecutive(whole_sequences.index, return_counts=True)[1].max())
-        if chunk < longest <= max_chunk_rows(weight.shape[0]):
-            chunk = longest
+    if chunk_size is None and chunk < longest_sequence <= max_chunk_rows(weight.shape[0]):
+        chunk = longest_sequence
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if process_group is not None:
         chunk = agree_across_ranks(chunk, hidden2d.shape[0], wants_hidden_grad, hidden.device, process_group)
@@ -206,14 +206,15 @@ def fused_linear_ppo_loss(
     )
     with_grad = _wants_grad(hidden, weight, bias)
     sequence_level = with_grad and options.needs_sequences and not options.is_plain_ppo
+    lengths = sequence_lengths(x.sequences) if sequence_level else []
     hidden2d, ops, chunk = _setup(hidden, weight, bias, chunk_size, backend, process_group,
-                                  with_grad and hidden.requires_grad, x.sequences if sequence_level else None)
-    one_pass = not options.needs_sequences or sequence_spans(x.sequences, hidden2d.shape[0], chunk) is not None
-    if not options.is_plain_ppo and with_grad and one_pass:  # token-local, or whole sequences per chunk: one pass
-        loss, lp, entropy = FusedLinearTokenLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group,
-                                                       transform)
+                                  with_grad and hidden.requires_grad, max(lengths, default=0))
+    spans = sequence_spans(lengths, chunk)
+    if not options.is_plain_ppo and with_grad and (not sequence_level or spans is not None):  # one pass
+        carrier, lp, entropy = FusedLinearTokenLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group,
+                                                          transform, spans)
         out = reference.finish_token_loss(lp, entropy, x)
-        return out._replace(loss=loss)
+        return out._replace(loss=out.loss + carrier)
     if not options.is_plain_ppo:  # sequence-level: statistics pass, gradients in the backward
         if with_grad:
             lp, entropy = FusedLinearLogprobs.apply(hidden2d, weight, bias, x.targets, options.temperature, ops,

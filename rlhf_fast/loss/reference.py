@@ -25,8 +25,8 @@ from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
 from .inputs import LossInputs
 from .options import KL_ESTIMATORS, LossOptions
+from .policy import Sequences, kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
 from .policy import clip_flags as policy_clip_flags
-from .policy import kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -186,16 +186,25 @@ def ppo_loss(logits: torch.Tensor, x: LossInputs) -> PPOLossOutput:
     return finish_token_loss(lp.reshape(-1), entropy.reshape(-1), x)
 
 
-def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs) -> PPOLossOutput:
-    """The loss, outputs and metrics from each row's differentiable lp and H ``[N]`` (eager or fused stats)."""
+def weighted_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs, rows: slice = slice(None),
+                        sequences: Optional[Sequences] = None):
+    """(lp, H with masked rows zeroed, their :class:`~.policy.TokenTerms`, Σ w·ℓ) for the rows ``rows`` of ``x``,
+    from their differentiable lp and H; ``sequences``: those of these rows (``x.sequences`` for all rows)."""
+    valid = x.valid[rows]
     zeros = torch.zeros_like(logprobs)
     # A masked row's placeholder target may be a banned (−inf) token: zero lp and H there
     # so nothing downstream (exp(ref − lp) in k3) turns it into a NaN gradient.
-    logprobs, entropy = torch.where(x.valid, logprobs, zeros), torch.where(x.valid, entropy, zeros)
-    terms = token_terms(logprobs, entropy, x.advantages, x.old_logprobs, x.ref_logprobs, x.rollout_logprobs,
-                        x.valid, x.sequences, x.options)
-    token_loss = torch.where(x.valid, terms.loss, torch.zeros_like(terms.loss))
-    loss = (x.weights.to(token_loss.dtype) * token_loss).sum()
+    logprobs, entropy = torch.where(valid, logprobs, zeros), torch.where(valid, entropy, zeros)
+    part = lambda t: None if t is None else t[rows]  # noqa: E731
+    terms = token_terms(logprobs, entropy, x.advantages[rows], part(x.old_logprobs), part(x.ref_logprobs),
+                        part(x.rollout_logprobs), valid, sequences, x.options)
+    token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
+    return logprobs, entropy, terms, (x.weights[rows].to(token_loss.dtype) * token_loss).sum()
+
+
+def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs) -> PPOLossOutput:
+    """The loss, outputs and metrics from each row's differentiable lp and H ``[N]`` (eager or fused stats)."""
+    logprobs, entropy, terms, loss = weighted_token_loss(logprobs, entropy, x, sequences=x.sequences)
     metrics = loss_metrics(x.valid, MetricInputs(
         terms.pg.detach(), terms.kl.detach(), entropy.detach(), terms.ratio, terms.token_ratio, terms.log_ratio,
         terms.clipped, terms.dual, terms.rollout_weight), 1.0 - x.options.clip_eps, 1.0 + x.options.clip_high)
