@@ -130,3 +130,9 @@ def trajectory_stats(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
         "kl_early_slope": rise["early_slope"],
         "kl_late_slope": rise["late_slope"],
     }
+
+
+def mean_over_seeds(values: Sequence[float]) -> float:
+    """Mean of the values that exist (None and NaN left out: a seed without that number); NaN if none do."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Callable, List, Sequence
 
+from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, smoothed
 
 STEP_PLOTS = {
@@ -19,11 +20,6 @@ STEP_PLOTS = {
     "ratio_above.png": ("ratio_above", "fraction of tokens with ratio > 1 + ε (before clipping)"),
 }
 PLOTS = tuple(STEP_PLOTS) + ("gold_proxy_vs_sqrt_kl.png",)
-
-
-def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
 
 
 def _curves(results: Sequence[CaseStudyResult], pick: Callable[[CaseStudyResult], RunResult], key: str):
@@ -48,7 +44,7 @@ def plot_all(multi: MultiSeedResult, out_dir: str) -> List[str]:
     results = multi.results
     n = len(results)
     runs = [("baseline", lambda r: r.baseline, "tab:red"), ("fix", lambda r: r.fixed, "tab:green")]
-    ref_mean = lambda key: _mean([r.reference.summary[key] for r in results])  # noqa: E731
+    ref_mean = lambda key: mean_over_seeds([r.reference.summary[key] for r in results])  # noqa: E731
     ref_values = {"score_norm_mean": ref_mean("proxy_reward"), "gold": ref_mean("gold"), "kl_ref_k1_sum": 0.0,
                   "length": ref_mean("length"), "refusal_rate": ref_mean("refusal_rate")}
     band = f"mean of {n} seeds, band min–max" if n > 1 else f"seed {multi.seeds[0]}"
@@ -96,8 +92,8 @@ def plot_all(multi: MultiSeedResult, out_dir: str) -> List[str]:
             points = []
             for j in range(len(results[0].sweep)):
                 runs_j = [r.sweep[j].summary for r in results]
-                points.append((math.sqrt(max(_mean([s["kl"] for s in runs_j]), 0.0)),
-                               _mean([s[final_key] for s in runs_j])))
+                points.append((math.sqrt(max(mean_over_seeds([s["kl"] for s in runs_j]), 0.0)),
+                               mean_over_seeds([s[final_key] for s in runs_j])))
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue",
                     label="sweep over KL targets (mean of seeds)")

@@ -20,6 +20,7 @@ import platform
 import statistics
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, describe
 from .plots import PLOTS, STEP_PLOTS, plot_all  # noqa: F401  (PLOTS and STEP_PLOTS re-exported)
 
@@ -157,7 +158,7 @@ def bar_over_seeds(summaries: Sequence[Dict]) -> List[Dict]:
             "ok": all(c.ok for c in checks),
             "seeds_ok": sum(c.ok for c in checks),
             "values": values,
-            "mean": _mean(values),
+            "mean": mean_over_seeds(values),
             "std": _std(values),
             "min_margin": min(c.margin for c in checks),
             "details": [c.detail for c in checks],
@@ -166,11 +167,6 @@ def bar_over_seeds(summaries: Sequence[Dict]) -> List[Dict]:
 
 
 # ---------------------------------------------------------------- across seeds
-def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
 def _std(values: Sequence[float]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.stdev(values) if len(values) > 1 else 0.0
@@ -185,7 +181,7 @@ def spread(entries: Sequence[Dict]) -> Dict[str, Dict[str, Optional[float]]]:
         values = [e.get(key) for e in entries if e.get(key) is not None]
         if not values:
             continue
-        out[key] = {"mean": _clean(_mean(values)), "std": _clean(_std(values)),
+        out[key] = {"mean": _clean(mean_over_seeds(values)), "std": _clean(_std(values)),
                     "min": min(values), "max": max(values)}
     return out
 
