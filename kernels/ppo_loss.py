@@ -280,6 +280,28 @@ def _token_math(
 
 
 @triton.jit
+def _store_token_loss(
+    row, lp, entropy,
+    advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr, dlogp_ptr,
+    ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+):
+    """Row ``row``'s per-token loss from its lp and H (:func:`_token_math`), stored; returns d(ℓ)/d lp."""
+    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
+    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
+    ratio, pg, kl, loss, dlogp = _token_math(
+        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
+        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
+    )  # fmt: skip
+    tl.store(ratio_ptr + row, ratio)
+    tl.store(pg_ptr + row, pg)
+    tl.store(kl_ptr + row, kl)
+    tl.store(loss_ptr + row, loss)
+    tl.store(dlogp_ptr + row, dlogp)
+    return dlogp
+
+
+@triton.jit
 def _target_logit(
     row_ptr,  # pointer to the row's first logit
     target,  # target id
@@ -409,21 +431,15 @@ def _ppo_forward_kernel(
     log_sum = tl.log(s)
     entropy = log_sum - u / s
     lp = (x_y - m) - log_sum
-    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
-    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
-    ratio, pg, kl, loss, dlogp = _token_math(
-        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
-        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
-    )  # fmt: skip
     tl.store(logprobs_ptr + row, lp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_sum)
-    tl.store(ratio_ptr + row, ratio)
-    tl.store(pg_ptr + row, pg)
-    tl.store(kl_ptr + row, kl)
-    tl.store(loss_ptr + row, loss)
-    tl.store(dlogp_ptr + row, dlogp)
+    _store_token_loss(
+        row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
+        dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
+        HAS_DUAL_CLIP,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -552,17 +568,11 @@ def _combine_kernel(
     if HAS_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     if HAS_LOSS:
-        old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
-        ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
-        ratio, pg, kl, loss, dlogp = _token_math(
-            lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
-            entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
+        _store_token_loss(
+            row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
+            dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
+            HAS_DUAL_CLIP,
         )  # fmt: skip
-        tl.store(ratio_ptr + row, ratio)
-        tl.store(pg_ptr + row, pg)
-        tl.store(kl_ptr + row, kl)
-        tl.store(loss_ptr + row, loss)
-        tl.store(dlogp_ptr + row, dlogp)
 
 
 @triton.jit(do_not_specialize=["T", "tiles_per_part", "parts"])
@@ -724,21 +734,15 @@ def _ppo_forward_grad_kernel(
     log_sum = tl.log(s)
     entropy = log_sum - u / s
     lp = (x_y - m) - log_sum
-    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
-    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
-    ratio, pg, kl, loss, dlogp = _token_math(
-        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
-        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
-    )  # fmt: skip
     tl.store(logprobs_ptr + row, lp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_sum)
-    tl.store(ratio_ptr + row, ratio)
-    tl.store(pg_ptr + row, pg)
-    tl.store(kl_ptr + row, kl)
-    tl.store(loss_ptr + row, loss)
-    tl.store(dlogp_ptr + row, dlogp)
+    dlogp = _store_token_loss(
+        row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
+        dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
+        HAS_DUAL_CLIP,
+    )  # fmt: skip
     weight = tl.load(weights_ptr + row)
     coef_logprob = weight * dlogp
     coef_entropy = weight * entropy_coef
