@@ -1,6 +1,9 @@
 """rlhf_fast: pure Python, plus the C++ CPU extension when it builds.
 
-``kernels/`` (Triton source) installs as ``rlhf_fast.kernels``.
+Metadata and dependency ranges live in pyproject.toml; this file only builds the extension.
+``kernels/`` (the Triton source) installs as ``rlhf_fast.kernels`` through the link
+``rlhf_fast/kernels -> ../kernels``, never as a top-level ``kernels`` package: that name belongs
+to the Hugging Face ``kernels`` distribution, which transformers imports.
 
 The extension ``rlhf_fast._C`` (csrc/) is built against the torch already installed, so
 install with ``pip install --no-build-isolation -e .`` (an isolated build env has no
@@ -97,26 +100,5 @@ def _extension():
 
 ext_modules, cmdclass = _extension()
 
-setup(
-    name="rlhf_fast",
-    version="0.1.0",
-    description="Fused, trustworthy PPO loss kernels and a lean RLHF loop",
-    packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.loss", "rlhf_fast.training", "rlhf_fast.casestudy",
-              "rlhf_fast.integrations", "rlhf_fast.kernels"],
-    package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"},
-    entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.__main__:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "train": ["transformers>=5,<6", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
-        # The peers tests/test_peer_parity.py checks the loss against (docs/peers.md). A plain verl
-        # install brings its full requirements; CI installs it with --no-deps plus ray, tensordict,
-        # omegaconf and codetiming (.ci/run). `import rlhf_fast` imports neither.
-        "trl": ["trl==1.16.0"],
-        "verl": ["verl==0.9.1"],
-    },
-)
+# The package's metadata, dependencies and their tested ranges are in pyproject.toml; this file adds the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

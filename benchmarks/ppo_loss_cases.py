@@ -245,7 +245,6 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     without autograd, each configuration after one warm-up (which compiles it).
     """
     from rlhf_fast.kernels import ppo_loss as kernels
-
     from rlhf_fast.loss.functional import rows_view
 
     inputs = make_inputs(shape, "cuda")

@@ -420,7 +420,7 @@ def test_trl_unsupported_options_raise_at_construction(tiny_models, tmp_path, na
 def test_trl_model_with_unknown_logit_processing_raises(tiny_models, tmp_path):
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to=[],
                           use_cpu=True, bf16=False)
-    model = _DoubledLogits.from_pretrained(tiny_models["llama"])
+    model = _DoubledLogits.from_pretrained(tiny_models["llama"], use_kernels=False)
     dataset = datasets.Dataset.from_dict({"prompt": ["ab", "cd"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

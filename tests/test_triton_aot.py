@@ -52,6 +52,7 @@ def compile_all(capability: int) -> list:
     sys.path.insert(0, BENCHMARKS)
     import static_roofline
     import torch
+
     from rlhf_fast.kernels import ppo_loss as kernels
 
     results = []

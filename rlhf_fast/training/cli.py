@@ -170,8 +170,10 @@ def load_causal_lm(path: str, flag: str):
     """``AutoModelForCausalLM.from_pretrained(path)`` (a checked directory); failures as an InputError."""
     from transformers import AutoModelForCausalLM
 
+    from .hf_models import from_pretrained
+
     try:
-        return AutoModelForCausalLM.from_pretrained(path)
+        return from_pretrained(AutoModelForCausalLM, path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{flag} {path}: cannot load a causal LM from it ({first_line(exc)})") from None
 

@@ -34,6 +34,7 @@ from torch import nn
 
 __all__ = [
     "LMHead",
+    "from_pretrained",
     "UnsupportedModelError",
     "backbone",
     "check_output_layer",
@@ -42,6 +43,17 @@ __all__ = [
     "output_transform",
     "unwrap",
 ]
+
+
+def from_pretrained(model_class, path: str, **kwargs) -> nn.Module:
+    """``model_class.from_pretrained(path, **kwargs)`` with the model's own layers: no hub kernels.
+
+    Since transformers 5.25, ``from_pretrained`` kernelizes by default: it swaps layers for kernels
+    from the Hugging Face hub (fetched at run time, with their own numerics). Training and scoring
+    here use the model's own forward, offline, so every load passes ``use_kernels=False``, the
+    library's switch for it.
+    """
+    return model_class.from_pretrained(path, use_kernels=False, **kwargs)
 
 
 class UnsupportedModelError(ValueError):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, atomic_write_text
+from .hf_models import from_pretrained
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -280,7 +281,7 @@ def load_reward_model(path: str) -> RewardModel:
     with open(os.path.join(path, _META_FILE)) as f:
         meta = json.load(f)
     backbone_cls = getattr(transformers, meta["backbone_class"])
-    model = RewardModel(backbone_cls.from_pretrained(path))
+    model = RewardModel(from_pretrained(backbone_cls, path))
     state = torch.load(os.path.join(path, _HEAD_FILE), map_location="cpu", weights_only=True)
     model.head.load_state_dict(state["head"])
     model.score_mean.copy_(state["score_mean"])

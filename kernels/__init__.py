@@ -1,1 +1,0 @@
-"""Triton source for rlhf_fast, installed as ``rlhf_fast.kernels``; the only code that imports triton."""

@@ -1,0 +1,53 @@
+"""Print the installed packages whose version differs from a lock file's (``make test-newest``).
+
+When the suite fails against the newest releases, these are the candidates for what broke: each
+line names the package, the lock's version and the version installed here. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints file, by canonical name."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;#]+)", line)
+        if match:
+            pins[canonical(match.group(1))] = match.group(2)
+    return pins
+
+
+def installed() -> dict[str, str]:
+    return {canonical(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
+
+
+def differences(lock: dict[str, str], here: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(package, lock version or '-', installed version or '-') for every package that differs."""
+    names = sorted(set(lock) | set(here))
+    return [(name, lock.get(name, "-"), here.get(name, "-")) for name in names
+            if lock.get(name) != here.get(name) and name not in ("pip", "setuptools", "wheel", "rlhf-fast")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", type=Path, default=Path("constraints.txt"), help="the lock file")
+    args = parser.parse_args(argv)
+    rows = differences(locked(args.against), installed())
+    print(f"   {len(rows)} packages differ from {args.against} (package: lock -> here)")
+    for name, lock_version, here_version in rows:
+        print(f"   {name}: {lock_version} -> {here_version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
