@@ -31,7 +31,7 @@ LOGGED = >> $(VENV)/install.log 2>&1 || { echo "error: that step failed; the end
 # The peers' tests import verl's loss code only; verl's own requirements would pull wandb, hydra and
 # tensorboard and move transformers, so verl goes in with --no-deps plus the chain its loss imports.
 VERL := verl==0.9.1
-VERL_IMPORT_CHAIN := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 codetiming==1.4.0
+VERL_IMPORT_CHAIN := ray==2.60.0 tensordict==0.15.3 omegaconf==2.4.0 codetiming==1.4.0 orjson==3.13.0
 TORCH_REQUIREMENT := $(shell grep -o '"torch[^"]*"' pyproject.toml | head -n 1 | tr -d '"')
 LOCK_USABLE := $(shell $(PYTHON) -c 'import platform, sys; print(int(sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64"))' 2>/dev/null)
 USE_LOCK := $(if $(CONSTRAINTS),$(filter 1,$(LOCK_USABLE)),)
