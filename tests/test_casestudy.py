@@ -15,6 +15,7 @@ import random
 import pytest
 
 from rlhf_fast.casestudy import world
+from rlhf_fast.casestudy.metrics import FIRST_TOKEN_KEYS
 from rlhf_fast.casestudy.report import PLOTS, bar_checks
 from rlhf_fast.casestudy.world import GoldJudge, Labellers, encode, make_prompt
 
@@ -134,6 +135,85 @@ def test_data_generators_are_seeded_and_well_formed():
     assert all(p.chosen != p.rejected for p in pairs)
 
 
+# ---------------------------------------------------------------- the fix's settings, the probes
+def test_seed_ranges():
+    from rlhf_fast.casestudy.cli import parse_seeds
+
+    assert parse_seeds("0-9") == list(range(10))
+    assert parse_seeds("0-4,7, 9") == [0, 1, 2, 3, 4, 7, 9]
+    assert parse_seeds("5") == [5] and parse_seeds("3-3") == [3]
+    for bad, message in (("0-2,2", "twice"), ("4-1", "runs backwards"), ("1-", "ranges such as"),
+                         ("-1", "ranges such as"), ("", "ranges such as")):
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(bad)
+
+
+def test_the_fix_starts_at_the_budgets_beta_and_holds_a_ceiling():
+    """β starts at 1/√(2·budget), the β at which a Gaussian reward of unit variance tilts the reference by
+    exactly the budget (KL = Var/(2β²)), and never goes below it; every budget of the sweep gets its own."""
+    from rlhf_fast.casestudy.pipeline import CaseStudyConfig, budget_beta
+
+    assert budget_beta(2.0) == pytest.approx(0.5) and budget_beta(0.5) == pytest.approx(1.0)
+    assert budget_beta(8.0) == pytest.approx(0.25)
+    # the Gaussian case by hand: r ~ N(0, 1) tilted by exp(r/β) is N(1/β, 1), whose KL to N(0, 1) is 1/(2β²)
+    beta = budget_beta(2.0)
+    assert 0.5 * (1 / beta) ** 2 == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="kl_target must be > 0"):
+        budget_beta(0.0)
+    cfg = CaseStudyConfig()
+    fix = cfg.fix_settings()
+    assert fix.adaptive_kl and fix.reward_normalize and fix.kl_target == 2.0
+    assert fix.kl_coef == fix.kl_coef_min == pytest.approx(0.5)
+    swept = cfg.fix_settings(kl_target=8.0)
+    assert swept.kl_coef == swept.kl_coef_min == pytest.approx(0.25)
+    setpoint = CaseStudyConfig(fix_kl_ceiling=False, fix_kl_coef=0.15).fix_settings()
+    assert setpoint.kl_coef == 0.15 and setpoint.kl_coef_min is None
+    assert cfg.baseline.kl_coef_min is None and not cfg.baseline.adaptive_kl
+    from rlhf_fast.casestudy.runner import make_config
+
+    ppo = make_config(cfg.ppo, fix, seed=0, out_dir="unused", progress=False)
+    assert ppo.kl_coef == ppo.kl_coef_min == pytest.approx(0.5) and ppo.kl_target == 2.0
+
+
+def test_first_token_probe_matches_the_reply_log_probs():
+    """The probe's π(REFUSE first), π(complying first) and first-token KL, against log-probs of one-token
+    replies computed by models.reply_logprob_sums (another code path), on a policy moved off the reference."""
+    import copy
+
+    import torch
+
+    from rlhf_fast.casestudy import models
+    from rlhf_fast.casestudy.metrics import first_token_probe
+
+    torch.manual_seed(0)
+    reference = models.build_policy(models.ModelConfig())
+    reference.eval()
+    same = first_token_probe(reference, reference)
+    assert same["first_kl_unsafe"] == pytest.approx(0.0, abs=1e-6)
+    assert same["first_kl_safe"] == pytest.approx(0.0, abs=1e-6)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+    probe = first_token_probe(policy, reference)
+    prompts = [make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
+    unsafe = [p for p in prompts if p[1] == world.UNSAFE]
+    safe = [p for p in prompts if p[1] != world.UNSAFE]
+    assert len(unsafe) == 6 and len(safe) == 18
+
+    def first_logprobs(model, ps):  # [prompts, vocabulary]: log π(v | prompt) of every one-token reply
+        return torch.stack([models.reply_logprob_sums(model, [p] * world.VOCAB_SIZE,
+                                                      [[v] for v in range(world.VOCAB_SIZE)]) for p in ps])
+
+    lp, lr = first_logprobs(policy, unsafe), first_logprobs(reference, unsafe)
+    assert probe["first_refuse_unsafe"] == pytest.approx(float(lp[:, world.REFUSE].exp().mean()), rel=1e-5)
+    comply = sorted(world.COMPLIANCE_IDS)
+    assert probe["first_comply_unsafe"] == pytest.approx(float(lp[:, comply].exp().sum(1).mean()), rel=1e-5)
+    assert probe["first_kl_unsafe"] == pytest.approx(float((lp.exp() * (lp - lr)).sum(1).mean()), rel=1e-4)
+    ls, lrs = first_logprobs(policy, safe), first_logprobs(reference, safe)
+    assert probe["first_kl_safe"] == pytest.approx(float((ls.exp() * (ls - lrs)).sum(1).mean()), rel=1e-4)
+    assert probe["first_kl_unsafe"] > 0.01
+
+
 # ---------------------------------------------------------------- --quick smoke run
 SEED_FILES = ("summary.json", "details.json", "baseline/metrics.jsonl", "fix/metrics.jsonl")
 RUN_FILES = ("summary.json", "report.md", *PLOTS)
@@ -172,7 +252,10 @@ def _check_summary(summary, seeds):
         assert stats["min"] == min(values) and stats["max"] == max(values)
     assert [c["item"] for c in summary["bar"]] == [c.item for c in bar_checks(summary["per_seed"][0])]
     for check in summary["bar"]:
-        assert len(check["values"]) == len(seeds)
+        assert len(check["values"]) == len(seeds) and len(check["intervals"]) == len(seeds)
+        for value, (low, high) in zip(check["values"], check["intervals"], strict=True):
+            inside = (low is None or value >= low) and (high is None or value <= high)
+            assert inside or not check["ok"], (check["item"], value, low, high)
     assert summary["passed"] == all(c["ok"] for c in summary["bar"])
 
 
@@ -194,7 +277,7 @@ def test_quick_smoke_writes_its_own_folder(tmp_path, monkeypatch, capsys):
         _check_summary(json.load(f), [0])
     with open(out / "seed0" / "baseline" / "metrics.jsonl") as f:
         first = json.loads(f.readline())
-    for key in ("gold", "refusal_rate", "length", "kl_ref_k1_sum", "ratio_above", "clipfrac"):
+    for key in ("gold", "refusal_rate", "length", "kl_ref_k1_sum", "ratio_above", "clipfrac", *FIRST_TOKEN_KEYS):
         assert key in first
     printed = capsys.readouterr().out
     assert "proxy reward gain" in printed and "refusal rate on UNSAFE" in printed and "worst margin" in printed
@@ -226,6 +309,8 @@ def test_a_seed_does_not_depend_on_the_other_seeds_or_on_jobs(tmp_path):
     (["--seeds", "1,1"], "twice"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--kl-target", "0"], "--kl-target must be"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be a β > 0"),
+    (["--seeds", "3-1"], "runs backwards"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     from rlhf_fast.__main__ import main

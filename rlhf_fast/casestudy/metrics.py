@@ -2,7 +2,9 @@
 
 :func:`reward_landscape` and :func:`labeller_bayes_accuracy` describe the reward model (the
 causal chain's first link); :func:`trajectory_stats` and :func:`kl_rise` read the bar's
-per-step quantities (ratio_above early and late, the KL slopes) from a run's metrics.
+per-step quantities (ratio_above early and late, the KL slopes) from a run's metrics;
+:func:`first_token_probe` reads, at every step, the policy's exact first-token distribution
+on every prompt of the world (where refusals are won or lost, and which tokens carry the KL).
 """
 
 from __future__ import annotations
@@ -136,3 +138,36 @@ def mean_over_seeds(values: Sequence[float]) -> float:
     """Mean of the values that exist (None and NaN left out: a seed without that number); NaN if none do."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
+
+
+FIRST_TOKEN_KEYS = ("first_refuse_unsafe", "first_comply_unsafe", "first_kl_unsafe", "first_kl_safe")
+"""Per-step keys of :func:`first_token_probe`."""
+
+
+@torch.no_grad()
+def first_token_probe(policy, reference, temperature: float = 1.0) -> Dict[str, float]:
+    """The policy's exact first-token distribution on every prompt of the world (each kind, detail
+    and tone) against the reference's, at temperature τ.
+
+    ``first_refuse_unsafe``: π(REFUSE first) averaged over the UNSAFE prompts;
+    ``first_comply_unsafe``: π(a first token that complies: COMPLY or a service answer), same
+    prompts; ``first_kl_unsafe`` / ``first_kl_safe``: KL(π‖π_ref) of the first token in nats,
+    averaged over the UNSAFE / the safe prompts (a reply's KL to the reference is the sum of its
+    tokens' KL, so these say how much of the per-reply KL the first token carries). Two forwards of
+    36 five-token prompts: cheap enough for every step, and no random draw.
+    """
+    prompts = [world.make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
+    ids = torch.tensor(prompts, device=next(policy.parameters()).device)
+    log_p, log_ref = (
+        (model(input_ids=ids).logits[:, -1].float() / temperature).log_softmax(-1) for model in (policy, reference)
+    )
+    kl = (log_p.exp() * (log_p - log_ref)).sum(-1)
+    unsafe = ids[:, 1] == world.UNSAFE
+    p_unsafe = log_p[unsafe].exp()
+    comply = sorted(world.COMPLIANCE_IDS)
+    return {
+        "first_refuse_unsafe": float(p_unsafe[:, world.REFUSE].mean()),
+        "first_comply_unsafe": float(p_unsafe[:, comply].sum(-1).mean()),
+        "first_kl_unsafe": float(kl[unsafe].mean()),
+        "first_kl_safe": float(kl[~unsafe].mean()),
+    }
