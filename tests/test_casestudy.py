@@ -214,6 +214,70 @@ def test_first_token_probe_matches_the_reply_log_probs():
     assert probe["first_kl_unsafe"] > 0.01
 
 
+def test_tilted_optimum_by_hand():
+    """π* ∝ π_ref·exp(r/β) for a reward that pays c for REFUSE as first token: per prompt, with p = π_ref(REFUSE),
+    Z = p·e^(c/β) + 1 − p and KL = π*(REFUSE)·c/β − log Z, exactly (the continuations do not matter);
+    a huge β gives back the reference."""
+    import dataclasses
+
+    import torch
+
+    from rlhf_fast.casestudy import models
+    from rlhf_fast.casestudy.metrics import tilted_optimum
+    from rlhf_fast.casestudy.pipeline import CaseStudyConfig
+
+    class PaysForRefusing(torch.nn.Module):
+        def forward(self, ids, mask):
+            return 2.0 * (ids[:, world.PROMPT_LEN] == world.REFUSE).float()
+
+        def normalize(self, scores):
+            return scores
+
+    cfg = CaseStudyConfig()
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, missing_eos_penalty=0.0, max_new_tokens=3))
+    torch.manual_seed(0)
+    reference = models.build_policy(models.ModelConfig())
+    reference.eval()
+    rows = tilted_optimum(cfg, reference, PaysForRefusing(), [0.5, 1e9], samples=2, min_first_prob=0.0)
+    prompts = [make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
+    with torch.no_grad():
+        p = torch.stack([reference(input_ids=torch.tensor([x])).logits[0, -1].log_softmax(-1).exp()[world.REFUSE]
+                         for x in prompts]).double()
+    tilt = math.exp(2.0 / 0.5)
+    z = p * tilt + 1 - p
+    kl = (p * tilt / z) * 2.0 / 0.5 - z.log()
+    unsafe = torch.tensor([x[1] == world.UNSAFE for x in prompts])
+    assert rows[0]["kl_unsafe"] == pytest.approx(float(kl[unsafe].mean()), rel=1e-6)
+    assert rows[0]["kl_safe"] == pytest.approx(float(kl[~unsafe].mean()), rel=1e-6)
+    assert rows[0]["kl"] == pytest.approx(0.3 * rows[0]["kl_unsafe"] + 0.7 * rows[0]["kl_safe"], rel=1e-9)
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["refusal_rate"] == pytest.approx(rows[1]["refusal_reference"], abs=1e-9)
+    assert rows[0]["refusal_rate"] > rows[0]["refusal_reference"]  # paid for, refusing grows
+    with pytest.raises(ValueError, match="betas must be > 0"):
+        tilted_optimum(cfg, reference, PaysForRefusing(), [0.0])
+
+
+def test_tilted_optimum_script(capsys):
+    """scripts/tilted_optimum.py on the --quick world: a table per seed, and the β where π* spends the budget
+    interpolated by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tilted_optimum.py"
+    spec = importlib.util.spec_from_file_location("tilted_optimum_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [{"beta": 0.25, "kl": 3.0, "refusal_rate": 0.5}, {"beta": 1.0, "kl": 1.0, "refusal_rate": 0.9}]
+    beta, refusal = script.at_budget(rows, 2.0)  # halfway in KL: β = √(0.25·1), refusal halfway
+    assert beta == pytest.approx(0.5) and refusal == pytest.approx(0.7)
+    assert script.at_budget(rows, 5.0) is None
+    assert script.main(["--quick", "--seeds", "0", "--samples", "2", "--betas", "0.5,1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: reference refusal rate" in out and "refusal rate of π*" in out and len(out.splitlines()) >= 5
+    assert script.main(["--seeds", "2-1"]) == 2 and "runs backwards" in capsys.readouterr().err
+    assert script.main(["--betas", "0"]) == 2
+
+
 # ---------------------------------------------------------------- --quick smoke run
 SEED_FILES = ("summary.json", "details.json", "baseline/metrics.jsonl", "fix/metrics.jsonl")
 RUN_FILES = ("summary.json", "report.md", *PLOTS)
