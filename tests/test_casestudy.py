@@ -278,6 +278,32 @@ def test_tilted_optimum_script(capsys):
     assert script.main(["--betas", "0"]) == 2
 
 
+def test_compare_runs_script(tmp_path, capsys):
+    """scripts/compare_runs.py draws the fix's per-step metrics of two run folders; a missing seed names the fix."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for folder, beta in (("before", 0.15), ("after", 0.5)):
+        run = tmp_path / folder / "seed3" / "fix"
+        run.mkdir(parents=True)
+        lines = [{"step": s, "kl_coef": beta, "kl_ref_k1_sum": 0.1 * s, "first_refuse_unsafe": 0.9,
+                  "first_kl_unsafe": 0.01 * s} for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert script.read_steps(str(tmp_path / "before"), 3)[1]["kl_ref_k1_sum"] == pytest.approx(0.2)
+    out = tmp_path / "figure.png"
+    folders = [str(tmp_path / "before"), str(tmp_path / "after")]
+    assert script.main([*folders, "--labels", "before,after", "--seeds", "3", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert script.main([*folders, "--seeds", "4", "--out", str(out)]) == 2
+    assert "--seeds 4" in capsys.readouterr().err
+    assert script.main([*folders, "--labels", "one", "--seeds", "3", "--out", str(out)]) == 2
+    assert "--labels names 1 folders" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- --quick smoke run
 SEED_FILES = ("summary.json", "details.json", "baseline/metrics.jsonl", "fix/metrics.jsonl")
 RUN_FILES = ("summary.json", "report.md", *PLOTS)
