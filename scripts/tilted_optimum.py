@@ -24,7 +24,7 @@ from rlhf_fast.casestudy.cli import parse_seeds
 from rlhf_fast.casestudy.metrics import tilted_optimum
 from rlhf_fast.casestudy.pipeline import CaseStudyConfig, prepare, quick_config
 
-DEFAULT_BETAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+DEFAULT_BETAS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 
 
 def at_budget(rows, budget: float):
