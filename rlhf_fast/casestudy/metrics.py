@@ -188,7 +188,8 @@ def tilted_optimum(
     drawn from the reference, each scored once; every β reweights the same samples. Returns, per β,
     ``kl`` (nats per reply over the world's prompt mix), ``kl_unsafe`` / ``kl_safe`` and
     ``refusal_rate`` (clean refusals on UNSAFE prompts) of π*, and ``refusal_reference``, the
-    reference's own rate estimated from the same samples.
+    reference's own rate estimated from the same samples. At small β the weights pile onto the few
+    best-scored samples and the estimate saturates: π*'s KL is then underestimated.
     """
     torch.manual_seed(seed)
     prompts = [world.make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
