@@ -91,9 +91,10 @@ lint: $(VENV)/.ready-test
 # The newest releases: a separate environment, no lock. On a failure it names every package whose
 # version differs from the lock's, the candidates for what broke.
 test-newest:
-	@$(MAKE) --no-print-directory test-fast VENV=.venv-newest CONSTRAINTS= || { \
+	@mkdir -p .venv-newest
+	@$(MAKE) --no-print-directory test-fast VENV=.venv-newest CONSTRAINTS= 2>&1 | tee .venv-newest/test.log || { \
 	  echo "== the fast suite failed against the newest releases; versions that differ from $(CONSTRAINTS):" >&2; \
-	  .venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS) >&2; exit 1; }
+	  .venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS) --log .venv-newest/test.log >&2; exit 1; }
 	@.venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS)
 
 # The lock: install the lowest version of every declared range (scripts/lowest.py) into a fresh

@@ -20,6 +20,7 @@ trl and verl are imported unconditionally: CI installs both, and a missing one f
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 
@@ -28,7 +29,7 @@ import pytest
 import torch
 import transformers
 import trl
-from helpers import TOLERANCES
+from helpers import TOLERANCES, assert_double_baseline
 
 import rlhf_fast as rf
 from rlhf_fast.integrations import transformers as rft
@@ -99,39 +100,59 @@ def test_fused_linear_equals_eager_on_the_models_own_logits(kind):
     if kind == "gemma2":
         assert logits.abs().max() > 1.9  # close to the cap c = 2: the tanh is far from linear here
     options = dict(kl_coef=0.1, entropy_coef=0.01, temperature=0.9, loss_agg="seq-mean-token-mean")
+    # The parameters' gradients flow back through the whole model (attention, norms), where the
+    # fused and eager paths sum in different orders and cancellation on small entries amplifies
+    # it: like the matmul-reduced gradients elsewhere, they are held to the contract's double
+    # baseline against an fp64 copy of the model (error <= 2x eager's own + 1e-6), the per-token
+    # outputs to the fp32 tolerance.
+    model64 = copy.deepcopy(model).double()
 
-    def grads():
-        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
+    def grads(m=model):
+        g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad(set_to_none=True)
         return g
 
-    want = rf.ppo_loss(model(input_ids=ids).logits, targets, advantages, old, lp0, mask, backend="eager",
-                       **options)
+    def check_gradients(got_grads, want_grads, truth_grads, what):
+        assert set(got_grads) == set(want_grads) == set(truth_grads)
+        for name in want_grads:
+            assert_double_baseline({name: got_grads[name]}, {name: want_grads[name]}, {name: truth_grads[name]},
+                                   f"{kind} {what} d{name}:")
+
+    def eager_loss(m, dtype):
+        return rf.ppo_loss(m(input_ids=ids).logits, targets, advantages.to(dtype), old.to(dtype), lp0.to(dtype), mask,
+                           backend="eager", **options)
+
+    want = eager_loss(model, torch.float32)
     want.loss.backward()
     want_grads = grads()
+    eager_loss(model64, torch.float64).loss.backward()
+    truth_grads = grads(model64)
     hidden = rft.hidden_states(model, input_ids=ids)
     head = rft.lm_head(model, verify=False)
     got = rf.fused_linear_ppo_loss(hidden, head.weight, targets, advantages, old, lp0, mask, chunk_size=8,
                                    **head.loss_kwargs(), **options)
     got.loss.backward()
-    got_grads = grads()
     torch.testing.assert_close(got.loss, want.loss, **FP32)
     torch.testing.assert_close(got.logprobs, want.logprobs, **FP32)
     torch.testing.assert_close(got.entropy, want.entropy, **FP32)
-    assert set(got_grads) == set(want_grads)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **FP32, msg=lambda m, n=name: f"{kind} d{n}: {m}")
+    check_gradients(grads(), want_grads, truth_grads, "ppo_loss")
     # differentiable log-probs and entropy from the same head
-    lp, ent = rf.logprobs(model(input_ids=ids).logits, targets, mask, with_entropy=True, backend="eager")
-    (lp.sum() - 0.5 * ent.sum()).backward()
+
+    def eager_logprobs(m):
+        lp, ent = rf.logprobs(m(input_ids=ids).logits, targets, mask, with_entropy=True, backend="eager")
+        (lp.sum() - 0.5 * ent.sum()).backward()
+        return lp, ent
+
+    lp, ent = eager_logprobs(model)
     want_grads = grads()
+    eager_logprobs(model64)
+    truth_grads = grads(model64)
     lp2, ent2 = rf.fused_linear_logprobs(rft.hidden_states(model, input_ids=ids), head.weight, targets, mask,
                                          with_entropy=True, chunk_size=8, **head.loss_kwargs())
     (lp2.sum() - 0.5 * ent2.sum()).backward()
     torch.testing.assert_close(lp2, lp, **FP32)
     torch.testing.assert_close(ent2, ent, **FP32)
-    for name, g in grads().items():
-        torch.testing.assert_close(g, want_grads[name], **FP32, msg=lambda m, n=name: f"{kind} logprobs d{n}: {m}")
+    check_gradients(grads(), want_grads, truth_grads, "logprobs")
 
 
 class _DoubledLogits(transformers.LlamaForCausalLM):
