@@ -83,22 +83,31 @@ def _child(tmp_path, out_dir, result, kill=""):
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
+def _steps(run):
+    """The steps of checkpoint.pt and checkpoint.prev.pt in ``run`` (None where absent)."""
+    from rlhf_fast.training.checkpoint import load
+
+    return tuple(load(str(run / name))["step"] if (run / name).exists() else None
+                 for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+
+
 def test_sigkill_during_checkpoint_writes_loses_nothing(tmp_path):
     clean = _child(tmp_path, tmp_path / "clean", tmp_path / "clean.pt")
     assert clean.returncode == 0, clean.stderr[-3000:]
     run = tmp_path / "killed"
-    # what each child finds on resuming, and where it dies:
+    # what each child finds on resuming, where it dies, and the steps of (checkpoint.pt, checkpoint.prev.pt) it leaves
     kills = [
-        "rename-temporary-to-current:1",  # nothing yet: dies in its first write, before it has a name
-        "rename-temporary-to-current:2",  # nothing yet: writes step 1, dies in step 2's with only the .prev left
-        "rename-current-to-previous:1",  # resumes from .prev (step 1); writes step 2, dies in step 3's write
-        "fsync-directory:1",  # resumes from step 2; dies in step 3's write after both renames
-        "rename-temporary-to-current:1",  # resumes from step 3; dies in step 4's write between the renames
+        ("rename-temporary-to-current:1", (None, None)),  # nothing yet: dies in its first write, before it has a name
+        ("rename-temporary-to-current:2", (None, 1)),  # nothing yet: writes step 1, dies in step 2's: only the .prev
+        ("rename-current-to-previous:1", (2, 1)),  # resumes from .prev (step 1); writes step 2, dies in step 3's
+        ("fsync-directory:1", (3, 2)),  # resumes from step 2; dies in step 3's write after both renames
+        ("rename-temporary-to-current:1", (None, 3)),  # resumes from step 3; dies in step 4's between the renames
     ]
-    for kill in kills:
+    for kill, left in kills:
         proc = _child(tmp_path, run, tmp_path / "unused.pt", kill)
         assert proc.returncode == -signal.SIGKILL, (f"{kill}: the child was not killed there (point never reached?)",
                                                     proc.returncode, proc.stderr[-3000:])
+        assert _steps(run) == left, kill
     survivor = _child(tmp_path, run, tmp_path / "killed.pt")
     assert survivor.returncode == 0, survivor.stderr[-3000:]
     want, got = torch.load(tmp_path / "clean.pt"), torch.load(tmp_path / "killed.pt")
