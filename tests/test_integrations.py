@@ -305,8 +305,11 @@ LOSS_METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high
                 "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "policy_loss", "entropy_coef")
 
 
-def _grpo_run(path, tmp_path, ours: bool, vllm: bool = False, nan: bool = False, **config):
-    """Two optimizer steps; returns (log history per step, gradients per step)."""
+def _grpo_run(path, tmp_path, ours: bool, vllm: bool = False, nan: bool = False, lengths=None, **config):
+    """Two optimizer steps; returns (log history per step, gradients per step).
+
+    ``lengths``: a list that gets each micro-batch's completion lengths (the loss mask's row sums).
+    """
     args = dict(output_dir=str(tmp_path / ("ours" if ours else "trl")), per_device_train_batch_size=4,
                 num_generations=4, gradient_accumulation_steps=2, max_completion_length=8, max_steps=2,
                 num_iterations=2, learning_rate=2.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
@@ -324,6 +327,14 @@ def _grpo_run(path, tmp_path, ours: bool, vllm: bool = False, nan: bool = False,
                 _fake_vllm(trainer, nan)
             if ours:
                 rf_trl.equip(trainer)
+            if lengths is not None:
+                compute_loss = trainer._compute_loss
+
+                def recording(model, inputs):
+                    lengths.append(inputs["completion_mask"].sum(-1).tolist())
+                    return compute_loss(model, inputs)
+
+                trainer._compute_loss = recording
             trainer.train()
         finally:
             logging.disable(logging.NOTSET)
@@ -371,6 +382,29 @@ def test_trl_grpo_run_matches_trls_own_loss(tiny_models, tmp_path, loss_type, le
     if loss_type != "sapo":  # the second step is off-policy and clips: the clip branches are exercised
         clipped = logs[1].get("clip_ratio/region_mean", logs[1].get("cispo_clip_ratio"))
         assert clipped > 0, f"{loss_type}/{level}: nothing clipped in step 2"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo"])
+def test_trl_mapping_with_more_generation_steps_than_accumulation_and_empty_completions(tiny_models, tmp_path,
+                                                                                        loss_type):
+    """The shipped option mapping where TRL's defaults hide its normalisers: steps_per_generation (4) ≠
+    gradient_accumulation_steps (2), so num_items_in_batch spans two optimizer steps (dapo, cispo rescale it
+    by accumulation / steps_per_generation), and mask_truncated_completions=True with completions cut at 3
+    tokens, so some rows of a micro-batch have no token (grpo, sapo, luspo average over all rows: the
+    B_valid / B factor)."""
+    config = dict(loss_type=loss_type, steps_per_generation=4, gradient_accumulation_steps=2,
+                  mask_truncated_completions=True, max_completion_length=3, num_iterations=1)
+    if loss_type == "cispo":
+        config["epsilon_high"] = 1.5
+    trl_lengths, our_lengths = [], []
+    trl_run = _grpo_run(tiny_models["llama"], tmp_path, False, lengths=trl_lengths, **config)
+    _assert_same_run(trl_run, _grpo_run(tiny_models["llama"], tmp_path, True, lengths=our_lengths, **config),
+                     f"{loss_type} with steps_per_generation=4 and truncated completions masked")
+    assert our_lengths == trl_lengths and len(trl_lengths) == 4  # 4 micro-batches from one generation
+    # what the test is for: micro-batches that mix empty and non-empty completions, and token counts that differ
+    # between micro-batches (so a normaliser over the wrong window shows)
+    assert any(0 in rows and max(rows) > 0 for rows in trl_lengths), trl_lengths
+    assert len({sum(rows) for rows in trl_lengths}) > 1, trl_lengths
 
 
 @pytest.mark.parametrize("loss_type, adaptive", [("grpo", False), ("bnpo", False), ("dapo", False),
@@ -426,6 +460,15 @@ def test_trl_token_level_vllm_weights_with_sequence_level_ratio_raise(tiny_model
     config = dict(importance_sampling_level="sequence", use_bias_correction_kl=False,
                   vllm_importance_sampling_mode="token_truncate")
     with pytest.raises(ValueError, match="use a sequence_\\* mode"):
+        _grpo_run(tiny_models["llama"], tmp_path, True, vllm=True, **config)
+
+
+@pytest.mark.parametrize("mode, high", [("sequence_mask", None), ("sequence_truncate", 1e9)])
+def test_trl_sequence_level_vllm_weights_without_a_bound_below_e20_raise(tiny_models, tmp_path, mode, high):
+    """TRL's sequence weight e^Σ has no cap, ours caps Σ at 20 (test_peer_parity shows both sides)."""
+    config = dict(vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.5,
+                  vllm_importance_sampling_clip_max=high)
+    with pytest.raises(ValueError, match=r"set vllm_importance_sampling_clip_max below 4\.8e\+08"):
         _grpo_run(tiny_models["llama"], tmp_path, True, vllm=True, **config)
 
 
@@ -554,6 +597,29 @@ def test_verl_backend_name_selects_the_patch():
     assert "forward" not in vars(other)  # use_fused_kernels=False: untouched
     with pytest.raises(ValueError, match="return_dict"):
         rf_verl.forward(model, **_verl_inputs(packed=False), return_dict=False)
+
+
+def test_verl_torch_backend_dtypes_against_ours():
+    """On a bf16 model verl's torch backend returns fp32 log-probs and a bf16 entropy; ours, fp32 for both."""
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+
+    model = _model("llama").to(torch.bfloat16)
+    inputs = _verl_inputs(packed=True)
+    theirs = forward_with_torch_backend(model, **inputs, temperature=1.0, return_dict=True, use_cache=False)
+    assert (theirs.log_probs.dtype, theirs.entropy.dtype) == (torch.float32, torch.bfloat16)
+    ours = rf_verl.forward(model, **inputs, temperature=1.0, return_dict=True, use_cache=False)
+    assert (ours.log_probs.dtype, ours.entropy.dtype) == (torch.float32, torch.float32)
+
+
+def test_verl_cannot_patch_any_model_with_trl_installed():
+    """verl 0.9.1's apply_monkey_patch (run by its FSDP engine on every model, whatever the backend) imports
+    AutoModelForCausalLMWithValueHead from trl.experimental.ppo, then from trl; TRL 1.16 has neither."""
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    model = _model("llama")
+    with pytest.raises(ImportError, match="cannot import name 'AutoModelForCausalLMWithValueHead' from 'trl'"):
+        apply_monkey_patch(model, use_fused_kernels=False)
+    assert "forward" not in vars(model)  # it stopped before patching anything
 
 
 # ----------------------------------------------------------------------------------

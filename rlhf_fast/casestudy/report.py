@@ -122,7 +122,8 @@ def bar_checks(summary: Dict) -> List[Check]:
         Check("baseline: ratio_above high early", ra_early >= 0.04 and ra_early > ra_late, ra_early,
               "≥ 4% and > second half", ra_early - ra_bound,
               f"first 10% of steps {ra_early:.1%} of tokens, second half {ra_late:.1%}"),
-        Check("baseline: KL rises fastest early", early > 0 and kl_x >= 1.5, kl_x, "≥ 1.5×", kl_x - 1.5,
+        Check("baseline: KL rises fastest early", early > 0 and kl_x >= 1.5, kl_x, "≥ 1.5×",
+              kl_x - 1.5 if early > 0 else -math.inf,  # a flat or falling start: no ratio to measure, failed
               f"slope over the first 25% of steps {early:.3f}/step, rest {late:.3f}/step ({kl_x:.2f}×)"),
     ]
     if fix.get("kl_target"):

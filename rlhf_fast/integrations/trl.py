@@ -44,6 +44,11 @@ _GLOBAL_TOKEN_NORMALISED = ("dapo", "cispo")  # divided by num_items_in_batch, n
 _PER_SEQUENCE_MEAN = ("grpo", "sapo", "luspo")  # TRL averages over all B sequences, fully masked ones included
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_SEQUENCE_WEIGHT_CAP = 4.8e8
+"""rlhf_fast's sequence-level rollout weight is exp(clamp(Σ log-ratio, −20, 20)) (docs/contract.md); TRL's has no
+clamp. With an upper bound below e^20 ≈ 4.85e8 the two agree exactly: a weight above the bound is truncated to it
+or masked either way. 4.8e8 is e^20 less 1%, so that fp32's rounding of e^20 (relative 6e-8) cannot put the bound
+on the wrong side of our capped weight. Under e^−20 both weights are below 2.1e-9 (docs/integrations.md)."""
 _AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
                 "dapo": "token-mean", "cispo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                 "luspo": "seq-mean-token-sum"}
@@ -97,6 +102,13 @@ def unsupported(trainer) -> List[str]:
         elif (args.vllm_importance_sampling_clip_min is None and args.vllm_importance_sampling_clip_max is None):
             problems.append(f"vllm_importance_sampling_mode={mode!r} without vllm_importance_sampling_clip_min or "
                             "_clip_max (rlhf_fast's rollout correction needs a bound)")
+        elif mode.startswith("sequence") and not (args.vllm_importance_sampling_clip_max is not None and
+                                                  args.vllm_importance_sampling_clip_max < _SEQUENCE_WEIGHT_CAP):
+            problems.append(
+                f"vllm_importance_sampling_mode={mode!r} with vllm_importance_sampling_clip_max="
+                f"{args.vllm_importance_sampling_clip_max} (TRL weights a sequence by exp(Σ log-ratio) with no bound; "
+                "rlhf_fast caps Σ at 20, so the two differ for a weight above e^20 ≈ 4.85e8); set "
+                f"vllm_importance_sampling_clip_max below {_SEQUENCE_WEIGHT_CAP:.2g} (TRL's default is 3.0)")
     return problems
 
 
