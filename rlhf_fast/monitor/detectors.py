@@ -77,9 +77,11 @@ reference's replies (the first records) is ≥ 0.3: length explains ≥ 9% of th
 a medium effect (Cohen 1988), more than a reward that judges content should give to length."""
 
 LENGTH_ACROSS_CORR = 0.7
-"""Without a within-batch correlation, the proxy pays for length when the step means of score and
-length correlate ≥ 0.7 over the window (≥ 6 records; p < 0.05 one-sided at 6 points is r ≥ 0.73,
-so 0.7 over 10 points is significant)."""
+"""Without a within-batch correlation, the proxy pays for length when the step-to-step *changes* of
+the mean score and the mean length correlate ≥ 0.7 over the window (≥ 8 changes; r ≥ 0.7 is
+p ≈ 0.03 one-sided at 8 points). Changes, not levels: two series that both trend with training time
+correlate whatever drives them (a spurious regression); their changes correlate only when a batch
+that happens to be longer also scores higher, which is the within-batch payment seen across batches."""
 
 LENGTH_DRIFT = 0.25
 """Replies a quarter longer (or shorter) than the reference's on average: a change of style any
@@ -290,7 +292,8 @@ def length_coupling(h: History) -> Optional[Finding]:
     """Replies ≥ 25% longer (shorter) than the reference's while the proxy pays for length (brevity).
 
     "Pays": the within-batch score–length correlation on the first records ≥ 0.3 (≤ −0.3), or,
-    when no trainer logs it, the step means of score and length correlating ≥ 0.7 over the window.
+    when no trainer logs it, the step-to-step changes of mean score and mean length correlating
+    ≥ 0.7 over the window.
     """
     length, ref_length = h.last("length"), h.reference("length")
     if length is None or not ref_length:
@@ -304,11 +307,12 @@ def length_coupling(h: History) -> Optional[Finding]:
         pays, how = sign * rho >= LENGTH_CORR, f"within-batch score–length correlation {rho:+.2f} on the first records"
     else:
         pairs = h.paired("score", "length")
-        if len(pairs) < 6:
+        changes = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(pairs, pairs[1:])]
+        if len(changes) < 8:
             return None
-        rho = correlation([p[0] for p in pairs], [p[1] for p in pairs])
+        rho = correlation([c[0] for c in changes], [c[1] for c in changes])
         pays = not math.isnan(rho) and sign * rho >= LENGTH_ACROSS_CORR
-        how = f"score and length move together over the last {len(pairs)} records (r = {rho:+.2f})"
+        how = f"the changes of score and length from step to step correlate, r = {rho:+.2f} over {len(changes)}"
     if not pays:
         return None
     direction = "longer" if drift > 0 else "shorter"
@@ -330,12 +334,15 @@ def entropy_collapse(h: History) -> Optional[Finding]:
 
 def held_out(h: History) -> Optional[Finding]:
     """A declared held-out score falling (slope < −2 SE) while the proxy rises (slope > 2 SE)."""
-    score_up, score_slope, _ = rising(h.series("score"))
-    if not score_up:
+    score = h.series("score")
+    score_up, score_slope, _ = rising(score)
+    if len(score) < 4 or not score_up:
         return None
     for name in h.config.held_out:
         points = h.series("held_out/" + name)
         falling, b, se = rising([(x, -y) for x, y in points])
+        if len(points) < 4:
+            continue
         if falling:
             return Finding("alarm", {"score_slope": score_slope, f"{name}_slope": -b, f"{name}": points[-1][1]},
                            f"The held-out score {name!r} is falling ({-b:.3g}/step ± {se:.2g}) while the proxy "

@@ -13,7 +13,8 @@ Adapters:
 * :data:`TRL` — TRL's ``GRPOTrainer`` logs (``trainer_state.json``'s ``log_history``), plus the
   within-batch advantage–length correlation that ``rlhf_fast.integrations.trl`` adds;
 * :data:`VERL` — verl 0.9.1's per-step metrics dict (``actor/pg_clipfrac``, ``critic/score/mean``,
-  ...), as its trackers receive it.
+  ...), as its trackers receive it (``rlhf_fast.integrations.verl_monitor`` adds the adaptive
+  controller's target per reply as ``rlhf_fast/kl_target``; verl's own is per token).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ VERL = Adapter(
     "verl",
     {
         "kl_token": ("actor/reward_kl_penalty", "actor/kl_loss"),
-        "beta": ("actor/reward_kl_penalty_coeff", "actor/kl_coef"),
+        "beta": ("actor/reward_kl_penalty_coeff", "actor/kl_coef"), "kl_target": ("rlhf_fast/kl_target",),
         "score": ("critic/score/mean",), "length": ("response_length/mean",),
         "clipfrac": ("actor/pg_clipfrac",), "approx_kl": ("actor/ppo_kl",),
         "adv_max": ("critic/advantages/max",), "entropy": ("actor/entropy",),
