@@ -251,11 +251,11 @@ def test_token_kl_sums_add_up_to_the_kl_per_reply_and_rank_tokens():
     assert set(sums) == set(ids[mask].tolist())
     tracker = TokenKL(window=2, top_k=2, decode=lambda i: "UPGRADE" if i == 7 else f"t{i}")
     tracker.add({7: 3.0, 2: 1.0, 3: -0.5})
-    tracker.add({7: 1.0, 2: 2.0})
+    tracker.add({7: 1.0, 2: 2.0, 3: -0.5})
     tracker.add({7: 1.0, 2: 1.0})  # the window keeps the last two steps
     top = tracker.top()
     assert [t.token_id for t in top] == [2, 7] and top[0].kl == pytest.approx(1.5)
-    assert top[0].share == pytest.approx(0.6)
+    assert top[0].share == pytest.approx(0.6)  # of the positive KL: 3 of 5 nats
     assert tracker.describe() == "'t2' 1.50 nats (60%), 'UPGRADE' 1.00 nats (40%)"
     broken = TokenKL(decode=lambda i: 1 / 0)
     broken.add({5: 1.0})

@@ -6,9 +6,10 @@ verl's ``RayPPOTrainer.fit`` gathers each step's metrics in one dict (``actor/pg
 ``Tracking`` logger. :func:`install` wraps ``Tracking``: when a tracker is created it sets up a
 :class:`VerlMonitorHook` from the run's config (where the KL acts, the adaptive controller's target,
 the clip range), and every dict logged afterwards goes through the hook before the backends see
-it. The hook adds ``monitor/warnings`` and ``monitor/alarms`` (counts so far) to the dict, so the
-trackers plot them, and logs each alert (logger ``rlhf_fast.monitor``); with ``stop_on_alarm`` it
-raises :class:`RewardHackingStop` after logging the step that raised an alarm, which ends ``fit``.
+it. The hook adds ``monitor/warnings`` and ``monitor/alarms`` (counts so far) and, under an adaptive
+controller, ``rlhf_fast/kl_target`` (its target per reply) to the dict, so the trackers keep them,
+and logs each alert (logger ``rlhf_fast.monitor``); with ``stop_on_alarm`` it raises
+:class:`RewardHackingStop` after logging the step that raised an alarm, which ends ``fit``.
 
 Load it in the process that runs verl's trainer, e.g. through verl's own plugin variable::
 
@@ -93,11 +94,10 @@ class VerlMonitorHook:
 
     def __call__(self, data: Dict[str, Any], step: Optional[int] = None) -> List[Alert]:
         """One logged dict: the alerts it raised (an evaluation dict raises none). Adds ``monitor/*`` counts."""
-        record = dict(data)
-        length = record.get("response_length/mean")
+        length = data.get("response_length/mean")
         if self.kl_target_per_token is not None and isinstance(length, (int, float)):
-            record[KL_TARGET_KEY] = self.kl_target_per_token * float(length)
-        alerts = self.monitor.update(record, step=step)
+            data[KL_TARGET_KEY] = self.kl_target_per_token * float(length)  # logged too: offline analysis sees it
+        alerts = self.monitor.update(data, step=step)
         if "critic/score/mean" in data or "actor/pg_clipfrac" in data:
             data["monitor/warnings"] = float(len(self.monitor.warnings))
             data["monitor/alarms"] = float(len(self.monitor.alarms))

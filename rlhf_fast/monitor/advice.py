@@ -45,8 +45,11 @@ def recommend(h: History, trainer: str, signal: str) -> str:
     length = h.last("length")
     if signal == "kl_budget" and b.declared:
         budget = b.budget
-        why = (f"the KL is at twice its budget of {budget:.2f} nats/reply: the controller starts too weak to hold it "
-               "(it can move β only by a factor 1 + 0.2·n/H per step)")
+        if b.kind == "controller":
+            why = (f"the budget the controller lost: it starts too weak to hold {budget:.3g} nats/reply, and it can "
+                   "move β only by a factor 1 + 0.2·n/H per step")
+        else:
+            why = "the budget declared for this run, which nothing holds it to now"
     elif reached is not None and reached > 0:
         budget = _nice(reached / 2.0)
         if b.declared:

@@ -200,7 +200,7 @@ def kl_budget(h: History) -> Optional[Finding]:
     source = {"controller": "the controller's target"}.get(b.kind, "the declared budget" if b.declared
                                                            else "the default budget (ln 100)")
     return Finding(grade, {"kl": kl, "kl_budget": b.budget, "kl_over_budget": ratio},
-                   f"KL to the reference {kl:.2f} nats/reply is {ratio:.1f}× {source} of {b.budget:.2f}.")
+                   f"KL to the reference {kl:.3g} nats/reply is {ratio:.3g}× {source} of {b.budget:.3g}.")
 
 
 def kl_drift(h: History) -> Optional[Finding]:

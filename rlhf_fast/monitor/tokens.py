@@ -20,7 +20,7 @@ class TokenShare(NamedTuple):
     kl: float
     """KL per reply carried by this token id, averaged over the window's steps (nats)."""
     share: float
-    """Its share of the window's KL per reply (the ids' KL can be negative, so shares can exceed 1)."""
+    """Its share of the KL carried by the ids whose KL is positive (k1 of a sampled token can be negative)."""
 
 
 class TokenKL:
@@ -46,7 +46,7 @@ class TokenKL:
             for token, value in step.items():
                 totals[token] = totals.get(token, 0.0) + value
         n = max(len(self._steps), 1)
-        whole = sum(totals.values())
+        whole = sum(v for v in totals.values() if v > 0)
         ranked = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[: k or self.top_k]
         return [TokenShare(t, v / n, v / whole if whole > 0 else 0.0) for t, v in ranked]
 
