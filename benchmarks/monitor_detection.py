@@ -56,7 +56,7 @@ def figure(rows, out: str, path: str) -> None:
                 run = load(os.path.join(out, f"seed{seed}", r["run"]))
                 title = f"seed {seed} {r['run']} ({r['label']})"
                 runs.append((run, analyse(run), title))
-            plot_runs(runs, path)
+            plot_runs(runs, path, extra=("gold per step (evaluation only:\nthe monitor never reads it)", "gold"))
             print(f"figure: {path} (seed {seed}: baseline hacked, fix healthy)")
             return
     print("figure: no seed with a hacked baseline and a healthy fix; none written")

@@ -403,3 +403,16 @@ def test_monitor_command_bad_input_is_one_error_line(tmp_path, capsys, case):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m rlhf_fast monitor: error: "), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_documented_example_runs():
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "monitor.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) == 1
+    done = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[:2] == ["warning 8 length_coupling", "alarm 11 kl_drift+length_coupling"]
+    assert "alarm hold the KL to the reference at 1.5 nats/reply" in done.stdout

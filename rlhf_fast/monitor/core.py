@@ -101,7 +101,8 @@ class RewardHackingMonitor:
             step = record.get("step", self.history.records + 1)
         if token_kl:
             self.tokens.add(token_kl)
-        return self.observe(signals, float(step))
+        step = float(step)
+        return self.observe(signals, int(step) if step.is_integer() else step)
 
     def observe(self, signals: Dict[str, float], step: float) -> List[Alert]:
         """Like :meth:`update` on signals already canonical (:data:`.signals.SIGNALS`)."""

@@ -52,16 +52,30 @@ def plot_run(run: Run, monitor: RewardHackingMonitor, out: str, title: Optional[
     plt.close(fig)
 
 
-def plot_runs(runs: Sequence[Tuple[Run, RewardHackingMonitor, str]], out: str) -> None:
-    """One row of :data:`PANELS` per ``(run, monitor, title)``, into ``out``."""
+def plot_runs(runs: Sequence[Tuple[Run, RewardHackingMonitor, str]], out: str,
+              extra: Optional[Tuple[str, str]] = None) -> None:
+    """One row of :data:`PANELS` per ``(run, monitor, title)``, into ``out``. ``extra = (title, key)`` adds a
+    panel of a record key the monitor does not read (e.g. an evaluation-only score, for the reader)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(len(runs), len(PANELS), figsize=(3.0 * len(PANELS), 2.9 * len(runs)), squeeze=False)
+    columns = len(PANELS) + (extra is not None)
+    fig, grid = plt.subplots(len(runs), columns, figsize=(3.0 * columns, 2.9 * len(runs)), squeeze=False)
     for row, (run, monitor, title) in zip(grid, runs, strict=True):
-        _row(row, run, monitor, title)
+        _row(row[: len(PANELS)], run, monitor, title)
+        if extra is not None:
+            ax = row[-1]
+            points = [(r["step"], r[extra[1]]) for r in run.records if extra[1] in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, color="tab:purple")
+            for alert in monitor.alerts:
+                alarm = alert.severity == "alarm"
+                ax.axvline(alert.step, color="tab:red" if alarm else "tab:orange", linestyle="-" if alarm else "--",
+                           linewidth=1.6 if alarm else 0.8, alpha=0.9 if alarm else 0.6)
+            ax.set_title(extra[0], fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
