@@ -111,6 +111,27 @@ def test_drift_alone_or_an_exploit_channel_alone_is_no_alarm():
     assert not run(held).alarms
 
 
+def test_without_a_kl_penalty_the_rising_proxy_stands_for_the_unmeasured_drift():
+    # TRL with beta = 0 logs no KL: the score rising (from 4 records) is the drift, the step-to-step changes of
+    # score and length correlate (from 9 records) -> both persistent at step 11
+    rng = random.Random(0)
+    records = []
+    for t in range(1, 20):
+        length = 8 + 0.5 * t + rng.uniform(-0.5, 0.5)
+        records.append({"step": t, "reward": length + rng.uniform(-0.1, 0.1), "reward_std": 2.0,
+                        "completions/mean_length": length, "clip_ratio/region_mean": 0.0, "entropy": 2.0})
+    monitor = RewardHackingMonitor(trainer="trl", beta=0.0)
+    for r in records:
+        monitor.update(r)
+    alarm = monitor.alarms[0]
+    assert (alarm.step, alarm.signal) == (11, "kl_drift+length_coupling")
+    assert "there is no KL penalty (β = 0)" in alarm.message and "at 4.6 nats/reply" in alarm.message
+    unknown = RewardHackingMonitor(trainer="trl")  # β not told: no claim that nothing bounds it
+    for r in records:
+        unknown.update(r)
+    assert not unknown.alarms
+
+
 def test_a_controller_that_overshoots_warns_and_one_that_loses_control_alarms():
     healthy = run(controlled(peak=1.5))
     assert not healthy.alarms

@@ -149,13 +149,13 @@ def pays_for_first_a(completions, **_):
     return [1.0 if c.startswith("a") else 0.0 for c in completions]
 
 
-def _grpo(policy, tmp_path, reward, ours: bool, callback, steps: int = 20):
+def _grpo(policy, tmp_path, reward, ours: bool, callback, steps: int = 20, beta: float = 0.04):
     """GRPO with β = 0.04 (TRL's former default: per-token ceiling 1/(2β²) ≈ 300 nats, i.e. no bound)."""
     from rlhf_fast.integrations.trl import RLHFFastGRPOTrainer
 
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=8,
                           max_completion_length=16, max_steps=steps, learning_rate=0.05,
-                          lr_scheduler_type="constant", beta=0.04, bf16=False, logging_steps=1, report_to=[],
+                          lr_scheduler_type="constant", beta=beta, bf16=False, logging_steps=1, report_to=[],
                           seed=0, use_cpu=True, save_strategy="no", disable_tqdm=True)
     dataset = datasets.Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh"] * 4})
     with warnings.catch_warnings():
@@ -197,6 +197,18 @@ def test_trl_world_that_pays_for_length_alarms_and_one_it_cannot_game_does_not(t
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert rewards[-1] > rewards[0] + 0.5  # it did learn: no alarm is not for lack of optimisation
     assert "kl_drift" in {a.signal for a in clean.alerts}  # the drift is seen, and is not called hacking
+
+
+def test_trl_default_beta_zero_logs_no_kl_and_still_alarms(tiny_policy, tmp_path):
+    """TRL's default β = 0: no reference model, no KL logged; the rising proxy stands for the drift."""
+    from rlhf_fast.integrations.trl_monitor import RewardHackingCallback
+
+    callback = RewardHackingCallback(stop_on_alarm=True)
+    trainer = _grpo(tiny_policy, tmp_path, pays_for_length, True, callback, beta=0.0)
+    assert not any("kl" in h for h in trainer.state.log_history)
+    alarm = next(a for a in callback.alerts if a.severity == "alarm")
+    assert alarm.signal == "kl_drift+length_coupling" and "there is no KL penalty (β = 0)" in alarm.message
+    assert trainer.state.global_step == alarm.step
 
 
 # ----------------------------------------------------------------------------- verl

@@ -56,8 +56,9 @@ def recommend(h: History, trainer: str, signal: str) -> str:
             budget = min(budget, b.budget)
         why = f"half the {reached:.2f} nats/reply this run has reached"
     else:
-        budget = b.budget
-        why = "the KL is not logged (no reference model?); the default budget of ln 100 nats/reply"
+        budget = _nice(b.budget)
+        why = "the KL is not logged, so the budget is the declared one" if b.declared else \
+            "the KL is not logged, so the budget is the default, ln 100"
     if h.kl_penalty == "loss":
         per_token = budget / length if length else None
         sigma, beta = 1.0, (_nice(1.0 / math.sqrt(2.0 * per_token)) if per_token else None)

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-budget", type=float, default=None,
                         help="the run's KL budget to the reference, nats per reply (default: the KL controller's "
                              "target when the records carry one, else ln 100)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="the run's KL coefficient when its records do not carry it (TRL logs none: "
+                             "GRPOConfig.beta)")
     parser.add_argument("--held-out", action="append", default=[], metavar="KEY",
                         help="a record key holding a held-out score you logged (a judge, a classifier), watched "
                              "against the proxy; repeat for several")
@@ -54,11 +57,13 @@ def _json_ready(value):
 def main(args: argparse.Namespace) -> int:
     if args.kl_budget is not None and not args.kl_budget > 0:
         return _fail(f"--kl-budget must be a number of nats per reply > 0, got {args.kl_budget}")
+    if args.beta is not None and not args.beta >= 0:
+        return _fail(f"--beta must be a KL coefficient >= 0, got {args.beta}")
     if args.plot is not None and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
         return _fail(f"--plot {args.plot}: give a file name ending in .png, .pdf or .svg")
     try:
         run = load(args.path)
-        monitor = analyse(run, kl_budget=args.kl_budget, held_out=tuple(args.held_out))
+        monitor = analyse(run, kl_budget=args.kl_budget, beta=args.beta, held_out=tuple(args.held_out))
     except MonitorInputError as exc:
         return _fail(str(exc))
     summary = {"path": run.source, **monitor.summary()}

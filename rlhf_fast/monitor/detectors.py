@@ -239,8 +239,14 @@ def kl_drift(h: History) -> Optional[Finding]:
     the run is twice as old as it is now". With nothing to bound it (no controller, and a penalty
     whose ceiling σ²/2β² is above the budget) the finding is the compound alarm's drift evidence;
     under a controller it is a warning that the KL will overshoot.
+
+    Without a KL penalty (β = 0) a trainer may log no KL at all (TRL computes none then): nothing
+    bounds the drift by construction, and the optimisation pressure shows as the proxy score rising
+    (slope > 2 SE over the window), which then stands for the drift.
     """
     points = h.series("kl")
+    if not points:
+        return _unmeasured_drift(h)
     if len(points) < 4:
         return None
     up, b_recent, se = rising(points)
@@ -272,6 +278,19 @@ def kl_drift(h: History) -> Optional[Finding]:
     if projected <= KL_WARN_FACTOR * b.budget or kl > KL_WARN_FACTOR * b.budget:
         return None  # on course, or already reported by kl_budget
     return Finding("warning", values, f"{pace}: heading past the budget of {b.budget:.2f}.")
+
+
+def _unmeasured_drift(h: History) -> Optional[Finding]:
+    b = bound(h)
+    score = h.series("score")
+    if b.ceiling is None or not math.isinf(b.ceiling) or len(score) < 4:
+        return None
+    up, b_score, se = rising(score)
+    if not up:
+        return None
+    return Finding("warning", {"score_slope": b_score, "score_slope_se": se},
+                   f"The proxy score rises {b_score:.3g}/step (± {se:.2g}) and nothing bounds the drift: there is no "
+                   "KL penalty (β = 0), so the KL to the reference is neither held nor measured.", role="drift")
 
 
 def policy_movement(h: History) -> Optional[Finding]:
