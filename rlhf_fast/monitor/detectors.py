@@ -204,8 +204,9 @@ def catch_up_steps(h: History, ratio: float) -> Optional[float]:
 
 def kl_budget(h: History) -> Optional[Finding]:
     """The KL to the reference against its budget: warning above 1.2×; alarm at 2× a declared budget that
-    nothing restores. A controller counts as restoring it when, at the rate it has raised β over the
-    window, it gets β up by √(KL/target) within the run's age (the horizon of every projection here)."""
+    nothing restores. A controller counts as restoring it when, at the rate it has raised β since its
+    lowest point in the window, it gets β up by √(KL/target) within the run's age (the horizon of every
+    projection here)."""
     kl = h.last("kl")
     if kl is None:
         return None
@@ -238,7 +239,9 @@ def kl_drift(h: History) -> Optional[Finding]:
     The horizon of the projection is the run's age: "at this pace the KL passes the budget before
     the run is twice as old as it is now". With nothing to bound it (no controller, and a penalty
     whose ceiling σ²/2β² is above the budget) the finding is the compound alarm's drift evidence;
-    under a controller it is a warning that the KL will overshoot.
+    under a controller it is a warning that the KL will overshoot. Its message puts the slope over the
+    run's first records (from the reference's 0) beside the recent one: the incident's KL rose fastest
+    early, and a recent slope still near the early one says nothing has started to hold it.
 
     Without a KL penalty (β = 0) a trainer may log no KL at all (TRL computes none then): nothing
     bounds the drift by construction, and the optimisation pressure shows as the proxy score rising
