@@ -111,6 +111,13 @@ def test_drift_alone_or_an_exploit_channel_alone_is_no_alarm():
     assert not run(held).alarms
 
 
+def test_a_penalty_without_the_scores_spread_shows_no_bound():
+    monitor = run([{k: v for k, v in r.items() if k != "score_std"} for r in hacking()])
+    assert (monitor.alarms[0].step, monitor.alarms[0].signal) == (11, "kl_drift+length_coupling")
+    assert "β = 0.01, and without the score's spread no ceiling can be shown below the budget" in \
+        monitor.alarms[0].message
+
+
 def test_without_a_kl_penalty_the_rising_proxy_stands_for_the_unmeasured_drift():
     # TRL with beta = 0 logs no KL: the score rising (from 4 records) is the drift, the step-to-step changes of
     # score and length correlate (from 9 records) -> both persistent at step 11

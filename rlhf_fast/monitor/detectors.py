@@ -269,12 +269,13 @@ def kl_drift(h: History) -> Optional[Finding]:
     if not b.holds:
         if kl <= b.budget and projected <= b.budget:
             return None
-        if b.kind == "none" and b.ceiling is None:
-            why = "no KL controller or penalty is known to the monitor"
-        elif b.ceiling is not None and math.isinf(b.ceiling):
+        beta = h.last("beta") if h.last("beta") is not None else h.config.beta
+        if b.ceiling is None:
+            why = ("no KL controller or penalty is known to the monitor" if beta is None else
+                   f"β = {beta:.3g}, and without the score's spread no ceiling can be shown below the budget")
+        elif math.isinf(b.ceiling):
             why = "there is no KL penalty (β = 0)"
         else:
-            beta = h.last("beta") if h.last("beta") is not None else h.config.beta
             why = (f"β = {beta:.3g} lets the KL reach ~{b.ceiling:.3g} nats/reply before the penalty balances "
                    f"the score (σ²/2β²), far past the budget of {b.budget:.2f}")
         return Finding("warning", values, f"{pace}, and nothing bounds it: {why}.", role="drift")

@@ -68,16 +68,17 @@ def token_kl_sums(logprobs, ref_logprobs, token_ids, mask) -> Dict[int, float]:
     """``{token id: Σ (logprobs − ref_logprobs) over its sampled occurrences / number of replies}``.
 
     ``[B, T]`` tensors (``mask`` bool, True on reply tokens); the values sum to the step's KL per
-    reply (k1). One small host transfer of the distinct ids and their sums.
+    reply (k1). One pass over the tokens (a weighted ``bincount``) and one host transfer of the ids
+    that occur and their sums.
     """
     import torch
 
     mask = mask.bool()
-    ids = token_ids[mask]
-    k1 = (logprobs.float() - ref_logprobs.float())[mask]
+    ids = token_ids[mask].long()
+    k1 = (logprobs.float() - ref_logprobs.float())[mask].double()
     if ids.numel() == 0:
         return {}
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    sums = torch.zeros(unique.shape[0], dtype=torch.float64, device=k1.device).index_add_(0, inverse, k1.double())
+    sums = torch.bincount(ids, weights=k1)
+    seen = torch.bincount(ids).nonzero().squeeze(1)
     replies = max(int(mask.shape[0]), 1)
-    return {int(t): float(s) / replies for t, s in zip(unique.tolist(), sums.tolist(), strict=True)}
+    return {int(t): float(s) / replies for t, s in zip(seen.tolist(), sums[seen].tolist(), strict=True)}
