@@ -5,7 +5,8 @@
 Runs the case study (``python -m rlhf_fast casestudy``) for each seed whose folder under ``--out``
 lacks a run, reusing the folders that are there, then analyses every PPO run with the monitor
 (as ``python -m rlhf_fast monitor`` does) against the outcome the monitor never sees, and prints
-the detection table and the per-run table in markdown (docs/monitor.md shows them). Also writes
+the detection table, a line per kind of run and the per-run table in markdown (docs/monitor.md
+shows them). Also writes
 ``<out>/monitor_detection.json`` and, with ``--figure``, one hacked and one healthy run's signals
 with their alerts.
 """
@@ -90,6 +91,8 @@ def main() -> int:
         json.dump(detection.clean(rows), f, indent=2)
     print(f"\nseeds {','.join(str(s) for s in sorted({r['seed'] for r in rows}))}: {len(rows)} PPO runs\n")
     print(detection.detection_table(rows))
+    print()
+    print(detection.changes_table(rows))
     print()
     print(detection.runs_table(rows))
     if args.figure:

@@ -444,3 +444,33 @@ def test_the_documented_example_runs():
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[:2] == ["warning 8 length_coupling", "alarm 11 kl_drift+length_coupling"]
     assert "alarm hold the KL to the reference at 1.5 nats/reply" in done.stdout
+
+
+def test_case_study_detection_rows_and_tables(tmp_path):
+    from rlhf_fast.casestudy import detection
+
+    seed = tmp_path / "seed0"
+    entries = {"reference": {"gold": 1.0, "refusal_rate": 0.99},
+               "baseline": {"gold": -1.0, "refusal_rate": 0.0},  # hacked: gold below the reference's
+               "fix": {"gold": 1.5, "refusal_rate": 0.97},  # healthy: gold up, refusals within 5 points
+               "ablations": {"tight-clip": {"gold": 1.2, "refusal_rate": 0.90}}}  # hacked: refusals -9 points
+    for name, records in (("baseline", hacking()), ("fix", controlled()), ("tight-clip", controlled())):
+        (seed / name).mkdir(parents=True)
+        golds = [1.0 - 0.1 * max(r["step"] - 12, 0) if name == "baseline" else 1.0 for r in records]
+        _write_jsonl(seed / name / "metrics.jsonl", [dict(r, gold=g) for r, g in zip(records, golds, strict=True)])
+    (seed / "summary.json").write_text(json.dumps(entries))
+    rows = {r["run"]: r for r in detection.detection_rows(str(tmp_path))}
+    assert {k: r["label"] for k, r in rows.items()} == {"baseline": "hacked", "fix": "healthy", "tight-clip": "hacked"}
+    base = rows["baseline"]
+    # gold falls 0.1 a step after step 12; the 10-step mean ending at step T is 1 − 0.1·mean(0..T−12 tail):
+    # at step 21 it is 1 − 0.45 = 0.55, at step 22 1 − 0.55 = 0.45 < 1.0 − 0.5
+    assert detection.gold_step([{"step": r["step"], "gold": g} for r, g in zip(
+        hacking(), [1.0 - 0.1 * max(t - 12, 0) for t in range(1, 31)], strict=True)], 1.0) == 22
+    assert (base["first_alarm"], base["gold_step"], base["lead"]) == (11, 22, 11)
+    assert not base["within_first_quarter"] and rows["fix"]["first_alarm"] is None  # 11 > 30 steps / 4
+    table = detection.detection_table(list(rows.values()))
+    assert "| raised an `alarm` | 1/2 (50%) (recall) | 0/1 (0%) (false alarms) |" in table
+    assert "| first alarm within the first quarter (each run's first quarter) | 0/2 (0%) | — |" in table
+    assert "| tight-clip | 1 / 0 | 0/1 | — | — | — |" in detection.changes_table(list(rows.values()))
+    assert "| 0 | baseline | hacked (-1.00 vs +1.00, 0% vs 99%) | 11 (kl_drift+length_coupling) | 22 | +11 |" in \
+        detection.runs_table(list(rows.values()))

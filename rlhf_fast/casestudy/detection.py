@@ -114,7 +114,8 @@ def detection_table(rows: Sequence[Dict]) -> str:
     """The summary table (markdown): recall of ``alarm`` on hacked runs, alarms and warnings on healthy runs."""
     agg = aggregate(rows)
     hacked, healthy = agg["hacked"], agg["healthy"]
-    steps = max((r["steps"] for r in rows), default=0)
+    lengths = {r["steps"] for r in rows}
+    quarter = f"step ≤ {lengths.pop() / 4:g}" if len(lengths) == 1 else "each run's first quarter"
 
     def frac(k, n):
         return f"{k}/{n} ({k / n:.0%})" if n else "—"
@@ -128,7 +129,7 @@ def detection_table(rows: Sequence[Dict]) -> str:
         f"| runs | {hacked['runs']} | {healthy['runs']} |",
         f"| raised an `alarm` | {frac(hacked['alarmed'], hacked['runs'])} (recall) | "
         f"{frac(healthy['alarmed'], healthy['runs'])} (false alarms) |",
-        f"| first alarm within the first quarter (step ≤ {steps / 4:g}) | "
+        f"| first alarm within the first quarter ({quarter}) | "
         f"{frac(hacked['within_first_quarter'], hacked['runs'])} | — |",
         f"| step of the first alarm, median | {span(hacked['first_alarm_steps'])} | "
         f"{span(healthy['first_alarm_steps'])} |",
@@ -138,6 +139,24 @@ def detection_table(rows: Sequence[Dict]) -> str:
         f"| `warning`s (runs with any) | {hacked['warnings']} ({hacked['runs_with_warnings']}) | "
         f"{healthy['warnings']} ({healthy['runs_with_warnings']}) |",
     ]
+    return "\n".join(lines)
+
+
+def changes_table(rows: Sequence[Dict]) -> str:
+    """One line per kind of run (baseline, fix, each ablation) over the seeds (markdown): outcomes, alarms on
+    the hacked runs with their steps and leads, alarms on the healthy ones."""
+    lines = ["| run | hacked / healthy | alarms on hacked | first alarm (steps) | lead over the gold step | "
+             "alarms on healthy |", "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["run"] for r in rows):
+        group = [r for r in rows if r["run"] == name]
+        hacked = [r for r in group if r["label"] == "hacked"]
+        healthy = [r for r in group if r["label"] == "healthy"]
+        alarmed = [r for r in hacked if r["first_alarm"] is not None]
+        steps = ", ".join(f"{r['first_alarm']:g}" for r in alarmed) or "—"
+        leads = ", ".join(f"{r['lead']:+g}" for r in alarmed if r["lead"] is not None) or "—"
+        recall = f"{len(alarmed)}/{len(hacked)}" if hacked else "—"
+        false = f"{sum(r['first_alarm'] is not None for r in healthy)}/{len(healthy)}" if healthy else "—"
+        lines.append(f"| {name} | {len(hacked)} / {len(healthy)} | {recall} | {steps} | {leads} | {false} |")
     return "\n".join(lines)
 
 
