@@ -20,6 +20,7 @@ import platform
 import statistics
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from . import detection
 from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, describe
 from .plots import PLOTS, STEP_PLOTS, plot_all  # noqa: F401  (PLOTS and STEP_PLOTS re-exported)
@@ -377,6 +378,7 @@ def write_report(multi: MultiSeedResult, out_dir: str, plots: bool = True) -> Di
     for result in multi.results:
         write_seed(result, os.path.join(out_dir, f"seed{result.config.seed}"))
     summary = multi_summary(multi)
+    summary["monitor_detection"] = detection.clean(detection.detection_rows(out_dir, multi.seeds))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     written = plot_all(multi, out_dir) if plots else []
@@ -428,5 +430,12 @@ def report_markdown(summary: Dict, plots: Sequence[str]) -> str:
     if summary["sweep"]:
         lines += ["", "## KL-target sweep (adaptive KL, normalised reward)", "",
                   runs_table(summary, summary["sweep"], label="run")]
+    rows = summary.get("monitor_detection") or []
+    if rows:
+        lines += ["", "## The reward-hacking monitor on these runs", "",
+                  "`python -m rlhf_fast monitor` on each run's metrics.jsonl; outcome from the final evaluation "
+                  "(hacked: gold below the reference's or refusals down more than 5 points); gold step: the 10-step "
+                  "running mean of each step's gold 0.5 below the reference's; lead = gold step − first alarm.", "",
+                  detection.detection_table(rows), "", detection.runs_table(rows)]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
     return "\n".join(lines)

@@ -5,11 +5,14 @@
 * :mod:`rlhf_fast.integrations.trl` — ``RLHFFastGRPOTrainer`` / ``equip(trainer)`` for TRL's
   ``GRPOTrainer``;
 * :mod:`rlhf_fast.integrations.verl` — the forward verl's fused-kernel actor calls
-  (``fused_kernel_options.impl_backend=rlhf_fast``).
+  (``fused_kernel_options.impl_backend=rlhf_fast``);
+* :mod:`rlhf_fast.integrations.trl_monitor`, :mod:`rlhf_fast.integrations.verl_monitor` — the
+  reward-hacking monitor (:mod:`rlhf_fast.monitor`) inside TRL (a ``TrainerCallback``) and verl (a
+  hook on its metrics logger).
 
 This package imports nothing heavy; each submodule imports its framework (transformers, trl,
 verl) when it is imported itself. The integrations are the top layer: they use the loss and
 training layers, and nothing in rlhf_fast imports them.
 """
 
-__all__ = ["transformers", "trl", "verl"]
+__all__ = ["transformers", "trl", "trl_monitor", "verl", "verl_monitor"]

@@ -12,7 +12,10 @@ on the backbone's hidden states and the LM head (with the model's logit scale or
 :mod:`rlhf_fast.integrations.transformers`), never the ``[B, T, V]`` logits, with the options
 :func:`loss_options` maps from the ``GRPOConfig`` and TRL's normalisation of each ``loss_type``
 (gradient accumulation and ``num_items_in_batch`` included). TRL's metric names are logged
-(``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``policy_loss``, ``entropy_coef``).
+(``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``policy_loss``, ``entropy_coef``), plus
+``rlhf_fast/advantage_length_corr`` (the within-batch correlation of advantage and completion length)
+for the reward-hacking monitor, whose callback (:mod:`rlhf_fast.integrations.trl_monitor`) also
+receives each completion token's KL to the reference.
 
 The entropy bonus (``entropy_coef``, ``use_adaptive_entropy``) is a token mean in TRL whatever
 the ``loss_type``, while the policy term is weighted per ``loss_type``: where the two weightings
@@ -34,6 +37,7 @@ from trl import GRPOTrainer
 
 from ..loss import fused_linear_logprobs, fused_linear_ppo_loss, inputs, reference
 from ..loss.options import LossOptions
+from ..training.metrics import pearson
 from .transformers import LMHead, UnsupportedModelError, hidden_states, lm_head, unwrap
 
 __all__ = ["RLHFFastGRPOTrainer", "equip", "loss_options", "unsupported"]
@@ -407,6 +411,27 @@ def _log_metrics(self: GRPOTrainer, mode: str, batch, parts: _Parts) -> None:
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
     elif args.loss_type == "cispo":
         metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > eps_high) & (advantages > 0)).float()))
+    if mode == "train":
+        _monitor_inputs(self, batch, mask, advantages, lp)
+
+
+def _monitor_inputs(self: GRPOTrainer, batch, mask: torch.Tensor, advantages: torch.Tensor, lp: torch.Tensor) -> None:
+    """What the reward-hacking monitor reads beyond TRL's metrics: the within-batch correlation of
+    advantage and completion length (logged as ``rlhf_fast/advantage_length_corr``) and, for a
+    :class:`~rlhf_fast.integrations.trl_monitor.RewardHackingCallback`, each completion token's KL to
+    the reference (k1, when ``beta != 0``)."""
+    lengths = mask.sum(-1).float()
+    per_completion = advantages[:, 0] if advantages.shape[1] == 1 else (advantages * mask).sum(-1) / lengths.clamp(
+        min=1.0)
+    gather = self.accelerator.gather
+    self._metrics["train"]["rlhf_fast/advantage_length_corr"].append(pearson(gather(per_completion.float()),
+                                                                              gather(lengths)))
+    callbacks = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "add_token_kl")]
+    ref = batch.get("ref_per_token_logps")
+    if callbacks and ref is not None:
+        kl = (lp - ref).detach()
+        for callback in callbacks:
+            callback.add_token_kl(batch["completion_ids"], kl, mask.bool())
 
 
 def _adaptive_entropy_update(self: GRPOTrainer, mode: str, entropy: torch.Tensor, mask: torch.Tensor) -> None:
