@@ -33,11 +33,17 @@ def installed() -> dict[str, str]:
     return {canonical(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
 
 
+def public(version):
+    """A version without its local label (2.13.0+cpu is the lock's 2.13.0 built for the CPU)."""
+    return version.split("+")[0] if version else version
+
+
 def differences(lock: dict[str, str], here: dict[str, str]) -> list[tuple[str, str, str]]:
     """(package, lock version or '-', installed version or '-') for every package that differs."""
     names = sorted(set(lock) | set(here))
     return [(name, lock.get(name, "-"), here.get(name, "-")) for name in names
-            if lock.get(name) != here.get(name) and name not in ("pip", "setuptools", "wheel", "rlhf-fast")]
+            if public(lock.get(name)) != public(here.get(name))
+            and name not in ("pip", "setuptools", "wheel", "rlhf-fast")]
 
 
 def in_tracebacks(log: str) -> set[str]:

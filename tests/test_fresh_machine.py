@@ -112,7 +112,7 @@ def test_lowest_pins(line, expected):
 def test_versions_names_what_differs_from_the_lock(tmp_path):
     lock = tmp_path / "constraints.txt"
     lock.write_text("# comment\nTorch==2.13.0\nnumpy==2.0.0\nsame==1.0\n")
-    rows = versions.differences(versions.locked(lock), {"torch": "2.14.1", "same": "1.0", "new-one": "3"})
+    rows = versions.differences(versions.locked(lock), {"torch": "2.14.1", "same": "1.0+cpu", "new-one": "3"})
     assert rows == [("new-one", "-", "3"), ("numpy", "2.0.0", "-"), ("torch", "2.13.0", "2.14.1")]
 
 
