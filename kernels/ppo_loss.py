@@ -817,7 +817,8 @@ def launch_config(vocab: int, dtype: torch.dtype, rows: int = 1 << 30, num_sms: 
         parts = min(tiles, triton.cdiv(8 * num_sms, max(rows, 1)), 64)
         parts = max(1, parts)
     row_block = triton.next_power_of_2(vocab)
-    grad_block = row_block if row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
+    # The row is held as four chunks of whole 16-byte vectors: at least 64 bytes, at most 64 KiB.
+    grad_block = row_block if 64 <= row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
     grad_warps = max(1, min(8, row_block * elem_bytes // 8192)) if grad_block else 0
     return LaunchConfig(block, warps, block, warps, parts, parts, grad_block, grad_warps, 128 if grad_block else 0)
 

@@ -245,8 +245,9 @@ def test_launch_config():
                 assert warps in (1, 2, 4, 8)
                 assert block * dtype.itemsize == warps * 32 * 4 * 16, "four 16-byte vectors per thread"
             assert cfg.parts == cfg.bwd_parts == 1, "enough rows: one program per row"
-            row_bytes = vocab * dtype.itemsize
-            assert cfg.grad_row_block == (triton_next_power_of_2(vocab) if row_bytes <= 65536 else 0)
+            block_bytes = triton_next_power_of_2(vocab) * dtype.itemsize
+            # four chunks of whole 16-byte vectors, the row in registers
+            assert cfg.grad_row_block == (triton_next_power_of_2(vocab) if 64 <= block_bytes <= 65536 else 0)
             few = launch_config(vocab, dtype, rows=16, num_sms=132)
             assert (few.parts > 1) == (vocab // few.block_v > 1), "few rows: split, when a row has tiles to share"
     # One compiled streaming kernel for every large vocabulary of a dtype.
