@@ -12,6 +12,7 @@ import torch
 from conftest import ALL_BACKENDS, HAS_CPP, device_for
 
 import rlhf_fast as rf
+from rlhf_fast.loss.functional import row_ops
 
 BACKENDS = ["eager"] + ALL_BACKENDS  # eager, the reference as a row backend, C++, Triton (interpreter)
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -138,6 +139,96 @@ def test_inplace_backward_into_memory_that_overlaps_itself_is_refused(backend, u
     with pytest.raises(ValueError, match="share memory"):
         rf.ppo_loss(logits, torch.zeros(3, 4, dtype=torch.long, device=logits.device),
                     torch.zeros(3, 4, device=logits.device), inplace_backward=True, backend=name)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["two-pass", "grad-in-forward"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_logits_get_the_summed_gradient(backend, grad_in_forward, use_backend):
+    """One row of logits shared by two sequences (an expanded, stride-0 view): the gradient of its source is
+    the sum over the sequences, as for the materialised copy, for the loss and the differentiable log-probs.
+
+    V = 16 takes the Triton gradient-in-forward kernel's own path (rows of whole 16-byte vectors)."""
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    source = torch.randn(1, 3, 16, generator=gen)
+    targets = torch.tensor([[0, 1, 2], [3, 15, 0]])
+    adv = torch.tensor([[1.0, -1.0, 0.5], [-0.5, 2.0, 1.0]])
+    old = torch.randn(2, 3, generator=gen) - 2.0
+    ref = torch.randn(2, 3, generator=gen) - 2.0
+    options = dict(kl_coef=0.1, entropy_coef=0.01, temperature=0.9)
+
+    def grads(materialise: bool):
+        x = source.clone().to(device_for(backend)).requires_grad_(True)
+        logits = x.expand(2, 3, 16)
+        if materialise:
+            logits = logits.contiguous()  # a copy: its backward sums over the two sequences, as expand's does
+        put = lambda t: t.to(x.device)  # noqa: E731
+        out = rf.ppo_loss(logits, put(targets), put(adv), put(old), put(ref), backend=name,
+                          grad_in_forward=grad_in_forward, **options)
+        (loss_grad,) = torch.autograd.grad(out.loss, x)
+        lp, entropy = rf.logprobs(logits, put(targets), temperature=0.9, with_entropy=True, backend=name)
+        (lp_grad,) = torch.autograd.grad((lp * put(adv)).sum() + entropy.sum(), x)
+        return loss_grad.cpu(), lp_grad.cpu()
+
+    for got, want in zip(grads(materialise=False), grads(materialise=True), strict=True):
+        torch.testing.assert_close(got, want, **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_hidden_states_get_the_summed_gradient(backend, use_backend):
+    """The fused-linear loss on expanded hidden states (one sequence's states scored twice) equals its
+    loss on the materialised copy, gradients included (the chunks are its own buffers)."""
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(6)
+    dev = device_for(backend)
+    source, weight = torch.randn(1, 3, 16, generator=gen).to(dev), torch.randn(11, 16, generator=gen).to(dev)
+    targets = torch.tensor([[0, 1, 2], [3, 10, 0]], device=dev)
+    adv = torch.tensor([[1.0, -1.0, 0.5], [-0.5, 2.0, 1.0]], device=dev)
+    runs = []
+    for materialise in (False, True):
+        h, w = source.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        hidden = h.expand(2, 3, 16)
+        hidden = hidden.contiguous() if materialise else hidden
+        out = rf.fused_linear_ppo_loss(hidden, w, targets, adv, entropy_coef=0.01, backend=name)
+        runs.append(torch.autograd.grad(out.loss, (h, w)))
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, **FP32)
+
+
+def _raw_backward_inputs(rows: int):
+    gen = torch.Generator().manual_seed(8)
+    vectors = [torch.randn(rows, generator=gen) for _ in range(3)]
+    row_max, entropy, coef = vectors
+    log_sum = torch.rand(rows, generator=gen) + 2.0
+    return torch.zeros(rows, dtype=torch.long), row_max, log_sum, entropy.abs(), coef, coef * 0.1
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_gradient_buffer_that_is_not_provably_disjoint_from_the_logits_is_refused(backend, use_backend):
+    """The raw backward of every backend: ``out`` overlapping non-dense logits in another layout, or sharing
+    memory itself, is a ValueError naming it; the logits' own memory in their own layout (in place) and any
+    disjoint buffer, non-dense ones included, give the gradient of a fresh buffer."""
+    name = use_backend(backend)
+    ops = row_ops(name)
+    put = lambda t: t.to(device_for(backend))  # noqa: E731
+    targets, row_max, log_sum, entropy, coef_lp, coef_h = (put(t) for t in _raw_backward_inputs(6))
+    base = put(torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(9)))
+
+    def backward(logits, out):
+        ops.backward(logits, targets, row_max, log_sum, entropy, coef_lp, coef_h, 0.8, out)
+        return out
+
+    logits = base[:, :3, :8]  # non-dense: every row skips one element, every sequence one row
+    want = backward(logits, torch.empty(logits.shape, device=logits.device)).clone()
+    with pytest.raises(ValueError, match="out: the gradient buffer overlaps the logits"):
+        backward(logits, base[:, 1:, 1:])  # shifted by one row and one column: partly over the logits
+    with pytest.raises(ValueError, match="out: elements of the gradient buffer share memory"):
+        backward(logits, put(torch.zeros(2, 1, 8)).expand(2, 3, 8))
+    disjoint = put(torch.full((2, 5, 10), float("nan")))[:, 1:4, 2:]
+    torch.testing.assert_close(backward(logits, disjoint), want, rtol=0, atol=0)
+    in_place = base.clone()
+    same_memory = backward(in_place[:, :3, :8], in_place[:, :3, :8])  # two views, one layout: in place
+    torch.testing.assert_close(same_memory, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ switch are feature switches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -70,6 +70,13 @@ class RowStats(NamedTuple):
     log_sum: torch.Tensor  # log s
 
 
+def storage_span(t: torch.Tensor) -> int:
+    """Elements from the first to the last that ``t`` addresses (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
 def may_overlap_itself(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share memory (an expanded tensor, say).
 
@@ -95,6 +102,48 @@ def refuse_overlapping(logits: torch.Tensor) -> None:
             f"memory (shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded tensor); pass "
             "logits that own their memory (logits.contiguous()) or inplace_backward=False"
         )
+
+
+def _address_range(t: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """[first byte, one past the last byte] that ``t`` addresses, or None for a tensor without memory
+    (the fake tensors torch.compile traces with: their checks run when the op runs on real tensors)."""
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return start, start + storage_span(t) * t.element_size()
+
+
+def check_gradient_out(logits: torch.Tensor, out: torch.Tensor) -> None:
+    """``out``, which a backward writes, must be ``logits``' own memory in the same layout (in place) or
+    memory provably disjoint from it, and no two of its elements may share memory.
+
+    What cannot be proven disjoint (overlapping address ranges in another layout, e.g. a shifted view of the
+    same buffer) is refused, even where the elements happen not to collide: a wrong guess would silently
+    write wrong values.
+    """
+    if out.numel() == 0:
+        return
+    if may_overlap_itself(out):
+        raise ValueError(
+            f"out: elements of the gradient buffer share memory (shape {tuple(out.shape)}, strides {out.stride()}, "
+            "e.g. an expanded tensor), so the gradient cannot be written into it; pass a buffer that owns its memory "
+            "(torch.empty_like(logits))"
+        )
+    if out is logits:
+        return
+    out_range, logits_range = _address_range(out), _address_range(logits)
+    if out_range is None or logits_range is None:
+        return
+    if out_range[0] == logits_range[0] and out.shape == logits.shape and out.stride() == logits.stride():
+        return  # the logits' own memory, element for element: in place
+    if out_range[1] <= logits_range[0] or logits_range[1] <= out_range[0]:
+        return
+    raise ValueError(
+        "out: the gradient buffer overlaps the logits' memory without being the logits themselves (out starts "
+        f"{out_range[0] - logits_range[0]} bytes after them, strides {out.stride()} against {logits.stride()}), so "
+        "writing it could overwrite logits not yet read; pass the logits themselves (in place) or a separate buffer"
+    )
 
 
 class RowOps(NamedTuple):

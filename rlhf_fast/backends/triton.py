@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..kernels import ppo_loss as kernels
 from . import ops, triton_interpret
-from .rows import RowOps, RowParams, RowStats, TokenResults, refuse_overlapping
+from .rows import RowOps, RowParams, RowStats, TokenResults, check_gradient_out, refuse_overlapping
 
 _NAMESPACE = "rlhf_fast_triton"
 _INTERPRETED = triton_interpret()
@@ -74,6 +74,7 @@ def _backward_op(
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written
 ) -> None:
+    check_gradient_out(logits, out)
     with _on_device(logits):
         kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
                              out)
@@ -90,6 +91,7 @@ def _backward_inplace_op(
     coef_entropy: Tensor,
     temperature: float,
 ) -> None:
+    refuse_overlapping(logits)
     with _on_device(logits):
         kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
                              logits)
@@ -125,6 +127,7 @@ def _forward_grad_op(
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written: d(Σ w·ℓ)/d(logits)
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_gradient_out(logits, out)
     outputs = ops.ppo_forward_grad(logits, targets, advantages, old_logprobs, ref_logprobs, weights, ratio_low,
                                    ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature, out)
     with _on_device(logits):
@@ -151,6 +154,7 @@ def _forward_grad_inplace_op(
     entropy_coef: float,
     temperature: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_overlapping(logits)
     outputs = ops.ppo_forward_grad_inplace(logits, targets, advantages, old_logprobs, ref_logprobs, weights,
                                            ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
                                            temperature)

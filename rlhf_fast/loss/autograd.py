@@ -20,14 +20,21 @@ from typing import Optional
 
 import torch
 
-from ..backends.rows import RowOps, RowParams
+from ..backends.rows import RowOps, RowParams, may_overlap_itself, storage_span
 
 
 def _gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """d(logits): the logits themselves, or a new buffer with the logits' strides (rows with the same
-    16-byte alignment as the input's, so an odd vocabulary keeps vector stores)."""
+    """d(logits): the logits themselves, or a new buffer in which every element owns its memory.
+
+    It copies the logits' strides when those address each element once (rows then keep the logits'
+    16-byte phase, so an odd vocabulary keeps vector stores) and span at most twice the elements (that
+    phase is worth no more memory than the gradient itself); otherwise, an expanded tensor for one, it is
+    contiguous (autograd sums the gradient of an expanded view back onto its source).
+    """
     if inplace:
         return logits
+    if may_overlap_itself(logits) or storage_span(logits) > 2 * logits.numel():
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 

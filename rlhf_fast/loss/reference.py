@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backends
-from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
+from ..backends.rows import RowOps, RowParams, RowStats, TokenResults, check_gradient_out
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
 from .inputs import LossInputs
 from .options import KL_ESTIMATORS, LossOptions
@@ -212,6 +212,7 @@ def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInpu
 
 
 def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out):
+    check_gradient_out(logits, out)
     grad = token_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature)
     out.copy_(grad.view(out.shape))
 
