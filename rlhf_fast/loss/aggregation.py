@@ -95,8 +95,8 @@ class MetricInputs(NamedTuple):
     kl: torch.Tensor
     entropy: torch.Tensor
     ratio: torch.Tensor  # the ratio the variant uses (s_b for gspo)
-    token_ratio: torch.Tensor  # r_t = exp(lp − old)
-    log_ratio: torch.Tensor  # lp − old
+    token_ratio: torch.Tensor  # r_t = exp(lp − old), after log_ratio_clamp
+    log_ratio: torch.Tensor  # lp − old, after log_ratio_clamp
     clipped: torch.Tensor  # bool
     dual: torch.Tensor  # bool
     rollout_weight: Optional[torch.Tensor]

@@ -67,8 +67,8 @@ class TokenTerms(NamedTuple):
     pg: Tensor  # w·pg (differentiable)
     kl: Tensor  # the KL term (after clamp and ratio weighting), differentiable
     ratio: Tensor  # the ratio the variant uses, detached
-    token_ratio: Tensor  # r_t = exp(lp − old), detached
-    log_ratio: Tensor  # the token log-ratio lp − old, detached (approx_kl)
+    token_ratio: Tensor  # r_t = exp(lp − old) after log_ratio_clamp, detached
+    log_ratio: Tensor  # the token log-ratio lp − old after log_ratio_clamp, detached (approx_kl)
     clipped: Tensor  # bool
     dual: Tensor  # bool
     rollout_weight: Optional[Tensor]  # w, detached; None without rollout correction
@@ -258,5 +258,6 @@ def token_terms(
         nan_kl = kl.detach()  # no graph: 0·exp(δ) would be 0·inf in the backward
         loss = pg + torch.where(torch.isnan(nan_kl), nan_kl, torch.zeros_like(nan_kl))
     loss = loss - options.entropy_coef * entropy
-    raw = raw_log_ratio.detach()
-    return TokenTerms(loss, pg, kl, term.ratio, torch.exp(raw), raw, term.clipped, term.dual, weight)
+    # approx_kl reports the token log-ratio the loss uses: after log_ratio_clamp (verl's ppo_kl does the same)
+    used = log_ratio.detach()
+    return TokenTerms(loss, pg, kl, term.ratio, torch.exp(used), used, term.clipped, term.dual, weight)
