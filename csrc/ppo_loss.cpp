@@ -119,7 +119,7 @@ void check_targets(int64_t bad_rows, int64_t vocab, const char* op) {
   TORCH_CHECK(bad_rows == 0, op, ": ", bad_rows, " target ids outside [0, ", vocab, ")");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
     const Tensor& logits, const Tensor& targets, const Tensor& advantages,
     const std::optional<Tensor>& old_logprobs, const std::optional<Tensor>& ref_logprobs,
     double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   a.params.has_ref = a.ref_logprobs != nullptr;
 
   const auto options = logits.options().dtype(at::kFloat);
-  Tensor out[9];
+  Tensor out[11];
   for (auto& t : out) t = at::empty({rows}, options);
   a.logprobs = out[0].data_ptr<float>();
   a.entropy = out[1].data_ptr<float>();
@@ -158,13 +158,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   a.kl = out[6].data_ptr<float>();
   a.loss = out[7].data_ptr<float>();
   a.dlogp = out[8].data_ptr<float>();
+  a.log_scale = out[9].data_ptr<float>();
+  a.kl_log_scale = out[10].data_ptr<float>();
   check_targets(kernels().forward(a), a.logits.vocab, op);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9], out[10]};
 }
 
 void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
                   const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
-                  const Tensor& out) {
+                  const Tensor& out, const std::optional<Tensor>& outside) {
   constexpr const char* op = "rlhf_fast::ppo_backward";
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   BackwardArgs a{};
@@ -176,6 +178,7 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
   a.entropy = row_vector(entropy, rows, "entropy", op);
   a.coef_logprob = row_vector(coef_logprob, rows, "coef_logprob", op);
   a.coef_entropy = row_vector(coef_entropy, rows, "coef_entropy", op);
+  a.outside = outside.has_value() ? row_vector(*outside, rows, "outside", op) : nullptr;
   a.temperature = static_cast<float>(temperature);
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
               op, ": out must be a CPU tensor like logits (", logits.sizes(), ", ", logits.scalar_type(),
@@ -192,11 +195,11 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
 // The same kernel writing into the logits' own memory (a separate op: see rlhf_fast/backends/ops.py).
 void ppo_backward_inplace(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
                           const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy,
-                          double temperature) {
+                          double temperature, const std::optional<Tensor>& outside) {
   TORCH_CHECK_VALUE(!may_overlap_itself(logits), "rlhf_fast::ppo_backward_inplace: logits: elements share memory "
                     "(strides ", logits.strides(), ", e.g. an expanded tensor), so the gradient cannot be written "
                     "into them; pass logits that own their memory (logits.contiguous())");
-  ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, logits);
+  ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, logits, outside);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,
