@@ -200,6 +200,27 @@ def test_a_confident_target_keeps_the_digits_of_its_gradient(backend, use_backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_in_the_forward_at_the_edges(backend, use_backend):
+    """grad_in_forward=True on rows of 16 logits (the Triton one-kernel path): a confident target with A = 1e6,
+    an unclipped ratio e^90 (A = −0.33) and k3 at δ = 90 (β = 0.05) give the fp64 truth's loss and gradient."""
+    name = use_backend(backend)
+    logits = torch.full((1, 3, 16), -30.0)
+    logits[0, :, :3] = CONFIDENT
+    logits[0, 1:, :3] = torch.tensor([1.0, 0.5, -0.3])
+    targets = torch.zeros(1, 3, dtype=torch.long)
+    lp = torch.log_softmax(logits, -1)[..., 0]
+    adv = torch.tensor([[1e6, -0.33, 0.5]])
+    old = lp - torch.tensor([[0.0, 90.0, 0.0]])
+    ref = lp + torch.tensor([[0.0, 0.0, 90.0]])
+    for options in (dict(), dict(kl_coef=0.05, kl_estimator="k3", temperature=0.9)):
+        out, grad = _loss(name, logits, targets, adv, old, ref, grad_in_forward=True, **options)
+        truth, truth_grad = _truth(logits, targets, adv, old, ref, **options)
+        assert _fp32_range(truth.loss) and _fp32_range(truth_grad)
+        torch.testing.assert_close(out.loss.cpu().double(), truth.loss, **FP32)
+        torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_rows_of_minus_inf_or_nan_get_a_zero_gradient(backend, use_backend):
     name = use_backend(backend)
     gen = torch.Generator().manual_seed(1)
