@@ -353,10 +353,10 @@ int64_t logprobs_rows(const LogprobsArgs& a) {
 template <typename scalar_t, bool kScaled, bool kGuard>
 inline float backward_sweep(const scalar_t* in_row, scalar_t* out_row, int64_t vocab, int64_t y, float tau, float m,
                             float log_s, float ch, float k, float post) {
-  const VecF vm(m), vlog_s(log_s), vch(ch), vk(k), vtau(tau), lowest(kLowest), vpost(post), zero(0.f);
+  const VecF vm(m), vlog_s(log_s), vch(ch), vk(k), vtau(tau), lowest(kLowest);
   VecF others(0.f);  // Σ_{j≠y} p_j
-  int64_t j = 0;
-  for (; j + kChunk <= vocab; j += kChunk) {
+  // One chunk: its gradient stored, its probabilities returned.
+  auto chunk = [&](int64_t j, VecF& pa, VecF& pb) {
     VecF xa, xb;
     Io<scalar_t>::load(in_row + j, xa, xb);
     if constexpr (kScaled) {
@@ -364,21 +364,34 @@ inline float backward_sweep(const scalar_t* in_row, scalar_t* out_row, int64_t v
       xb = xb / vtau;
     }
     const VecF la = (xa - vm) - vlog_s, lb = (xb - vm) - vlog_s;
-    const VecF pa = la.exp(), pb = lb.exp();
+    pa = la.exp();
+    pb = lb.exp();
     VecF ga = at::vec::fmadd(vch * pa, at::vec::clamp_min(la, lowest), pa * vk);
     VecF gb = at::vec::fmadd(vch * pb, at::vec::clamp_min(lb, lowest), pb * vk);
     if constexpr (kGuard) {
+      const VecF vpost(post), zero(0.f);
       ga = VecF::blendv(ga * vpost, zero, pa == zero);
       gb = VecF::blendv(gb * vpost, zero, pb == zero);
     }
     Io<scalar_t>::store(out_row + j, ga, gb);
-    if (j <= y && y < j + kChunk) {  // the target's own probability stays out of the sum
-      alignas(64) float lanes[kChunk];
-      pa.store(lanes);
-      pb.store(lanes + kVec);
-      lanes[y - j] = 0.f;
-      others = others + VecF::loadu(lanes) + VecF::loadu(lanes + kVec);
-    } else {
+  };
+  const int64_t whole = vocab / kChunk * kChunk;
+  const int64_t target_chunk = y >= 0 && y < whole ? y / kChunk * kChunk : whole;  // none: past the last
+  VecF pa, pb;
+  int64_t j = 0;
+  for (; j < target_chunk; j += kChunk) {
+    chunk(j, pa, pb);
+    others = others + pa + pb;
+  }
+  if (j < whole) {  // the target's chunk: its own probability stays out of the sum
+    chunk(j, pa, pb);
+    alignas(64) float lanes[kChunk];
+    pa.store(lanes);
+    pb.store(lanes + kVec);
+    lanes[y - j] = 0.f;
+    others = others + VecF::loadu(lanes) + VecF::loadu(lanes + kVec);
+    for (j += kChunk; j < whole; j += kChunk) {
+      chunk(j, pa, pb);
       others = others + pa + pb;
     }
   }
