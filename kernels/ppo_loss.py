@@ -14,9 +14,15 @@ Kernels:
   so the loop has no reduction across threads; the lanes merge once per row.
 * ``_row_partials_kernel`` + ``_combine_kernel``: the same when the rows alone cannot fill
   the GPU: each row's vocabulary is split across programs, then combined per row.
-* ``_ppo_backward_kernel``: a grid of (rows, parts of a row), each program a loop over tiles.
+* ``_ppo_backward_kernel``: a grid of (rows, parts of a row), each program a loop over tiles;
+  ``_target_fixup_kernel`` then writes the target entries of confident targets (the one-hot
+  factor 1 − p_y as Σ_{j≠y} p_j, which the parts of a split row each summed a piece of).
 * ``_ppo_forward_grad_kernel`` (opt-in): a row that fits in registers is read once, and
   its d(Σ w·ℓ)/d(logits) is written from the same registers.
+
+Numerics beyond the math above (docs/contract.md, "Numerics"): per-token terms above e^64
+are carried with a log scale (``_token_math``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
+a coefficient that is not finite over τ is handled by a per-row shift of p (``_coefficients``).
 
 Every row is read as a head (the elements before its first 16-byte boundary), a body of
 whole tiles (unmasked 16-byte loads and stores), a tail of whole vectors (masked per
@@ -27,13 +33,15 @@ vector access.
 Bytes model (b = bytes per logit; per-row vectors are O(N) and left out): forward and
 logprobs read N·V·b; backward reads N·V·b and writes N·V·b (rows whose two coefficients
 are 0 only write zeros); the gradient-in-forward kernel reads N·V·b and writes N·V·b
-instead of the 3·N·V·b of forward + backward. No ``[N, V]`` temporary exists.
+instead of the 3·N·V·b of forward + backward (and four 16-byte vectors of the target's lane
+again per row). No ``[N, V]`` temporary exists.
 
 Specialisation: τ, ε, β, η, c, V, T and the strides are run-time arguments; the feature
 switches are old/ref log-probs given, the KL estimator, the dual clip, τ ≠ 1 (the exact
-division), and the layout ones (16-byte vector size, tile size, rows of the gradient in
-the logits' 16-byte phase). benchmarks/static_roofline.py compiles every kernel for sm_90
-and models its speed on H100 / H200.
+division), vocabulary shards (the probability outside them), and the layout ones (16-byte
+vector size, tile size, rows of the gradient in the logits' 16-byte phase).
+benchmarks/static_roofline.py compiles every kernel for sm_90 and models its speed on
+H100 / H200.
 """
 
 from __future__ import annotations
