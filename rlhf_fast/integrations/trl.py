@@ -41,7 +41,8 @@ from . import trl_shim as shim
 from .transformers import UnsupportedModelError, lm_head
 from .trl_loss import Setup, cispo_metrics, clip_ratio_metrics, compute_loss
 
-__all__ = ["LOSS_TYPES", "LossType", "PolicyMapping", "RLHFFastGRPOTrainer", "equip", "loss_options", "unsupported"]
+__all__ = ["LOSS_TYPES", "REFUSED_LOSS_TYPES", "LossType", "PolicyMapping", "RLHFFastGRPOTrainer", "equip",
+           "loss_options", "unsupported"]
 
 _SEQUENCE_WEIGHT_CAP = 4.8e8
 """rlhf_fast's sequence-level rollout weight is exp(clamp(Σ log-ratio, −20, 20)) (docs/contract.md); TRL's has no
@@ -106,35 +107,47 @@ CISPO = PolicyMapping("cispo", None, _cispo_options, _cispo_problems)
 SAPO = PolicyMapping("sapo", None, _sapo_options, lambda args: [])
 
 
+ACCUMULATION, GLOBAL_TOKENS = "accumulation steps", "global tokens"
+"""What TRL divides a ``loss_type``'s micro-batch loss by (:attr:`LossType.normaliser`): the gradient accumulation
+steps, or the completion tokens of the generation batch (``global_num_tokens``, rescaled to one accumulation window
+and process)."""
+
+
 class LossType(NamedTuple):
     """What TRL's ``loss_type`` decides, as rlhf_fast computes it."""
 
     policy: PolicyMapping
     aggregation: str  # loss_agg
-    global_tokens: bool  # divided by num_items_in_batch (global_num_tokens), not by the accumulation steps
+    normaliser: str  # ACCUMULATION or GLOBAL_TOKENS
     all_sequences: bool  # TRL's mean is over all B sequences, fully masked ones included (times B_valid/B)
     norm_length: Optional[str]  # the GRPOConfig field that is norm_length
     metrics: Optional[Callable]  # TRL's metric family: (metrics, ratio, advantages, args, Means) -> None
 
     @property
+    def global_tokens(self) -> bool:
+        return self.normaliser == GLOBAL_TOKENS
+
+    @property
     def bonus_in_loss(self) -> bool:
         """Whether TRL's entropy bonus, the micro-batch token mean over the accumulation steps, has the policy term's
         token weights, so that it is the loss's own ``entropy_coef``."""
-        return self.aggregation == "token-mean" and not self.global_tokens and not self.all_sequences
+        return self.aggregation == "token-mean" and self.normaliser == ACCUMULATION and not self.all_sequences
 
 
+_ACC, _TOKENS, _CLIP = ACCUMULATION, GLOBAL_TOKENS, clip_ratio_metrics  # short names for the table
 LOSS_TYPES: Dict[str, LossType] = {
-    "grpo": LossType(CLIPPED, "seq-mean-token-mean", False, True, None, clip_ratio_metrics),
-    "bnpo": LossType(CLIPPED, "token-mean", False, False, None, clip_ratio_metrics),
-    "dr_grpo": LossType(CLIPPED, "seq-mean-token-sum-norm", False, False, "max_completion_length", clip_ratio_metrics),
-    "dapo": LossType(CLIPPED, "token-mean", True, False, None, clip_ratio_metrics),
-    "luspo": LossType(CLIPPED, "seq-mean-token-sum", False, True, None, clip_ratio_metrics),
-    "cispo": LossType(CISPO, "token-mean", True, False, None, cispo_metrics),
-    "sapo": LossType(SAPO, "seq-mean-token-mean", False, True, None, None),
+    #                   policy   aggregation                by       all B  norm_length              metrics
+    "grpo":    LossType(CLIPPED, "seq-mean-token-mean",     _ACC,    True,  None,                    _CLIP),
+    "bnpo":    LossType(CLIPPED, "token-mean",              _ACC,    False, None,                    _CLIP),
+    "dr_grpo": LossType(CLIPPED, "seq-mean-token-sum-norm", _ACC,    False, "max_completion_length", _CLIP),
+    "dapo":    LossType(CLIPPED, "token-mean",              _TOKENS, False, None,                    _CLIP),
+    "luspo":   LossType(CLIPPED, "seq-mean-token-sum",      _ACC,    True,  None,                    _CLIP),
+    "cispo":   LossType(CISPO,   "token-mean",              _TOKENS, False, None,                    cispo_metrics),
+    "sapo":    LossType(SAPO,    "seq-mean-token-mean",     _ACC,    True,  None,                    None),
 }
 """Every ``loss_type`` rlhf_fast reproduces (docs/integrations.md has the same table in words)."""
 
-_REFUSED = {"vespo": "gamma-weighted sequence ratio"}
+REFUSED_LOSS_TYPES = {"vespo": "gamma-weighted sequence ratio"}
 """TRL's loss types with no rlhf_fast policy loss (TRL applies no vLLM weight to them either)."""
 
 
@@ -144,8 +157,8 @@ def unsupported(trainer) -> List[str]:
     loss_type, level = args.loss_type, args.importance_sampling_level
     record = LOSS_TYPES.get(loss_type)
     problems = []
-    if loss_type in _REFUSED:
-        problems.append(f"loss_type={loss_type!r} ({_REFUSED[loss_type]}) has no rlhf_fast policy loss")
+    if loss_type in REFUSED_LOSS_TYPES:
+        problems.append(f"loss_type={loss_type!r} ({REFUSED_LOSS_TYPES[loss_type]}) has no rlhf_fast policy loss")
     elif record is None:
         problems.append(f"loss_type={loss_type!r} is not one rlhf_fast maps ({', '.join(LOSS_TYPES)})")
     if level not in ("token", "sequence"):
@@ -167,7 +180,7 @@ def unsupported(trainer) -> List[str]:
     if shim.aux_loss_enabled(trainer):
         problems.append("the MoE router auxiliary loss (router_aux_loss_coef != 0 on a Mixture-of-Experts model); "
                         "set router_aux_loss_coef=0")
-    if shim.rollout_correction(trainer) and loss_type not in _REFUSED:
+    if shim.rollout_correction(trainer) and loss_type not in REFUSED_LOSS_TYPES:
         problems += _rollout_problems(args)
     return problems
 
