@@ -201,3 +201,18 @@ def closing_process_group():
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+CHARS = "abcdefgh "
+"""The alphabet of :func:`char_tokenizer` (token ids 2.., after <pad> = 0 and <eos> = 1)."""
+
+
+def char_tokenizer():
+    """A one-token-per-character tokenizer over :data:`CHARS`, for the tiny models of the trainer tests."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

@@ -20,8 +20,11 @@ trl and verl are imported unconditionally: CI installs both, and a missing one f
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
+import pathlib
+import re
 import warnings
 
 import datasets
@@ -29,13 +32,15 @@ import pytest
 import torch
 import transformers
 import trl
-from helpers import TOLERANCES, assert_double_baseline
+from helpers import CHARS, TOLERANCES, assert_double_baseline, char_tokenizer
 
 import rlhf_fast as rf
 from rlhf_fast.integrations import transformers as rft
 from rlhf_fast.integrations import trl as rf_trl
+from rlhf_fast.integrations import trl_loss, trl_shim
 from rlhf_fast.integrations import verl as rf_verl
 from rlhf_fast.integrations.transformers import UnsupportedModelError
+from rlhf_fast.loss.policy import POLICY_LOSSES
 
 FP32 = TOLERANCES[torch.float32]
 LATER_STEP = dict(rtol=1e-4, atol=1e-5)  # step 2 starts from parameters that differ by step 1's rounding
@@ -222,23 +227,11 @@ def test_probe_restores_the_training_mode_and_leaves_no_hooks():
 # TRL
 # ----------------------------------------------------------------------------------
 
-CHARS = "abcdefgh "
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Saved tiny policies (TRL builds its reference model from the policy's path)."""
     paths = {}
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     common = dict(vocab_size=len(CHARS) + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
                   eos_token_id=1, bos_token_id=1)
@@ -322,7 +315,7 @@ def _grpo_run(path, tmp_path, ours: bool, vllm: bool = False, nan: bool = False,
         logging.disable(logging.WARNING)
         try:
             trainer = trl.GRPOTrainer(model=path, reward_funcs=_reward, args=trl.GRPOConfig(**args),
-                                      train_dataset=dataset, processing_class=_tokenizer(), callbacks=[grads])
+                                      train_dataset=dataset, processing_class=char_tokenizer(), callbacks=[grads])
             if vllm:
                 _fake_vllm(trainer, nan)
             if ours:
@@ -407,10 +400,12 @@ def test_trl_mapping_with_more_generation_steps_than_accumulation_and_empty_comp
     assert len({sum(rows) for rows in trl_lengths}) > 1, trl_lengths
 
 
-@pytest.mark.parametrize("loss_type, adaptive", [("grpo", False), ("bnpo", False), ("dapo", False),
-                                                 ("grpo", True)])
+@pytest.mark.parametrize("loss_type, adaptive", [(name, False) for name in rf_trl.LOSS_TYPES] + [("grpo", True)])
 def test_trl_entropy_bonus(tiny_models, tmp_path, loss_type, adaptive):
+    """Every record's bonus: in the loss (bnpo) or added to it as TRL adds it (the others)."""
     config = dict(loss_type=loss_type, entropy_coef=0.05)
+    if loss_type == "cispo":
+        config["epsilon_high"] = 1.5
     if adaptive:
         config.update(use_adaptive_entropy=True, entropy_target=10.0)
     logs = _assert_same_run(_grpo_run(tiny_models["llama"], tmp_path, False, **config),
@@ -472,31 +467,101 @@ def test_trl_sequence_level_vllm_weights_without_a_bound_below_e20_raise(tiny_mo
         _grpo_run(tiny_models["llama"], tmp_path, True, vllm=True, **config)
 
 
-@pytest.mark.parametrize("name", list(UNSUPPORTED))
-def test_trl_unsupported_options_raise_at_construction(tiny_models, tmp_path, name):
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to=[],
-                          use_cpu=True, bf16=False, **UNSUPPORTED[name])
+def _small_args(tmp_path, **config) -> trl.GRPOConfig:
+    return trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to=[],
+                          use_cpu=True, bf16=False, **config)
+
+
+def _small_trainer(model, args, trainer_class=trl.GRPOTrainer):
+    """A trainer on two prompts, for what happens at construction and at ``equip``."""
     dataset = datasets.Dataset.from_dict({"prompt": ["ab", "cd"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=name.split(" ")[0]):
-            rf_trl.RLHFFastGRPOTrainer(model=tiny_models["llama"], reward_funcs=_reward, args=args,
-                                       train_dataset=dataset, processing_class=_tokenizer())
+        return trainer_class(model=model, reward_funcs=_reward, args=args, train_dataset=dataset,
+                             processing_class=char_tokenizer())
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_trl_unsupported_options_raise_at_construction(tiny_models, tmp_path, name):
+    args = _small_args(tmp_path, **UNSUPPORTED[name])
+    with pytest.raises(ValueError, match=name.split(" ")[0]):
+        _small_trainer(tiny_models["llama"], args, rf_trl.RLHFFastGRPOTrainer)
 
 
 def test_trl_model_with_unknown_logit_processing_raises(tiny_models, tmp_path):
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to=[],
-                          use_cpu=True, bf16=False)
     model = _DoubledLogits.from_pretrained(tiny_models["llama"], use_kernels=False)
-    dataset = datasets.Dataset.from_dict({"prompt": ["ab", "cd"]})
+    trainer = _small_trainer(model, _small_args(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=dataset,
-                                  processing_class=_tokenizer())
         with pytest.raises(ValueError, match="cannot score this model"):
             rf_trl.equip(trainer)
     with pytest.raises(ValueError, match="GRPOTrainer"):
         rf_trl.equip(object())
+
+
+def test_trl_shim_checks_the_trl_version_and_the_method_it_replaces(tiny_models, tmp_path, monkeypatch):
+    """The shim is written for one TRL release: another warns (naming both), a trainer without the
+    ``_compute_loss`` it replaces raises."""
+    trainer = _small_trainer(tiny_models["llama"], _small_args(tmp_path))
+    assert trl.__version__ == trl_shim.WRITTEN_FOR  # the [trl] extra pins the release the shim reads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rf_trl.equip(trainer)
+    assert not [w for w in caught if "written and tested for TRL" in str(w.message)]
+    monkeypatch.setattr(trl, "__version__", "9.0.0")
+    with pytest.warns(UserWarning, match=r"written and tested for TRL 1\.16\.0, and TRL 9\.0\.0 is installed"):
+        rf_trl.equip(trainer)
+    assert isinstance(trainer._rlhf_fast, trl_loss.Setup)  # still equipped: a warning, not a refusal
+    trainer._compute_loss = None
+    with pytest.raises(RuntimeError, match=r"no _compute_loss\(model, inputs\).*written for TRL 1\.16\.0"):
+        rf_trl.equip(trainer)
+
+
+def test_trl_table_has_a_record_or_a_refusal_for_every_trl_loss_type():
+    """LOSS_TYPES and REFUSED_LOSS_TYPES together are exactly the loss types TRL's GRPOConfig lists."""
+    help_text = trl.GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    listed = re.search(r"Supported values are (.*?)\. ", help_text)
+    assert listed, help_text[:200]
+    assert set(re.findall(r"'(\w+)'", listed.group(1))) == set(rf_trl.LOSS_TYPES) | set(rf_trl.REFUSED_LOSS_TYPES)
+    assert not set(rf_trl.LOSS_TYPES) & set(rf_trl.REFUSED_LOSS_TYPES)
+
+
+def test_trl_records_name_registered_policy_losses_with_the_properties_they_rely_on(tmp_path):
+    """A record's token-level policy loss reads no sequence, its sequence-level one does (the registry's
+    needs_sequences), a mapping that sets a dual clip names variants that take one, and every
+    aggregation is the loss's."""
+    args = _small_args(tmp_path, delta=1.5, epsilon_high=2.0)
+    for name, record in rf_trl.LOSS_TYPES.items():
+        mapping = record.policy
+        variants = [POLICY_LOSSES.get(mapping.token)]
+        assert not variants[0].needs_sequences, name
+        if mapping.sequence is not None:
+            variants.append(POLICY_LOSSES.get(mapping.sequence))
+            assert variants[1].needs_sequences, name
+        if mapping.options(args).get("dual_clip") is not None:
+            assert all(v.takes_dual_clip for v in variants), name
+        assert record.aggregation in rf.LOSS_AGGREGATIONS, name
+
+
+def test_only_the_trl_shim_reads_trls_internals():
+    """TRL's trainer attributes, micro-batch keys and helper module are named in trl_shim.py and nowhere else in
+    the adapter (a MicroBatch field may share a key's name: it is read as an attribute, not a key)."""
+    attributes = {"_compute_loss", "_metrics", "_entropy_bonus_enabled", "_last_world_entropy", "_entropy_window_stats",
+                  "entropy_coef", "use_adaptive_entropy", "current_gradient_accumulation_steps", "aux_loss_enabled",
+                  "use_vllm", "maybe_gather_lm_head_ctx"}
+    keys = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "tool_mask", "advantages",
+            "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "num_items_in_batch",
+            "trl.trainer.utils"}
+    folder = pathlib.Path(rf_trl.__file__).parent
+    shim_text = (folder / "trl_shim.py").read_text()
+    assert not [name for name in attributes | keys if name not in shim_text]
+    for module in ("trl.py", "trl_loss.py"):
+        tree = ast.parse((folder / module).read_text())
+        named = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                 and not (isinstance(n.value, ast.Name) and n.value.id == "shim")} & attributes  # not the shim's API
+        named |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in keys}
+        named |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module in keys}
+        assert not named, (module, sorted(named))
 
 
 # ----------------------------------------------------------------------------------
@@ -628,8 +693,6 @@ def test_verl_cannot_patch_any_model_with_trl_installed():
 
 
 def test_the_documented_examples_run(tmp_path):
-    import pathlib
-    import re
     import subprocess
     import sys
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 import transformers
 import trl
+from helpers import CHARS, char_tokenizer
 from test_ppo import EOS, PAD, base_config, build
 
 from rlhf_fast.monitor import RewardHackingMonitor, analyse, load
@@ -113,18 +114,6 @@ def test_stop_on_alarm_checkpoints_and_a_resume_keeps_the_alerts(tmp_path):
 
 # ----------------------------------------------------------------------------- TRL: the second world
 
-CHARS = "abcdefgh "
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy")
@@ -135,7 +124,7 @@ def tiny_policy(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.LlamaForCausalLM(config).save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -164,7 +153,7 @@ def _grpo(policy, tmp_path, reward, ours: bool, callback, steps: int = 20, beta:
         try:
             cls = RLHFFastGRPOTrainer if ours else trl.GRPOTrainer
             trainer = cls(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=_tokenizer(), callbacks=[callback])
+                          processing_class=char_tokenizer(), callbacks=[callback])
             trainer.train()
         finally:
             logging.disable(logging.NOTSET)
