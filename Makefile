@@ -39,13 +39,14 @@ CONSTRAINT_ARGS := $(if $(USE_LOCK),-c $(CONSTRAINTS),)
 VERSIONS := $(if $(USE_LOCK),the lock $(CONSTRAINTS),newest within the ranges of pyproject.toml$(if $(CONSTRAINTS), (the lock is for CPython 3.11 on Linux x86-64)))
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*) $(if $(USE_LOCK),$(CONSTRAINTS),)
 
-.PHONY: help casestudy test test-fast test-newest lint demo lock clean-venv
+.PHONY: help casestudy test test-fast test-newest bench lint demo lock clean-venv
 
 help:
 	@echo "make casestudy   the main job (CASESTUDY_ARGS='--seeds 0-9' for the 10-seed validation, '--quick' for a smoke run)"
 	@echo "make test        the whole test suite (PYTEST_ARGS='-x -k name' to narrow it)"
 	@echo "make test-fast   the suite without the slow case-study test"
 	@echo "make test-newest the fast suite in .venv-newest, against the newest releases the ranges allow"
+	@echo "make bench       the benchmarks at CI size, each asserting its bars (python -m pytest benchmarks for timings)"
 	@echo "make lint        ruff"
 	@echo "make demo        the fused loss on random data, every backend on this machine vs the reference"
 	@echo "make lock        rewrite constraints.txt: the lowest version of every declared range"
@@ -76,11 +77,17 @@ $(VENV)/.ready-test: $(VENV)/.ready-train
 casestudy: $(VENV)/.ready-train
 	$(BIN)/python -m rlhf_fast casestudy $(CASESTUDY_ARGS)
 
+# The C++ and Triton backends are expected here: one that fails to load fails the run (tests/conftest.py)
+# instead of skipping its tests. RLHF_FAST_REQUIRE_BACKENDS= (empty) in the environment lets them skip.
 test: $(VENV)/.ready-test
-	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp,triton} $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.ready-test
-	$(BIN)/python -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+	RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp,triton} $(BIN)/python -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+# The benchmarks at CI size: each runs its rounds (interleaved with eager's) and asserts its bars.
+bench: $(VENV)/.ready-test
+	RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp} $(BIN)/python -m pytest benchmarks -q --benchmark-disable $(PYTEST_ARGS)
 
 demo: $(VENV)/.ready-train
 	$(BIN)/python -m rlhf_fast demo
@@ -91,9 +98,10 @@ lint: $(VENV)/.ready-test
 # The newest releases: a separate environment, no lock. On a failure it names every package whose
 # version differs from the lock's, the candidates for what broke.
 test-newest:
-	@$(MAKE) --no-print-directory test-fast VENV=.venv-newest CONSTRAINTS= || { \
+	@mkdir -p .venv-newest
+	@$(MAKE) --no-print-directory test-fast VENV=.venv-newest CONSTRAINTS= 2>&1 | tee .venv-newest/test.log || { \
 	  echo "== the fast suite failed against the newest releases; versions that differ from $(CONSTRAINTS):" >&2; \
-	  .venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS) >&2; exit 1; }
+	  .venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS) --log .venv-newest/test.log >&2; exit 1; }
 	@.venv-newest/bin/python scripts/versions.py --against $(CONSTRAINTS)
 
 # The lock: install the lowest version of every declared range (scripts/lowest.py) into a fresh

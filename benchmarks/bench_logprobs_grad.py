@@ -22,16 +22,17 @@ checks value and gradient against TRL itself): the target logit by ``gather`` mi
 taken one leading index at a time (also verl's ``logprobs_from_logits_v2`` for fp32), and the
 entropy as −Σ p·log p from ``log_softmax`` over blocks of 128 rows, with autograd through both.
 
-Shapes: ``RLHF_FAST_BENCH_FULL=1`` runs the bar shapes and asserts the bars: N = 4096, V = 32000
-for the logits form (≥ 5× faster, and ≤ 0.3× the peer eager path's extra memory: the peak above
-the inputs less ``logits.grad``, N·V·4 bytes, which both paths must return; the peak ratio with
-``logits.grad`` counted is reported too, and cannot fall below grad / (grad + the peer's extra)),
-and N ∈ {1024, 2048, 4096, 8192}, H = 256, V = 32000 for the fused-linear form (memory
-flat in N, below). By default (CI smoke) N = 512 and N ∈ {256, 512}, and nothing is asserted.
+The bars, asserted in every run (``bars.py``): the logits form ≥ 5× faster than the peer eager
+path, with ≤ 0.3× its extra memory (the peak above the inputs less ``logits.grad``, N·V·4 bytes,
+which both paths must return; the peak ratio with ``logits.grad`` counted is reported too, and
+cannot fall below grad / (grad + the peer's extra)); the fused-linear form's memory flat in N
+(below). Shapes: ``RLHF_FAST_BENCH_FULL=1`` runs the bar shapes, N = 4096, V = 32000 for the
+logits form and N ∈ {1024, 2048, 4096, 8192}, H = 256, V = 32000 for the fused-linear form; by
+default (CI) N = 512 (5 rounds) and N ∈ {256, 512}.
 
-Time: ``benchmark.pedantic`` times the rlhf_fast path; the peer eager path runs, timed by hand,
-in the untimed ``setup`` of each round, so the two alternate and share the machine's noise.
-Medians of both (hand-timed, so ``--benchmark-disable`` still reports them) go to ``extra_info``.
+Time: interleaved rounds of the two paths (``bars.interleaved``; with timing on, pytest-benchmark
+times the rlhf_fast path and the peer eager path runs in its untimed ``setup``), so the two share
+the machine's noise. Medians of both go to ``extra_info``.
 
 Peak memory above the inputs (``machine.py``): each path runs one step in a fresh subprocess;
 the peak-RSS counter is reset once the inputs exist, and VmHWM minus the RSS at the reset is
@@ -47,14 +48,16 @@ one more fp32 [N, V] tensor would add V·4 = 128000 bytes per token.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
-import time
 
+import bars
 import pytest
 import torch
 import torch.nn.functional as F
+from bars import assert_bars, at_least, at_most
 from machine import cpu_name, peak_in_fresh_process, print_peak
 from versus_eager import memory_vs_eager, times_faster
 
@@ -66,7 +69,7 @@ LOGITS_SHAPE = dict(n=4096 if FULL else 512, v=32000)
 LINEAR_ROWS = (1024, 2048, 4096, 8192) if FULL else (256, 512)
 EAGER_LINEAR_ROWS = LINEAR_ROWS if FULL else LINEAR_ROWS[-1:]  # each takes a fresh process: keep the smoke run short
 LINEAR_SHAPE = dict(h=256, v=32000)
-ROUNDS = 5 if FULL else 2
+ROUNDS = 5
 LINEAR_ROUNDS = 3 if FULL else 2
 ENTROPY_COEF = 0.01
 BARS = {"speedup": 5.0, "memory_ratio": 0.3}
@@ -155,17 +158,11 @@ def measure_peak_memory(form: str, path: str, *shape: int):
 
 def interleaved(benchmark, step, inputs, ours: str, rounds: int, warm: bool = False):
     """Medians (peer eager, ours) of ``rounds`` interleaved runs, after one warm-up of each unless ``warm``."""
-    times = {"peer-eager": [], ours: []}
-
-    def timed(path):
-        start = time.perf_counter()
-        step(path, *inputs)
-        times[path].append(time.perf_counter() - start)
-
     if not warm:
         step(ours, *inputs)
         step("peer-eager", *inputs)
-    benchmark.pedantic(timed, args=(ours,), setup=lambda: timed("peer-eager"), rounds=rounds, iterations=1)
+    times = bars.interleaved(benchmark, {path: (lambda p=path: step(p, *inputs)) for path in ("peer-eager", ours)},
+                             ours, rounds)
     return statistics.median(times["peer-eager"]), statistics.median(times[ours]), len(times[ours])
 
 
@@ -232,11 +229,13 @@ def test_cpu_logprobs_grad_vs_peer_eager(benchmark):
     if "memory_ratio" in info:
         info["vs_eager"] += (f"; extra memory (above the inputs and logits.grad) {info['memory_ratio']:.3f}× the peer "
                              f"eager path's ({info['cpp_extra_MiB']:.0f} vs {info['peer_eager_extra_MiB']:.0f} MiB)")
+    checks = [at_least("speed-up over the peer eager path", info["speedup"], BARS["speedup"]),
+              at_most("extra memory over the peer eager path's", info.get("memory_ratio", math.nan),
+                      BARS["memory_ratio"])]  # NaN (a failed bar) without Linux's /proc
+    info["vs_eager"] += "; " + bars.summary(checks)
     benchmark.extra_info.update(info)
     print("\n" + json.dumps(info, indent=1))
-    if FULL:
-        assert info["speedup"] >= BARS["speedup"], info
-        assert info["memory_ratio"] <= BARS["memory_ratio"], info
+    assert_bars(checks, f"rf.logprobs with grad, {info['shape']}")
 
 
 def _slope(xs, ys) -> float:
@@ -280,12 +279,12 @@ def test_cpu_fused_linear_logprobs_memory_flat(benchmark):
                  f"(d(hidden) alone {h * BYTES_PER_VALUE}; the peer eager path "
                  f"{info['peer_eager_bytes_per_token']:.0f}{eager_how}), growth beyond d(hidden) "
                  f"{growth / 2**20:.1f} MiB (allowed {allowed / 2**20:.1f})")
-    info["vs_eager"] = line
+    checks = [at_most("peak growth beyond d(hidden), MiB", growth / 2**20 if fused[n_max] is not None else math.nan,
+                      allowed / 2**20 if fused[n_max] is not None else 0.0)]  # NaN (failed) without /proc
+    info["vs_eager"] = line + "; " + bars.summary(checks)
     benchmark.extra_info.update(info)
     print("\n" + json.dumps(info, indent=1))
-    if FULL:
-        assert fused[n_max] is not None, "peak memory needs Linux's /proc"
-        assert growth <= allowed, info
+    assert_bars(checks, f"rf.fused_linear_logprobs memory flat in N, {info['shape']}")
 
 
 if __name__ == "__main__" and len(sys.argv) >= 5 and sys.argv[1] == "--memory":

@@ -25,6 +25,7 @@ pytest-benchmark), reported only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ import time
 import warnings
 
 import torch
+from bars import assert_bars, at_most
 from machine import cpu_name, peak_in_fresh_process, print_peak
 
 SHAPE = dict(batch=8, prompt=16, completion=256, hidden=64, vocab=128256)
@@ -127,8 +129,8 @@ def test_cpu_trl_grpo_step_memory(benchmark):
     benchmark.extra_info.update(info)
     print("\n" + json.dumps(info, indent=1))
     assert abs(losses["trl"] - losses["rlhf_fast"]) <= 1e-5 * max(1.0, abs(losses["trl"])), losses
-    if memory["trl"] is not None:
-        assert info["memory_ratio"] <= MEMORY_BAR, info
+    assert_bars([at_most("peak memory over TRL's default path's", info.get("memory_ratio", math.nan), MEMORY_BAR)],
+                f"TRL GRPO step, {n_tokens} tokens, V={SHAPE['vocab']}")  # NaN (failed) without Linux's /proc
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--memory":

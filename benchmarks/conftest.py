@@ -30,6 +30,14 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_configure(config):
     config.stash[_LINES] = []
+    # as in tests/conftest.py: a required C++ backend that did not load stops the run (its CPU bars would skip)
+    required = {n.strip() for n in os.environ.get("RLHF_FAST_REQUIRE_BACKENDS", "").split(",")}
+    if "cpp" in required:
+        from rlhf_fast import backends
+
+        ops, why = backends.load_ops("cpp")
+        if ops is None:
+            raise pytest.UsageError(f"RLHF_FAST_REQUIRE_BACKENDS requires the C++ backend, which did not load: {why}")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,9 +9,12 @@
 #   OUT=/path/to/results benchmarks/gpu_check.sh        # under 10 minutes (step limits sum to 570 s)
 #
 # Writes $OUT/gpu_results.md (summary), $OUT/ppo_loss_raw.jsonl (one JSON row per
-# measurement), $OUT/launch_sweep.{md,jsonl}, $OUT/*.log (each step's output) and
-# $OUT/junit_*.xml. Every step has a time limit and a failing step does not stop the
-# next; each step's exit code is in the summary (124 = cut by its time limit).
+# measurement), $OUT/ppo_loss_bars.json (the bars), $OUT/launch_sweep.{md,jsonl}, $OUT/*.log
+# (each step's output) and $OUT/junit_*.xml. Every step has a time limit and a failing step
+# does not stop the next; each step's exit code is in the summary (124 = cut by its time limit).
+# Exit status: 0 when every step passed and every bar is met (fused fwd+bwd at N = 16384,
+# V = 151936, bf16: >= 85 % of the measured copy bandwidth, >= 4x eager, >= 1.5x torch.compile);
+# otherwise 1, after a "FAILED:" line naming each failing step and bar (benchmarks/gpu_summary.py).
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_check_out}"
@@ -96,41 +99,9 @@ fi
 run_step static_model 80 "$PY" "$REPO/benchmarks/static_roofline.py" --vocab 151936 32000 --dtype bf16 fp32 \
     --json "$OUT/static_roofline.json" --markdown "$OUT/static_roofline.md"
 
-# -- summary -------------------------------------------------------------------------------
-"$PY" - "$OUT" "$(( $(date +%s) - T0 ))" << 'EOF' || cp "$OUT/ppo_loss_table.md" "$OUT/gpu_results.md" 2> /dev/null
-import os, sys
-out, total = sys.argv[1], sys.argv[2]
-
-def read(name):
-    try:
-        with open(os.path.join(out, name)) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-lines = ["# rlhf_fast GPU check (Triton backend)", "", "```", read("environment.log").strip(), "```", "",
-         f"Total {total} s.", "", "| step | exit code | seconds | last line |", "|---|---|---|---|"]
-for row in read("steps.tsv").splitlines():
-    name, rc, seconds = row.split("\t")
-    log = [l for l in read(f"{name}.log").splitlines() if l.strip()]
-    last = log[-1].replace("|", "/")[:160] if log else ""
-    lines.append(f"| {name} | {rc} | {seconds} | {last} |")
-lines += ["", "## rf.ppo_loss benchmark", "", read("ppo_loss_table.md") or "(no table: see bench_ppo_loss.log)", "",
-          "Effective GB/s = bytes the fused kernels must move (forward N·V·b, forward + backward 3·N·V·b) / time; "
-          "% of copy BW against the device copy bandwidth measured in the same run. "
-          "Bars: fused fwd+bwd ≥ 85 % of the measured bandwidth roofline, ≥ 4× eager and ≥ 1.5× torch.compile at "
-          "N = 16384, V = 151936, bf16.",
-          "", "## Launch-config sweep", "", read("launch_sweep.md") or "(no sweep: see launch_sweep.log)",
-          "", "## Static model of the same kernels (modelled, not measured)", "",
-          read("static_roofline.md") or "(no table: see static_model.log)"]
-for name in ("tests_triton", "tests_grid"):
-    log = read(f"{name}.log")
-    failed = [l for l in log.splitlines() if l.startswith(("FAILED", "ERROR"))]
-    if failed:
-        lines += ["", f"## {name}: failures", "", "```", *failed[:40], "```"]
-with open(os.path.join(out, "gpu_results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-EOF
+# -- summary: gpu_results.md, a FAILED line per failing step or bar, the exit status ------
+"$PY" "$REPO/benchmarks/gpu_summary.py" "$OUT" "$(( $(date +%s) - T0 ))"
+status=$?
 echo "== wrote $OUT/gpu_results.md"
 cat "$OUT/gpu_results.md" 2> /dev/null
-exit 0
+exit "$status"

@@ -21,8 +21,13 @@ Bytes model: the bytes the fused kernels must move, b = bytes per logit, per-row
 
 Effective GB/s = that byte count / time, for every implementation (so GB/s ratios are
 speed ratios). The roofline is the device's copy bandwidth measured in the same run
-(``dst.copy_(src)`` of a 4 GiB buffer, read + write); the issue's bar is fused
-forward + backward ≥ 85 % of it.
+(``dst.copy_(src)`` of a 4 GiB buffer, read + write).
+
+The CUDA bars (:func:`gpu_bars`), on the fused forward + backward at N = 16384, V = 151936,
+bf16: ≥ 85 % of that roofline, ≥ 4× faster than eager and ≥ 1.5× faster than torch.compile of
+eager, all measured in the same run. ``bench_ppo_loss.py`` asserts them; run as a script
+(``gpu_check.sh``) this file writes them to ``ppo_loss_bars.json``, prints each failing one and
+exits 1 when one fails or could not be measured.
 
 Peak memory: above what the inputs and leftovers hold when the step starts (CUDA:
 ``max_memory_allocated``; CPU: peak RSS via ``/proc/self/clear_refs``, when available).
@@ -41,6 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from bars import Bar, at_least
 from machine import peak_rss_above, release_freed_memory
 
 import rlhf_fast as rf
@@ -74,6 +80,45 @@ class Shape:
 
 CPU_SHAPES = (Shape(4, 128, 8192, "float32"),)
 GPU_SHAPES = tuple(Shape(16, 1024, v, "bfloat16") for v in (151936, 32000, 128256))
+
+
+GPU_BAR_SHAPE = GPU_SHAPES[0]
+GPU_BARS = {"roofline": 0.85, "eager": 4.0, "compiled": 1.5}
+
+
+def gpu_bars(medians: Dict[str, Optional[float]], copy_gb_per_s: Optional[float],
+             why_missing: Optional[Dict[str, str]] = None) -> List[Bar]:
+    """The CUDA bars from the fwd+bwd medians (seconds) of ``"fused"``, ``"eager"`` and ``"compiled"`` at
+    :data:`GPU_BAR_SHAPE` and the copy bandwidth measured in the same run.
+
+    Each bar is a time ratio over the fused median: the roofline's (the bytes model at the copy
+    bandwidth), eager's, compiled's. A missing number (None: skipped, out of memory, cut by a time
+    limit) gives a NaN value, a failed bar, whose name says why (``why_missing``, by implementation).
+    """
+    why_missing = why_missing or {}
+
+    def bar(name: str, numerator_s: Optional[float], impls: List[str], bound: float) -> Bar:
+        missing = [f"{impl}: {why_missing.get(impl, 'not measured')}" for impl in impls if medians.get(impl) is None]
+        if numerator_s is None and not missing:
+            missing = ["the copy bandwidth: not measured"]
+        if missing:
+            return at_least(f"{name} (not measured: {'; '.join(missing)})", float("nan"), bound)
+        return at_least(name, numerator_s / medians["fused"], bound)
+
+    roofline_s = bytes_moved(GPU_BAR_SHAPE, "fwd+bwd") / (copy_gb_per_s * 1e9) if copy_gb_per_s else None
+    return [bar("fused fwd+bwd fraction of the measured copy bandwidth", roofline_s, ["fused"], GPU_BARS["roofline"]),
+            bar("fused fwd+bwd speed-up over eager", medians.get("eager"), ["fused", "eager"], GPU_BARS["eager"]),
+            bar("fused fwd+bwd speed-up over torch.compile", medians.get("compiled"), ["fused", "compiled"],
+                GPU_BARS["compiled"])]
+
+
+def gpu_bars_of(results: List[dict], copy_gb_per_s: Optional[float]) -> List[Bar]:
+    """:func:`gpu_bars` from the rows :func:`measure` returned (the fwd+bwd rows at the bar shape)."""
+    rows = {r["impl"]: r for r in results if r["mode"] == "fwd+bwd" and (r["batch"], r["seq"], r["vocab"], r["dtype"])
+            == (GPU_BAR_SHAPE.batch, GPU_BAR_SHAPE.seq, GPU_BAR_SHAPE.vocab, GPU_BAR_SHAPE.dtype)}
+    medians = {impl: rows.get(impl, {}).get("median_s") for impl in ("fused", "eager", "compiled")}
+    why = {impl: rows[impl].get("skipped", "not measured") if impl in rows else "not run" for impl in medians}
+    return gpu_bars(medians, copy_gb_per_s, why)
 
 
 def bytes_moved(shape: Shape, mode: str) -> int:
@@ -251,7 +296,7 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     logits = rows_view(inputs["logits"].detach())
     targets = inputs["targets"].reshape(-1)
     adv, old, ref = (inputs[k].reshape(-1).float() for k in ("advantages", "old_logprobs", "ref_logprobs"))
-    outputs = [torch.empty_like(adv) for _ in range(9)]  # TokenResults order: lp, H, m, log s, ...
+    outputs = [torch.empty_like(adv) for _ in range(11)]  # TokenResults order: lp, H, m, log s, ...
     grad = torch.empty_like(logits)
     current = kernels.launch_config(shape.vocab, shape.torch_dtype)
     rows = []
@@ -337,12 +382,21 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
     table = markdown_table(results, copy_bw, device_name)
+    failing = []
+    if device == "cuda" and GPU_BAR_SHAPE in shapes:
+        bars = gpu_bars_of(results, copy_bw)
+        failing = [b for b in bars if not b.ok]
+        with open(os.path.join(args.out, "ppo_loss_bars.json"), "w") as f:
+            json.dump([dict(b._asdict(), ok=b.ok, text=b.describe()) for b in bars], f, indent=1)
+        table += f"\nBars ({GPU_BAR_SHAPE.label()}, fwd+bwd): " + "; ".join(b.describe() for b in bars) + "\n"
     with open(os.path.join(args.out, "ppo_loss_table.md"), "w") as f:
         f.write(table)
     print(table)
     measured = sum("median_s" in r for r in results)
     print(f"{measured} measured, {len(results) - measured} skipped; table in {args.out}/ppo_loss_table.md")
-    return 0
+    for bar in failing:
+        print(f"BAR FAILED: {bar.describe()}")
+    return 1 if failing else 0
 
 
 def _sweep_main(args) -> int:

@@ -168,7 +168,7 @@ def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROW
     targets = torch.empty(rows, dtype=torch.int64, **meta)
     with recording(module) as launches:
         if op == "forward":
-            module.ppo_forward(logits, targets, vector(), vector(), vector(), tuple(vector() for _ in range(9)),
+            module.ppo_forward(logits, targets, vector(), vector(), vector(), tuple(vector() for _ in range(11)),
                                0.8, 1.28, 3.0, 0.04, 2, 0.01, temperature)  # fmt: skip
         elif op == "logprobs":
             module.logprobs(logits, targets, vector(), vector(), vector(), vector(), temperature)
@@ -180,7 +180,7 @@ def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROW
             if not module.forward_grad_applies(logits, out):
                 return []  # forward + backward run instead
             module.ppo_forward_grad(logits, targets, vector(), vector(), vector(), vector(),
-                                    tuple(vector() for _ in range(9)), out, 0.8, 1.28, 3.0, 0.04, 2, 0.01,
+                                    tuple(vector() for _ in range(11)), out, 0.8, 1.28, 3.0, 0.04, 2, 0.01,
                                     temperature)  # fmt: skip
         else:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")

@@ -2,7 +2,7 @@
 
 A benchmark puts the line in ``benchmark.extra_info["vs_eager"]``; ``conftest.py`` prints every
 such line in a section of pytest's terminal summary, so the point of a run shows without ``-s``
-(and with ``--benchmark-disable``, where the medians come from one hand-timed run each).
+(and with ``--benchmark-disable``, where the benchmarks time their rounds by hand: the bars need medians).
 """
 
 from __future__ import annotations

@@ -5,15 +5,17 @@
 // library loads; here only implementations are registered (TORCH_LIBRARY_IMPL).
 #include <Python.h>
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -70,11 +72,54 @@ const float* row_vector(const Tensor& t, int64_t rows, const char* name, const c
   return t.const_data_ptr<float>();
 }
 
+// Elements from the first to the last that t addresses.
+int64_t storage_span(const Tensor& t) {
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+  return span;
+}
+
+// Whether two elements of t may share memory: conservative, as may_overlap_itself in
+// rlhf_fast/backends/rows.py (dims sorted by stride must each step over what the smaller ones span).
+bool may_overlap_itself(const Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += (size - 1) * stride;
+  }
+  return false;
+}
+
+// out, which the backward writes, must be the logits' own memory in the same layout (in place) or memory
+// provably disjoint from them, and own its elements; what cannot be proven disjoint is refused (ValueError),
+// as check_gradient_out in rlhf_fast/backends/rows.py does for the other backends.
+void check_gradient_out(const Tensor& logits, const Tensor& out, const char* op) {
+  if (out.numel() == 0 || logits.numel() == 0) return;
+  TORCH_CHECK_VALUE(!may_overlap_itself(out), op, ": out: elements of the gradient buffer share memory (strides ",
+                    out.strides(), ", e.g. an expanded tensor), so the gradient cannot be written into it; pass a "
+                    "buffer that owns its memory (torch.empty_like(logits))");
+  const auto out_begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const auto logits_begin = reinterpret_cast<uintptr_t>(logits.data_ptr());
+  if (out_begin == logits_begin && out.sizes() == logits.sizes() && out.strides() == logits.strides()) return;
+  const uintptr_t out_end = out_begin + storage_span(out) * out.element_size();
+  const uintptr_t logits_end = logits_begin + storage_span(logits) * logits.element_size();
+  TORCH_CHECK_VALUE(out_end <= logits_begin || logits_end <= out_begin, op,
+                    ": out: the gradient buffer overlaps the logits' memory without being the logits themselves "
+                    "(out starts ", static_cast<int64_t>(out_begin - logits_begin), " bytes after them, strides ",
+                    out.strides(), " against ", logits.strides(), "), so writing it could overwrite logits not yet "
+                    "read; pass the logits themselves (in place) or a separate buffer");
+}
+
 void check_targets(int64_t bad_rows, int64_t vocab, const char* op) {
   TORCH_CHECK(bad_rows == 0, op, ": ", bad_rows, " target ids outside [0, ", vocab, ")");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
     const Tensor& logits, const Tensor& targets, const Tensor& advantages,
     const std::optional<Tensor>& old_logprobs, const std::optional<Tensor>& ref_logprobs,
     double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
@@ -102,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   a.params.has_ref = a.ref_logprobs != nullptr;
 
   const auto options = logits.options().dtype(at::kFloat);
-  Tensor out[9];
+  Tensor out[11];
   for (auto& t : out) t = at::empty({rows}, options);
   a.logprobs = out[0].data_ptr<float>();
   a.entropy = out[1].data_ptr<float>();
@@ -113,13 +158,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   a.kl = out[6].data_ptr<float>();
   a.loss = out[7].data_ptr<float>();
   a.dlogp = out[8].data_ptr<float>();
+  a.log_scale = out[9].data_ptr<float>();
+  a.kl_log_scale = out[10].data_ptr<float>();
   check_targets(kernels().forward(a), a.logits.vocab, op);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9], out[10]};
 }
 
 void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
                   const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
-                  const Tensor& out) {
+                  const Tensor& out, const std::optional<Tensor>& outside) {
   constexpr const char* op = "rlhf_fast::ppo_backward";
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   BackwardArgs a{};
@@ -131,16 +178,14 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
   a.entropy = row_vector(entropy, rows, "entropy", op);
   a.coef_logprob = row_vector(coef_logprob, rows, "coef_logprob", op);
   a.coef_entropy = row_vector(coef_entropy, rows, "coef_entropy", op);
+  a.outside = outside.has_value() ? row_vector(*outside, rows, "outside", op) : nullptr;
   a.temperature = static_cast<float>(temperature);
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
               op, ": out must be a CPU tensor like logits (", logits.sizes(), ", ", logits.scalar_type(),
               "), got ", out.sizes(), ", ", out.scalar_type());
   TORCH_CHECK(out.stride(2) == 1 || out.size(2) == 1 || out.numel() == 0, op,
               ": out must have stride 1 on the vocabulary dimension");
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
-              ": out has elements that share memory (an expanded tensor); it cannot be written");
-  TORCH_CHECK(at::get_overlap_status(out, logits) != at::MemOverlapStatus::Partial, op,
-              ": out partially overlaps logits; pass logits itself (in place) or a separate buffer");
+  check_gradient_out(logits, out, op);
   a.out = out.data_ptr();
   a.out_stride_b = out.stride(0);
   a.out_stride_t = out.stride(1);
@@ -150,8 +195,11 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
 // The same kernel writing into the logits' own memory (a separate op: see rlhf_fast/backends/ops.py).
 void ppo_backward_inplace(const Tensor& logits, const Tensor& targets, const Tensor& row_max, const Tensor& log_sum,
                           const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy,
-                          double temperature) {
-  ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, logits);
+                          double temperature, const std::optional<Tensor>& outside) {
+  TORCH_CHECK_VALUE(!may_overlap_itself(logits), "rlhf_fast::ppo_backward_inplace: logits: elements share memory "
+                    "(strides ", logits.strides(), ", e.g. an expanded tensor), so the gradient cannot be written "
+                    "into them; pass logits that own their memory (logits.contiguous())");
+  ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, logits, outside);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,

@@ -59,6 +59,8 @@ struct ForwardArgs {
   float* kl;
   float* loss;
   float* dlogp;
+  float* log_scale;     // s of pg, loss and dlogp (they are stored times e^−s)
+  float* kl_log_scale;  // s of kl
 };
 
 struct BackwardArgs {
@@ -70,6 +72,7 @@ struct BackwardArgs {
   const float* coef_logprob;  // [N] d(loss)/d lp
   const float* coef_entropy;  // [N] η · aggregation weight · upstream grad
   float temperature;
+  const float* outside;       // [N] probability on other vocabulary shards, or nullptr (whole rows)
   // d(loss)/d(logits), same dtype as logits, [B, T, V] with its own strides;
   // may be the logits' own memory (in-place backward)
   void* out;

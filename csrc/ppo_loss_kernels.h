@@ -205,41 +205,65 @@ inline RowLogprob row_logprob(const scalar_t* row, int64_t vocab, int64_t target
 // ---------------------------------------------------------------------------------
 
 struct TokenLoss {
-  float ratio, pg, kl, loss, dlogp;
+  float ratio, pg, kl, loss, dlogp, log_scale, kl_log_scale;
 };
+
+// Exponentials above e^kScaleFrom are carried as e^(x − s) and a log scale s ≤ kScaleMax (the same
+// constants as SCALE_FROM and SCALE_MAX in rlhf_fast/backends/rows.py, which say why).
+constexpr float kScaleFrom = 64.f;
+constexpr float kScaleMax = 87.f;
+
+inline float log_scale_of(float exponent) {
+  return exponent > kScaleFrom ? std::min(exponent - kScaleFrom, kScaleMax) : 0.f;  // 0 for NaN too
+}
 
 // Finite inputs give finite results wherever the math is finite, and NaN inputs give NaN:
 // a zero advantage contributes −0·r = 0 and no gradient even when r = e^(lp − old)
 // overflows (never 0·inf); a clipped token (r = inf included) has no gradient; β = 0 adds
 // nothing even when k3 overflows, while a NaN KL (a NaN reference log-prob) still spreads.
+// pg, the loss and g come out times e^−s, kl times e^−s_kl, where s > 0 only when an unclipped
+// ratio, or (β ≠ 0) k3's e^δ, exceeds e^64: a value beyond fp32 stays finite until the caller has
+// weighed it. With s = s_kl = 0 every factor below is exactly 1: the plain formulas, bit for bit.
 inline TokenLoss token_loss(float lp, float entropy, float adv, float old_lp, float ref_lp, const LossParams& p) {
   const float log_ratio = lp - old_lp;
   const float ratio = std::exp(log_ratio);
-  const float clipped = ratio < p.ratio_low ? p.ratio_low : (ratio > p.ratio_high ? p.ratio_high : ratio);
   const bool no_advantage = adv == 0.f && !std::isnan(ratio);  // −A·r = 0 for every r, inf included
-  float pg = nan_max(no_advantage ? 0.f : -adv * ratio, -adv * clipped);
-  if (p.has_dual_clip && adv < 0.f) pg = nan_min(pg, -p.dual_clip * adv);
-
-  float kl = 0.f, kl_grad = 0.f;
-  if (p.has_ref) {
-    const float delta = ref_lp - lp;
-    const float k2 = 0.5f * delta * delta;
-    const float k3 = std::exp(delta) - delta - 1.0f;
-    switch (p.kl_estimator) {
-      case 0: kl = -delta; kl_grad = 1.0f; break;
-      case 1: kl = k2; kl_grad = lp - ref_lp; break;
-      case 2: kl = k3; kl_grad = 1.0f - std::exp(ref_lp - lp); break;
-      default: kl = k2 + (k3 - k2); kl_grad = lp - ref_lp; break;  // k3+: value of k3, gradient of k2
-    }
-  }
-  const float kl_term = (p.kl_coef != 0.f || std::isnan(kl)) ? p.kl_coef * kl : 0.f;  // never 0·inf
-  const float loss = pg + kl_term - p.entropy_coef * entropy;
-
   const bool inactive = (adv > 0.f && ratio > p.ratio_high) || (adv < 0.f && ratio < p.ratio_low) ||
                         (p.has_dual_clip && adv < 0.f && ratio > p.dual_clip);
-  float dlogp = inactive || no_advantage ? 0.f : -adv * ratio;
-  if (p.has_ref && p.kl_coef != 0.f) dlogp = dlogp + p.kl_coef * kl_grad;
-  return {ratio, pg, kl, loss, dlogp};
+  const bool active = !(inactive || no_advantage);
+
+  const float delta = p.has_ref ? ref_lp - lp : 0.f;
+  const bool exp_kl = p.has_ref && p.kl_estimator >= 2;  // k3, k3+: e^δ
+  const float kl_scale = exp_kl ? log_scale_of(delta) : 0.f;
+  float scale = active ? log_scale_of(log_ratio) : 0.f;
+  if (p.kl_coef != 0.f) scale = std::max(scale, kl_scale);
+  const float unit = std::exp(-scale);  // 1 when s = 0
+  const float ratio_s = std::exp(log_ratio - scale);
+  const float low = p.ratio_low * unit, high = p.ratio_high * unit;
+  const float clipped = ratio_s < low ? low : (ratio_s > high ? high : ratio_s);
+  float pg = nan_max(no_advantage ? 0.f : -adv * ratio_s, -adv * clipped);
+  if (p.has_dual_clip && adv < 0.f) pg = nan_min(pg, -p.dual_clip * adv * unit);
+
+  float kl = 0.f, kl_grad = 0.f;  // times e^−s_kl
+  if (p.has_ref) {
+    const float kl_unit = std::exp(-kl_scale);
+    const float k2 = 0.5f * delta * delta * kl_unit;
+    const float exp_delta = std::exp(delta - kl_scale);
+    const float k3 = exp_delta - delta * kl_unit - kl_unit;
+    switch (p.kl_estimator) {
+      case 0: kl = -delta * kl_unit; kl_grad = kl_unit; break;
+      case 1: kl = k2; kl_grad = (lp - ref_lp) * kl_unit; break;
+      case 2: kl = k3; kl_grad = kl_unit - exp_delta; break;
+      default: kl = k2 + (k3 - k2); kl_grad = (lp - ref_lp) * kl_unit; break;  // k3+: value of k3, gradient of k2
+    }
+  }
+  const float kl_to_loss = std::exp(kl_scale - scale);
+  const float kl_term = (p.kl_coef != 0.f || std::isnan(kl)) ? p.kl_coef * kl * kl_to_loss : 0.f;  // never 0·inf
+  const float loss = pg + kl_term - p.entropy_coef * entropy * unit;
+
+  float dlogp = active ? -adv * ratio_s : 0.f;
+  if (p.has_ref && p.kl_coef != 0.f) dlogp = dlogp + p.kl_coef * kl_grad * kl_to_loss;
+  return {ratio, pg, kl, loss, dlogp, scale, kl_scale};
 }
 
 // ---------------------------------------------------------------------------------
@@ -260,7 +284,7 @@ int64_t forward_rows(const ForwardArgs& a) {
       if (y < 0 || y >= L.vocab) {
         bad.fetch_add(1, std::memory_order_relaxed);
         a.logprobs[r] = a.entropy[r] = a.row_max[r] = a.log_sum[r] = a.ratio[r] = kNaN;
-        a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = kNaN;
+        a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = a.log_scale[r] = a.kl_log_scale[r] = kNaN;
         continue;
       }
       const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
@@ -277,6 +301,8 @@ int64_t forward_rows(const ForwardArgs& a) {
       a.kl[r] = t.kl;
       a.loss[r] = t.loss;
       a.dlogp[r] = t.dlogp;
+      a.log_scale[r] = t.log_scale;
+      a.kl_log_scale[r] = t.kl_log_scale;
     }
   });
   return bad.load();
@@ -316,6 +342,71 @@ int64_t logprobs_rows(const LogprobsArgs& a) {
 // `ch_p = (c_H/τ)·p` multiplies the clamped log p, so a banned token gives 0·finite = 0.
 // A row with c_lp = c_H = 0 (masked, or of weight 0) gets exact zeros without reading its
 // logits, which may be anything there (all −inf, NaN).
+//
+// The sweep also sums Σ_{j≠y} p_j: for a confident target (that sum, plus the probability on other
+// vocabulary shards, below 1/2) it is the one-hot factor 1 − p_y, which 1 − p_y itself would lose to
+// cancellation (A = 1e6 at p_y = 0.99993 would keep three digits).
+//
+// kGuard: a row whose coefficients divided by τ are not finite (a term beyond fp32, or c_lp close to
+// FLT_MAX with τ < 1) divides by τ after the product instead and gives p_j = 0 a 0, never 0·inf;
+// other rows take the plain sweep.
+template <typename scalar_t, bool kScaled, bool kGuard>
+inline float backward_sweep(const scalar_t* in_row, scalar_t* out_row, int64_t vocab, int64_t y, float tau, float m,
+                            float log_s, float ch, float k, float post) {
+  const VecF vm(m), vlog_s(log_s), vch(ch), vk(k), vtau(tau), lowest(kLowest);
+  VecF others(0.f);  // Σ_{j≠y} p_j
+  // One chunk: its gradient stored, its probabilities returned.
+  auto chunk = [&](int64_t j, VecF& pa, VecF& pb) {
+    VecF xa, xb;
+    Io<scalar_t>::load(in_row + j, xa, xb);
+    if constexpr (kScaled) {
+      xa = xa / vtau;
+      xb = xb / vtau;
+    }
+    const VecF la = (xa - vm) - vlog_s, lb = (xb - vm) - vlog_s;
+    pa = la.exp();
+    pb = lb.exp();
+    VecF ga = at::vec::fmadd(vch * pa, at::vec::clamp_min(la, lowest), pa * vk);
+    VecF gb = at::vec::fmadd(vch * pb, at::vec::clamp_min(lb, lowest), pb * vk);
+    if constexpr (kGuard) {
+      const VecF vpost(post), zero(0.f);
+      ga = VecF::blendv(ga * vpost, zero, pa == zero);
+      gb = VecF::blendv(gb * vpost, zero, pb == zero);
+    }
+    Io<scalar_t>::store(out_row + j, ga, gb);
+  };
+  const int64_t whole = vocab / kChunk * kChunk;
+  const int64_t target_chunk = y >= 0 && y < whole ? y / kChunk * kChunk : whole;  // none: past the last
+  VecF pa, pb;
+  int64_t j = 0;
+  for (; j < target_chunk; j += kChunk) {
+    chunk(j, pa, pb);
+    others = others + pa + pb;
+  }
+  if (j < whole) {  // the target's chunk: its own probability stays out of the sum
+    chunk(j, pa, pb);
+    alignas(64) float lanes[kChunk];
+    pa.store(lanes);
+    pb.store(lanes + kVec);
+    lanes[y - j] = 0.f;
+    others = others + VecF::loadu(lanes) + VecF::loadu(lanes + kVec);
+    for (j += kChunk; j < whole; j += kChunk) {
+      chunk(j, pa, pb);
+      others = others + pa + pb;
+    }
+  }
+  float others_sum = reduce_sum(others);
+  for (; j < vocab; ++j) {
+    const float lpj = (load_x<scalar_t, kScaled>(in_row + j, tau) - m) - log_s;
+    const float p = std::exp(lpj);
+    float g = (ch * p) * std::max(lpj, kLowest) + p * k;
+    if constexpr (kGuard) g = p == 0.f ? 0.f : g * post;
+    out_row[j] = static_cast<scalar_t>(g);
+    if (j != y) others_sum += p;
+  }
+  return others_sum;
+}
+
 template <typename scalar_t, typename index_t, bool kScaled>
 int64_t backward_rows(const BackwardArgs& a) {
   const RowsLayout& L = a.logits;
@@ -344,32 +435,22 @@ int64_t backward_rows(const BackwardArgs& a) {
       const float x_y = y >= 0 ? load_x<scalar_t, kScaled>(in_row + y, tau) : 0.f;  // before an in-place sweep
       const float ch_tau = c_h * inv_tau;
       const float k_tau = (c_h * entropy - c_lp) * inv_tau;
-      const VecF vm(m), vlog_s(log_s), vch(ch_tau), vk(k_tau), vtau(tau), lowest(kLowest);
-      int64_t j = 0;
-      for (; j + kChunk <= L.vocab; j += kChunk) {
-        VecF xa, xb;
-        Io<scalar_t>::load(in_row + j, xa, xb);
-        if constexpr (kScaled) {
-          xa = xa / vtau;
-          xb = xb / vtau;
-        }
-        const VecF la = (xa - vm) - vlog_s, lb = (xb - vm) - vlog_s;
-        const VecF pa = la.exp(), pb = lb.exp();
-        const VecF ga = at::vec::fmadd(vch * pa, at::vec::clamp_min(la, lowest), pa * vk);
-        const VecF gb = at::vec::fmadd(vch * pb, at::vec::clamp_min(lb, lowest), pb * vk);
-        Io<scalar_t>::store(out_row + j, ga, gb);
-      }
-      for (; j < L.vocab; ++j) {
-        const float lpj = (load_x<scalar_t, kScaled>(in_row + j, tau) - m) - log_s;
-        const float p = std::exp(lpj);
-        out_row[j] = static_cast<scalar_t>((ch_tau * p) * std::max(lpj, kLowest) + p * k_tau);
+      float others;  // Σ_{j≠y} p_j over these logits
+      if (std::isfinite(ch_tau) && std::isfinite(k_tau)) {
+        others = backward_sweep<scalar_t, kScaled, false>(in_row, out_row, L.vocab, y, tau, m, log_s, ch_tau, k_tau,
+                                                          1.f);
+      } else {
+        others = backward_sweep<scalar_t, kScaled, true>(in_row, out_row, L.vocab, y, tau, m, log_s, c_h,
+                                                         c_h * entropy - c_lp, inv_tau);
       }
       if (y < 0) continue;
       // The target's entry, in the reference's form: (c_lp·(1 − p) + c_H·p·(log p + H)) / τ.
       const float lp_y = (x_y - m) - log_s;
       const float p_y = std::exp(lp_y);
+      const float rest = others + (a.outside != nullptr ? a.outside[r] : 0.f);
+      const float one_minus_p_y = rest < 0.5f ? rest : 1.0f - p_y;
       const float ent_y = p_y > 0.f ? p_y * (lp_y + entropy) : 0.f;
-      const float g_y = c_lp * (1.0f - p_y) + c_h * ent_y;
+      const float g_y = (one_minus_p_y == 0.f ? 0.f : c_lp * one_minus_p_y) + c_h * ent_y;
       out_row[y] = static_cast<scalar_t>(kScaled ? g_y / tau : g_y);
     }
   });

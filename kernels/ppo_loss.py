@@ -14,9 +14,15 @@ Kernels:
   so the loop has no reduction across threads; the lanes merge once per row.
 * ``_row_partials_kernel`` + ``_combine_kernel``: the same when the rows alone cannot fill
   the GPU: each row's vocabulary is split across programs, then combined per row.
-* ``_ppo_backward_kernel``: a grid of (rows, parts of a row), each program a loop over tiles.
+* ``_ppo_backward_kernel``: a grid of (rows, parts of a row), each program a loop over tiles;
+  ``_target_fixup_kernel`` then writes the target entries of confident targets (the one-hot
+  factor 1 − p_y as Σ_{j≠y} p_j, which the parts of a split row each summed a piece of).
 * ``_ppo_forward_grad_kernel`` (opt-in): a row that fits in registers is read once, and
   its d(Σ w·ℓ)/d(logits) is written from the same registers.
+
+Numerics beyond the math above (docs/contract.md, "Numerics"): per-token terms above e^64
+are carried with a log scale (``_token_math``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
+a coefficient that is not finite over τ is handled by a per-row shift of p (``_coefficients``).
 
 Every row is read as a head (the elements before its first 16-byte boundary), a body of
 whole tiles (unmasked 16-byte loads and stores), a tail of whole vectors (masked per
@@ -27,13 +33,15 @@ vector access.
 Bytes model (b = bytes per logit; per-row vectors are O(N) and left out): forward and
 logprobs read N·V·b; backward reads N·V·b and writes N·V·b (rows whose two coefficients
 are 0 only write zeros); the gradient-in-forward kernel reads N·V·b and writes N·V·b
-instead of the 3·N·V·b of forward + backward. No ``[N, V]`` temporary exists.
+instead of the 3·N·V·b of forward + backward (and four 16-byte vectors of the target's lane
+again per row). No ``[N, V]`` temporary exists.
 
 Specialisation: τ, ε, β, η, c, V, T and the strides are run-time arguments; the feature
 switches are old/ref log-probs given, the KL estimator, the dual clip, τ ≠ 1 (the exact
-division), and the layout ones (16-byte vector size, tile size, rows of the gradient in
-the logits' 16-byte phase). benchmarks/static_roofline.py compiles every kernel for sm_90
-and models its speed on H100 / H200.
+division), vocabulary shards (the probability outside them), and the layout ones (16-byte
+vector size, tile size, rows of the gradient in the logits' 16-byte phase).
+benchmarks/static_roofline.py compiles every kernel for sm_90 and models its speed on
+H100 / H200.
 """
 
 from __future__ import annotations
@@ -56,6 +64,14 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # exp(z) for z < −128 is 0 in fp32 (below the smallest denormal): such an element adds
 # exactly 0 to Σe and Σe·z, and clamping z there keeps e·z = 0·(−inf) out of the sums.
 _Z_FLOOR = tl.constexpr(-128.0)
+# An exponential of the per-token math above e^64 is computed as e^(x − s) and carried with its log
+# scale s ≤ 87 (SCALE_FROM and SCALE_MAX of rlhf_fast/backends/rows.py, which say why; a test checks
+# that the numbers agree).
+_SCALE_FROM = tl.constexpr(64.0)
+_SCALE_MAX = tl.constexpr(87.0)
+# The shift of a row whose coefficient is infinite (_coefficients): e^88 times the smallest normal fp32
+# number is 1.9, so e^88·p·FLT_MAX overflows for every normal p > 0.
+_INF_SHIFT = tl.constexpr(88.0)
 
 # ----------------------------------------------------------------------------------
 # Helpers
@@ -215,6 +231,14 @@ def _row_stats(
 
 
 @triton.jit
+def _log_scale(
+    exponent,  # x of an exponential e^x
+):
+    """Its log scale s: x − SCALE_FROM capped at SCALE_MAX above SCALE_FROM, else 0 (NaN: 0)."""
+    return tl.where(exponent > _SCALE_FROM, tl.minimum(exponent - _SCALE_FROM, _SCALE_MAX), 0.0)
+
+
+@triton.jit
 def _token_math(
     lp,  # log-prob of the target
     entropy,  # H
@@ -231,65 +255,91 @@ def _token_math(
     KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
     HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
 ):
-    """(ratio, pg, kl, loss, dlogp) of one token, finite wherever the math is.
+    """(ratio, pg, kl, loss, dlogp, log_scale, kl_log_scale) of one token, finite wherever the math is.
 
     NaN in A, old or ref propagates (every min/max here propagates NaN). A ratio that
     overflows (log-ratio > 88) gives the value of the branch that is actually taken: a
     clipped token its clipped value, a zero advantage 0, and both no gradient. β = 0
-    adds 0·δ, never 0·inf.
+    adds 0·δ, never 0·inf. pg, loss and dlogp come out times e^−log_scale, kl times
+    e^−kl_log_scale: both are 0 (every factor below exactly 1) unless an unclipped ratio, or
+    k3's e^δ, exceeds e^SCALE_FROM, so that a token's value beyond fp32 stays finite until
+    the caller has weighed it.
     """
+    zero = tl.zeros([], tl.float32)
     if HAS_OLD:
-        ratio = tl.exp(lp - old)
+        log_ratio = lp - old
+        ratio = tl.exp(log_ratio)
     else:
+        log_ratio = zero
         ratio = tl.full([], 1.0, tl.float32) + 0.0 * lp
-    # pg = max(−A·r, −A·clip(r)) = −A·q with q = min(r, 1+ε) for A ≥ 0, max(r, 1−ε) for A < 0,
-    # and min(q, c) under the dual clip: q is finite whenever −A·q is.
-    q_pos = tl.minimum(ratio, ratio_high, propagate_nan=tl.PropagateNan.ALL)
-    q_neg = tl.maximum(ratio, ratio_low, propagate_nan=tl.PropagateNan.ALL)
-    if HAS_DUAL_CLIP:
-        q_neg = tl.minimum(q_neg, dual_clip, propagate_nan=tl.PropagateNan.ALL)
-    pg = -adv * tl.where(adv >= 0.0, q_pos, q_neg)
     inactive = ((adv > 0.0) & (ratio > ratio_high)) | ((adv < 0.0) & (ratio < ratio_low))
     if HAS_DUAL_CLIP:
         inactive = inactive | ((adv < 0.0) & (ratio > dual_clip))
     # A = 0 has no gradient even when r overflows (0·inf); NaN in r or A still propagates.
     no_grad = inactive | ((adv == 0.0) & (ratio == ratio))
-    dlogp = tl.where(no_grad, 0.0, -adv * ratio)
-    kl = tl.zeros([], tl.float32)
-    kl_term = kl
+    delta = zero
+    kl_scale = zero
+    scale = tl.where(no_grad, 0.0, _log_scale(log_ratio))
     if HAS_REF:
         delta = ref_lp - lp
+        if KL_ESTIMATOR >= 2:  # k3, k3+: e^δ
+            kl_scale = _log_scale(delta)
+            scale = tl.where(kl_coef != 0.0, tl.maximum(scale, kl_scale), scale)
+    unit = tl.exp(-scale)  # 1 when the scale is 0
+    if HAS_OLD:
+        ratio_s = tl.exp(log_ratio - scale)
+    else:
+        ratio_s = ratio * unit
+    # pg = max(−A·r, −A·clip(r)) = −A·q with q = min(r, 1+ε) for A ≥ 0, max(r, 1−ε) for A < 0,
+    # and min(q, c) under the dual clip: q is finite whenever −A·q is.
+    q_pos = tl.minimum(ratio_s, ratio_high * unit, propagate_nan=tl.PropagateNan.ALL)
+    q_neg = tl.maximum(ratio_s, ratio_low * unit, propagate_nan=tl.PropagateNan.ALL)
+    if HAS_DUAL_CLIP:
+        q_neg = tl.minimum(q_neg, dual_clip * unit, propagate_nan=tl.PropagateNan.ALL)
+    pg = -adv * tl.where(adv >= 0.0, q_pos, q_neg)
+    dlogp = tl.where(no_grad, 0.0, -adv * ratio_s)
+    kl = zero
+    kl_term = kl
+    if HAS_REF:
+        if KL_ESTIMATOR >= 2:
+            kl_unit = tl.exp(-kl_scale)
+            kl_to_loss = tl.exp(kl_scale - scale)
+        else:  # k1, k2: no exponential, no scale of their own
+            kl_unit = 1.0
+            kl_to_loss = unit
         if KL_ESTIMATOR == 0:
-            kl = -delta
-            kl_grad = tl.full([], 1.0, tl.float32)
+            kl = -delta * kl_unit
+            kl_grad = kl_unit
         elif KL_ESTIMATOR == 1:
-            kl = 0.5 * delta * delta
-            kl_grad = -delta
+            kl = 0.5 * delta * delta * kl_unit
+            kl_grad = -delta * kl_unit
         else:
-            exp_delta = tl.exp(delta)
-            kl = exp_delta - delta - 1.0
+            exp_delta = tl.exp(delta - kl_scale)
+            kl = exp_delta - delta * kl_unit - kl_unit
             if KL_ESTIMATOR == 2:
-                kl_grad = 1.0 - exp_delta
+                kl_grad = kl_unit - exp_delta
             else:  # k3+: value of k3, gradient of k2
-                kl_grad = -delta
+                kl_grad = -delta * kl_unit
         # β = 0: the KL is a metric only; 0·δ keeps a NaN ref visible, never 0·inf.
-        kl_term = tl.where(kl_coef != 0.0, kl_coef * kl, 0.0 * delta)
-        dlogp += tl.where(kl_coef != 0.0, kl_coef * kl_grad, 0.0 * delta)
-    loss = pg + kl_term - entropy_coef * entropy
-    return ratio, pg, kl, loss, dlogp
+        kl_term = tl.where(kl_coef != 0.0, kl_coef * kl * kl_to_loss, 0.0 * delta)
+        dlogp += tl.where(kl_coef != 0.0, kl_coef * kl_grad * kl_to_loss, 0.0 * delta)
+    loss = pg + kl_term - entropy_coef * entropy * unit
+    return ratio, pg, kl, loss, dlogp, scale, kl_scale
 
 
 @triton.jit
 def _store_token_loss(
     row, lp, entropy,
     advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr, dlogp_ptr,
+    log_scale_ptr, kl_log_scale_ptr,
     ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
 ):
-    """Row ``row``'s per-token loss from its lp and H (:func:`_token_math`), stored; returns d(ℓ)/d lp."""
+    """Row ``row``'s per-token loss from its lp and H (:func:`_token_math`), stored; returns d(ℓ)/d lp and the
+    log scale it carries."""
     old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
     ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
-    ratio, pg, kl, loss, dlogp = _token_math(
+    ratio, pg, kl, loss, dlogp, scale, kl_scale = _token_math(
         lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
         entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
     )  # fmt: skip
@@ -298,7 +348,9 @@ def _store_token_loss(
     tl.store(kl_ptr + row, kl)
     tl.store(loss_ptr + row, loss)
     tl.store(dlogp_ptr + row, dlogp)
-    return dlogp
+    tl.store(log_scale_ptr + row, scale)
+    tl.store(kl_log_scale_ptr + row, kl_scale)
+    return dlogp, scale
 
 
 @triton.jit
@@ -340,13 +392,14 @@ def _store_grad_chunk(
     log_sum,  # log s
     coef_z,  # c_H / τ
     coef_const,  # (c_H·H − c_lp) / τ
+    shift,  # s: the coefficients are times e^−s, finite
     temperature,  # τ
     inv_temperature,  # fp32(1 / τ)
     SCALED: tl.constexpr,  # τ ≠ 1
 ):
     """The gradient of a chunk without the target's one-hot term."""
     x = _scaled(_reconverted(raw, key), temperature, inv_temperature, SCALED)
-    grad = _grad_terms(x, ref, log_sum, coef_z, coef_const)
+    grad = _grad_terms(x, ref, log_sum, coef_z, coef_const, shift)[0]
     tl.store(grad_ptr + cols, _to_output(grad, grad_ptr.dtype.element_ty), mask=cols < n)
 
 
@@ -368,17 +421,79 @@ def _grad_terms(
     x,  # scaled logits
     ref,  # row max of x, clamped to ≥ −FLT_MAX
     log_sum,  # log s
-    coef_z,  # c_H / τ
-    coef_const,  # (c_H·H − c_lp) / τ
+    coef_z,  # c_H / τ (times e^−shift)
+    coef_const,  # (c_H·H − c_lp) / τ (times e^−shift)
+    shift,  # ln of the factor the finite coefficients leave out (_coefficients; s in the gradient in forward)
 ):
-    """(1/τ)·[−c_lp·p_j + c_H·p_j·(log p_j + H)] = p_j·(coef_z·log p_j + coef_const): the
-    gradient without the target's one-hot term c_lp / τ.
+    """((1/τ)·[−c_lp·p_j + c_H·p_j·(log p_j + H)] = e^shift·p_j·(coef_z·log p_j + coef_const), e^shift·p_j):
+    the gradient without the target's one-hot term c_lp / τ.
 
-    log p is clamped at −128 (p = 0 there) so that a banned token gives p·(…) = 0·finite,
-    not 0·inf; the clamp propagates NaN.
+    e^shift·p_j is one exp2 (of log p_j·log2 e + shift·log2 e, an fma): no multiply per logit. log p is
+    clamped at −128 − shift (e^shift·p = 0 there), so a banned token gives 0·finite = 0, never 0·inf
+    (the coefficients are finite); the clamp propagates NaN.
     """
-    log_p = tl.maximum((x - ref) - log_sum, _Z_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-    return tl.exp2(log_p * _LOG2E) * (coef_z * log_p + coef_const)
+    log_p = (x - ref) - log_sum
+    log_p = tl.maximum(log_p, tl.zeros_like(log_p) + (_Z_FLOOR - shift), propagate_nan=tl.PropagateNan.ALL)
+    p = tl.exp2(log_p * _LOG2E + shift * _LOG2E)
+    return p * (coef_z * log_p + coef_const), p
+
+
+@triton.jit
+def _coefficients(
+    coef_logprob,  # c_lp = d(loss)/d lp
+    coef_entropy,  # c_H
+    entropy,  # H
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+):
+    """(coef_z, coef_const, coef_onehot, shift, finite) of a row whose gradient is
+    e^shift·[p_j·(coef_z·log p_j + coef_const) + 1[j = y]·coef_onehot], the coefficients finite.
+
+    1/τ folds into the coefficients (shift = 0) while they stay finite (``finite``). Otherwise the caller
+    writes the target's entry apart (_target_grad) and: a coefficient beyond fp32 only over τ (c_lp near the
+    fp32 maximum, τ < 1) leaves 1/τ to shift = ln(1/τ); an infinite one (a term beyond fp32) becomes
+    ±FLT_MAX with shift = 88, so that e^88·p·FLT_MAX is ±inf for every normal p > 0 and a p clamped to 0
+    gives 0, never 0·inf.
+    """
+    coef_z = coef_entropy * inv_temperature
+    coef_const = (coef_entropy * entropy - coef_logprob) * inv_temperature
+    coef_onehot = coef_logprob * inv_temperature
+    finite = (tl.abs(coef_z) < float("inf")) & (tl.abs(coef_const) < float("inf"))
+    finite = finite & (tl.abs(coef_onehot) < float("inf"))
+    raw_const = coef_entropy * entropy - coef_logprob
+    infinite = (tl.abs(coef_entropy) == float("inf")) | (tl.abs(raw_const) == float("inf"))
+    infinite = infinite | (tl.abs(coef_logprob) == float("inf"))
+    shift = tl.where(finite, 0.0, tl.where(infinite, _INF_SHIFT, -tl.log(temperature)))
+    coef_z = tl.where(finite, coef_z, _saturated(coef_entropy))
+    coef_const = tl.where(finite, coef_const, _saturated(raw_const))
+    coef_onehot = tl.where(finite, coef_onehot, _saturated(coef_logprob))
+    return coef_z, coef_const, coef_onehot, shift, finite
+
+
+@triton.jit
+def _saturated(
+    value,  # fp32
+):
+    """value with ±inf replaced by ±FLT_MAX (NaN stays NaN)."""
+    return tl.where(tl.abs(value) == float("inf"), tl.where(value > 0.0, _FLT_MAX, -_FLT_MAX), value)
+
+
+@triton.jit
+def _target_grad(
+    coef_logprob,  # c_lp
+    coef_entropy,  # c_H
+    entropy,  # H
+    p_y,  # the target's probability
+    log_p_y,  # its logarithm
+    one_minus_p_y,  # 1 − p_y, computed without cancellation by the caller
+    post,  # a factor both coefficients leave out (1, or e^s)
+    inv_temperature,  # fp32(1 / τ)
+):
+    """The target's entry (c_lp·(1 − p_y) + c_H·p_y·(log p_y + H))·post / τ, in the reference's form: a zero
+    factor gives 0 whatever the coefficient."""
+    onehot = tl.where(one_minus_p_y == 0.0, 0.0, coef_logprob * one_minus_p_y)
+    ent = tl.where(p_y > 0.0, p_y * (log_p_y + entropy), 0.0)
+    return (onehot + coef_entropy * ent) * post * inv_temperature
 
 
 # ----------------------------------------------------------------------------------
@@ -402,6 +517,8 @@ def _ppo_forward_kernel(
     kl_ptr,  # out [N] fp32: KL estimate (0 without HAS_REF)
     loss_ptr,  # out [N] fp32: ℓ = pg + β·kl − η·H
     dlogp_ptr,  # out [N] fp32: g = dℓ/d lp (surrogate and KL parts)
+    log_scale_ptr,  # out [N] fp32: s, pg, loss and dlogp are stored times e^−s
+    kl_log_scale_ptr,  # out [N] fp32: the s of kl
     V,  # vocabulary size
     T,  # rows per leading index
     stride_b,  # logits stride of B, elements
@@ -437,8 +554,8 @@ def _ppo_forward_kernel(
     tl.store(log_sum_ptr + row, log_sum)
     _store_token_loss(
         row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
-        dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
-        HAS_DUAL_CLIP,
+        dlogp_ptr, log_scale_ptr, kl_log_scale_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+        HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
     )  # fmt: skip
 
 
@@ -527,6 +644,8 @@ def _combine_kernel(
     kl_ptr,  # out [N] fp32, written when HAS_LOSS
     loss_ptr,  # out [N] fp32, written when HAS_LOSS
     dlogp_ptr,  # out [N] fp32, written when HAS_LOSS
+    log_scale_ptr,  # out [N] fp32, written when HAS_LOSS
+    kl_log_scale_ptr,  # out [N] fp32, written when HAS_LOSS
     n_rows,  # N
     parts,  # programs per row of the partials
     T,  # rows per leading index
@@ -570,8 +689,8 @@ def _combine_kernel(
     if HAS_LOSS:
         _store_token_loss(
             row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
-            dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
-            HAS_DUAL_CLIP,
+            dlogp_ptr, log_scale_ptr, kl_log_scale_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+            HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
         )  # fmt: skip
 
 
@@ -585,6 +704,8 @@ def _ppo_backward_kernel(
     entropy_ptr,  # [N] fp32 H from the forward
     coef_logprob_ptr,  # [N] fp32 c_lp = d(loss)/d lp
     coef_entropy_ptr,  # [N] fp32 c_H = η · weight · upstream grad
+    outside_ptr,  # [N] fp32 probability on other vocabulary shards, read when HAS_OUTSIDE
+    partials_ptr,  # out [N, parts] fp32 Σ_{j≠y} p_j of each part, written when parts > 1
     V,  # vocabulary size
     T,  # rows per leading index
     stride_b,  # logits stride of B, elements
@@ -597,10 +718,17 @@ def _ppo_backward_kernel(
     inv_temperature,  # fp32(1 / τ)
     SCALED: tl.constexpr,  # τ ≠ 1
     GRAD_ALIGNED: tl.constexpr,  # grad rows sit at the logits rows' 16-byte phase
+    HAS_OUTSIDE: tl.constexpr,  # the rows are vocabulary shards
     VEC: tl.constexpr,  # elements per 16-byte vector
     BLOCK_V: tl.constexpr,  # elements per tile
 ):
-    """d(loss)/d(logits_j) = (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)]."""
+    """d(loss)/d(logits_j) = (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)].
+
+    The sweep also sums Σ_{j≠y} p_j, the one-hot factor 1 − p_y of a confident target (the sum,
+    with the probability on other shards, below 1/2), where 1 − p_y itself would lose its digits
+    to cancellation. A row in one program writes such a target's entry again after the sweep;
+    split rows leave their partial sums to _target_fixup_kernel.
+    """
     row = tl.program_id(0)  # rows on axis 0: axes 1 and 2 stop at 65535
     part = tl.program_id(1)
     coef_logprob = tl.load(coef_logprob_ptr + row)
@@ -632,28 +760,54 @@ def _ppo_backward_kernel(
         ref = tl.maximum(tl.load(row_max_ptr + row), -_FLT_MAX)
         log_sum = tl.load(log_sum_ptr + row)
         entropy = tl.load(entropy_ptr + row)
-        coef_z = coef_entropy * inv_temperature
-        coef_const = (coef_entropy * entropy - coef_logprob) * inv_temperature
-        coef_onehot = coef_logprob * inv_temperature
+        whole_row = parts == 1
+        # Read before the sweep (in place, the logits are overwritten); a split row's other programs must not.
+        x_y = _scaled(tl.load(logits_ptr + offset + tl.maximum(target, 0), mask=whole_row & (target >= 0),
+                              other=0.0), temperature, inv_temperature, SCALED)
+        coef_z, coef_const, coef_onehot, shift, finite = _coefficients(coef_logprob, coef_entropy, entropy,
+                                                                       temperature, inv_temperature)
+        coef_onehot = coef_onehot * tl.exp(shift)  # in a row that is not finite the target's entry is written again
+        others = tl.zeros([BLOCK_V // VEC], tl.float32)  # e^shift·Σ_{j≠y} p_j, per 16-byte vector slot
+        others_edge = tl.zeros([], tl.float32)
         for tile in range(begin, end):
             start = tl.multiple_of(tile * BLOCK_V, BLOCK_V)
             raw = tl.load(body + start + cols)
-            grad = _grad_terms(_scaled(raw, temperature, inv_temperature, SCALED), ref, log_sum, coef_z, coef_const)
-            grad += tl.where(cols == target - head - start, coef_onehot, 0.0)  # int32, tile-local
+            grad, p = _grad_terms(_scaled(raw, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
+                                  coef_const, shift)
+            is_target = cols == target - head - start  # int32, tile-local
+            grad += tl.where(is_target, coef_onehot, 0.0)
+            others += tl.sum(tl.reshape(tl.where(is_target, 0.0, p), [BLOCK_V // VEC, VEC]), axis=1)
             tl.store(grad_body + start + cols, _to_output(grad, out_dtype))
         if last_part & (tail_len > 0):
             in_tail = cols < tail_len
             last = tl.load(body + tail + cols, mask=in_tail, other=0.0)
-            grad_last = _grad_terms(_scaled(last, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
-                                    coef_const)
-            grad_last += tl.where(cols == target - head - tail, coef_onehot, 0.0)
+            grad_last, p = _grad_terms(_scaled(last, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
+                                       coef_const, shift)
+            is_target = cols == target - head - tail
+            grad_last += tl.where(is_target, coef_onehot, 0.0)
+            others += tl.sum(tl.reshape(tl.where(in_tail & ~is_target, p, 0.0), [BLOCK_V // VEC, VEC]), axis=1)
             tl.store(grad_body + tail + cols, _to_output(grad_last, out_dtype), mask=in_tail)
         if last_part & ((head > 0) | (rest > 0)):
             edge = tl.load(logits_ptr + offset + edge_col, mask=in_edge, other=0.0)
-            grad_edge = _grad_terms(_scaled(edge, temperature, inv_temperature, SCALED), ref, log_sum, coef_z,
-                                    coef_const)
+            grad_edge, p_edge = _grad_terms(_scaled(edge, temperature, inv_temperature, SCALED), ref, log_sum,
+                                            coef_z, coef_const, shift)
             grad_edge += tl.where(edge_col == target, coef_onehot, 0.0)
             tl.store(grad_row + edge_col, _to_output(grad_edge, out_dtype), mask=in_edge)
+            others_edge = tl.sum(tl.where(in_edge & (edge_col != target), p_edge, 0.0), axis=0)
+        others_sum = (tl.sum(others, axis=0) + others_edge) * tl.exp(-shift)
+        if whole_row:
+            if HAS_OUTSIDE:
+                others_sum += tl.load(outside_ptr + row)
+            if (target >= 0) & ((others_sum < 0.5) | ~finite):
+                lp_y = (x_y - ref) - log_sum
+                p_y = tl.exp(lp_y)
+                one_minus_p_y = tl.where(others_sum < 0.5, others_sum, 1.0 - p_y)
+                grad_y = _target_grad(coef_logprob, coef_entropy, entropy, p_y, lp_y, one_minus_p_y, 1.0,
+                                      inv_temperature)
+                tl.debug_barrier()  # after every thread's stores of the sweep
+                tl.store(grad_row + target, _to_output(grad_y, out_dtype))
+        else:
+            tl.store(partials_ptr + row.to(tl.int64) * parts + part, others_sum)
     else:
         zeros = tl.zeros([BLOCK_V], tl.float32).to(out_dtype)
         for tile in range(begin, end):
@@ -661,6 +815,50 @@ def _ppo_backward_kernel(
         if last_part:
             tl.store(grad_body + tail + cols, zeros, mask=cols < tail_len)
             tl.store(grad_row + edge_col, tl.zeros([2 * VEC], tl.float32).to(out_dtype), mask=in_edge)
+
+
+@triton.jit(do_not_specialize=["T", "parts"])
+def _target_fixup_kernel(
+    grad_ptr,  # [B, T, V] the backward's output, whose target entries may be written again
+    targets_ptr,  # [N] int32 | int64 ids, or −1: no one-hot term
+    entropy_ptr,  # [N] fp32 H
+    coef_logprob_ptr,  # [N] fp32 c_lp
+    coef_entropy_ptr,  # [N] fp32 c_H
+    outside_ptr,  # [N] fp32 probability on other vocabulary shards, read when HAS_OUTSIDE
+    partials_ptr,  # [N, parts] fp32 Σ_{j≠y} p_j of each part (_ppo_backward_kernel)
+    n_rows,  # N
+    parts,  # programs per row of the backward
+    T,  # rows per leading index
+    grad_stride_b,  # grad stride of B, elements
+    grad_stride_t,  # grad stride of T, elements
+    temperature,  # τ
+    inv_temperature,  # fp32(1 / τ)
+    HAS_OUTSIDE: tl.constexpr,  # the rows are vocabulary shards
+    ROWS: tl.constexpr,  # rows per program
+    PARTS_BLOCK: tl.constexpr,  # power of two ≥ parts
+):
+    """The target entries of split rows that need their own formula: a confident target's one-hot
+    factor is Σ_{j≠y} p_j (the partial sums, plus the probability on other shards), and p_y = 1 − that
+    (no logit is read: in place they are gone); a row whose coefficients are not finite over τ gets
+    the same product form (_coefficients)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < n_rows
+    coef_logprob = tl.load(coef_logprob_ptr + rows, mask=in_rows, other=0.0)
+    coef_entropy = tl.load(coef_entropy_ptr + rows, mask=in_rows, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=in_rows, other=0.0)
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=-1).to(tl.int32)
+    index = tl.arange(0, PARTS_BLOCK)
+    at = partials_ptr + rows.to(tl.int64)[:, None] * parts + index[None, :]
+    others = tl.sum(tl.load(at, mask=in_rows[:, None] & (index[None, :] < parts), other=0.0), axis=1)
+    if HAS_OUTSIDE:
+        others += tl.load(outside_ptr + rows, mask=in_rows, other=0.0)
+    finite = _coefficients(coef_logprob, coef_entropy, entropy, temperature, inv_temperature)[4]
+    live = (coef_logprob != 0.0) | (coef_entropy != 0.0)
+    write = in_rows & live & (target >= 0) & ((others < 0.5) | ~finite)
+    p_y = 1.0 - others
+    grad_y = _target_grad(coef_logprob, coef_entropy, entropy, p_y, tl.log(p_y), others, 1.0, inv_temperature)
+    at_target = grad_ptr + _row_offset(rows, T, grad_stride_b, grad_stride_t) + tl.maximum(target, 0)
+    tl.store(at_target, _to_output(grad_y, grad_ptr.dtype.element_ty), mask=write)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -681,6 +879,8 @@ def _ppo_forward_grad_kernel(
     kl_ptr,  # out [N] fp32
     loss_ptr,  # out [N] fp32
     dlogp_ptr,  # out [N] fp32
+    log_scale_ptr,  # out [N] fp32
+    kl_log_scale_ptr,  # out [N] fp32
     V,  # vocabulary size, a multiple of VEC in (ROW_BLOCK / 2, ROW_BLOCK]
     T,  # rows per leading index
     stride_b,  # logits stride of B, elements
@@ -729,8 +929,19 @@ def _ppo_forward_grad_kernel(
     m, ref, s, u = _softmax_step(_scaled(raw1, temperature, inv_temperature, SCALED), m, ref, s, u, True)
     m, ref, s, u = _softmax_step(_scaled(raw2, temperature, inv_temperature, SCALED), m, ref, s, u, True)
     m, ref, s, u = _softmax_step(_scaled(raw3, temperature, inv_temperature, SCALED), m, ref, s, u, True)
+    lane_ref, lane_s = ref, s
     m, s, u = _merge_lanes(m, ref, s, u, True)
     ref = tl.maximum(m, -_FLT_MAX)
+    # Σ_{j≠y} p_j (a confident target's 1 − p_y without cancellation), with no work per logit: every other
+    # lane's running sum now, and the target's own lane (four vectors, read again without the target before any
+    # gradient is stored: out may be the logits) once the row's registers are free, after the stores.
+    lane = (target % CHUNK) // VEC
+    lane_scale = tl.exp2(tl.maximum(lane_ref - ref, -_FLT_MAX) * _LOG2E)
+    others = tl.sum(tl.where(tl.arange(0, LANES) != lane, lane_scale * lane_s, 0.0), axis=0)
+    k = tl.arange(0, 4 * VEC)
+    own_col = (k // VEC) * CHUNK + lane * VEC + k % VEC
+    own_mask = (own_col < n) & (own_col != target)
+    own = tl.load(row_ptr + own_col, mask=own_mask, other=0.0)
     log_sum = tl.log(s)
     entropy = log_sum - u / s
     lp = (x_y - m) - log_sum
@@ -738,15 +949,16 @@ def _ppo_forward_grad_kernel(
     tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_sum)
-    dlogp = _store_token_loss(
+    dlogp, scale = _store_token_loss(
         row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
-        dlogp_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR,
-        HAS_DUAL_CLIP,
+        dlogp_ptr, log_scale_ptr, kl_log_scale_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+        HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
     )  # fmt: skip
     weight = tl.load(weights_ptr + row)
+    # (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = w·g, c_H = w·η, both times e^−s (g is
+    # stored so): finite coefficients, e^s (1 unless a term exceeds e^64) folded into each probability.
     coef_logprob = weight * dlogp
-    coef_entropy = weight * entropy_coef
-    # (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with c_lp = w·g, c_H = w·η
+    coef_entropy = weight * entropy_coef * tl.exp(-scale)
     coef_z = coef_entropy * inv_temperature
     coef_const = (coef_entropy * entropy - coef_logprob) * inv_temperature
     coef_onehot = coef_logprob * inv_temperature
@@ -754,23 +966,33 @@ def _ppo_forward_grad_kernel(
     grad_row = grad_ptr + _row_offset(row, T, grad_stride_b, grad_stride_t, VEC)
     zero = (log_sum != log_sum).to(tl.int32)  # 0, or the row is NaN and so is every output
     if live:
-        _store_grad_chunk(grad_row, raw0, cols, n, zero, ref, log_sum, coef_z, coef_const, temperature,
+        _store_grad_chunk(grad_row, raw0, cols, n, zero, ref, log_sum, coef_z, coef_const, scale, temperature,
                           inv_temperature, SCALED)
-        _store_grad_chunk(grad_row + CHUNK, raw1, cols, n - CHUNK, zero, ref, log_sum, coef_z, coef_const,
+        _store_grad_chunk(grad_row + CHUNK, raw1, cols, n - CHUNK, zero, ref, log_sum, coef_z, coef_const, scale,
                           temperature, inv_temperature, SCALED)
         _store_grad_chunk(grad_row + 2 * CHUNK, raw2, cols, n - 2 * CHUNK, zero, ref, log_sum, coef_z, coef_const,
-                          temperature, inv_temperature, SCALED)
+                          scale, temperature, inv_temperature, SCALED)
         _store_grad_chunk(grad_row + 3 * CHUNK, raw3, cols, n - 3 * CHUNK, zero, ref, log_sum, coef_z, coef_const,
-                          temperature, inv_temperature, SCALED)
+                          scale, temperature, inv_temperature, SCALED)
     else:  # exact zeros, whatever the logits hold
         zeros = tl.zeros([LANES, VEC], tl.float32).to(grad_ptr.dtype.element_ty)
         tl.store(grad_row + cols, zeros, mask=cols < n)
         tl.store(grad_row + CHUNK + cols, zeros, mask=cols + CHUNK < n)
         tl.store(grad_row + 2 * CHUNK + cols, zeros, mask=cols + 2 * CHUNK < n)
         tl.store(grad_row + 3 * CHUNK + cols, zeros, mask=cols + 3 * CHUNK < n)
-    # The target's one-hot term: its element written again, after every thread's stores.
+    # The target's one-hot term: its element written again, after every thread's stores. A confident
+    # target's 1 − p_y is Σ_{j≠y} p_j (1 − p_y itself would cancel); a scaled row's entry is one product
+    # (two terms times e^s could be inf − inf).
     tl.debug_barrier()
-    grad_y = _grad_terms(x_y, ref, log_sum, coef_z, coef_const) + coef_onehot
+    own = _scaled(own, temperature, inv_temperature, SCALED)
+    others += tl.sum(tl.where(own_mask, tl.exp2(tl.maximum(own - ref, _Z_FLOOR) * _LOG2E), 0.0), axis=0)
+    others = others / s
+    grad_y = _grad_terms(x_y, ref, log_sum, coef_z, coef_const, scale)[0] + coef_onehot
+    lp_y = (x_y - ref) - log_sum
+    p_y = tl.exp(lp_y)
+    special = _target_grad(coef_logprob, coef_entropy, entropy, p_y, lp_y,
+                           tl.where(others < 0.5, others, 1.0 - p_y), tl.exp(scale), inv_temperature)
+    grad_y = tl.where((others < 0.5) | (scale > 0.0), special, grad_y)
     tl.store(grad_row + target, _to_output(tl.where(live, grad_y, 0.0), grad_ptr.dtype.element_ty))
 
 
@@ -794,6 +1016,7 @@ class LaunchConfig(NamedTuple):
 _TILE_BYTES = 8192  # the largest tile: 4 warps × 32 threads × four 16-byte vectors
 _GRAD_ROW_BYTES = 65536  # the largest row the gradient-in-forward kernel holds in registers
 _DEFAULT_SMS = 132  # H100 / H200, for launches without a CUDA device (interpreter, static model)
+_FIXUP_ROWS = 32  # rows per program of the target fixup: one warp, one row per thread
 
 
 def launch_config(vocab: int, dtype: torch.dtype, rows: int = 1 << 30, num_sms: int = _DEFAULT_SMS) -> LaunchConfig:
@@ -817,7 +1040,8 @@ def launch_config(vocab: int, dtype: torch.dtype, rows: int = 1 << 30, num_sms: 
         parts = min(tiles, triton.cdiv(8 * num_sms, max(rows, 1)), 64)
         parts = max(1, parts)
     row_block = triton.next_power_of_2(vocab)
-    grad_block = row_block if row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
+    # The row is held as four chunks of whole 16-byte vectors: at least 64 bytes, at most 64 KiB.
+    grad_block = row_block if 64 <= row_block * elem_bytes <= _GRAD_ROW_BYTES else 0
     grad_warps = max(1, min(8, row_block * elem_bytes // 8192)) if grad_block else 0
     return LaunchConfig(block, warps, block, warps, parts, parts, grad_block, grad_warps, 128 if grad_block else 0)
 
@@ -862,10 +1086,9 @@ def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, swit
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
     )  # fmt: skip
-    lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp = outputs
     wrap_triton(_combine_kernel)[(rows,)](
         # data
-        logits, partials, targets, advantages, old, ref, lp, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp,
+        logits, partials, targets, advantages, old, ref, *outputs,
         # shapes and strides
         rows, parts, seq, logits.stride(0), logits.stride(1),
         # constants
@@ -885,7 +1108,7 @@ def ppo_forward(
     advantages: torch.Tensor,  # [N] fp32
     old_logprobs: Optional[torch.Tensor],  # [N] fp32
     ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-    outputs,  # 9 fp32 [N] buffers in TokenResults order
+    outputs,  # 11 fp32 [N] buffers in TokenResults order
     ratio_low: float,
     ratio_high: float,
     dual_clip: float,  # 0 disables it
@@ -938,6 +1161,7 @@ def ppo_backward(
     coef_entropy: torch.Tensor,  # [N] fp32
     temperature: float,
     out: torch.Tensor,  # [B, T, V] logits dtype, stride 1 on V; may be logits
+    outside: Optional[torch.Tensor] = None,  # [N] fp32 probability on other vocabulary shards
     config: Optional[LaunchConfig] = None,
 ) -> None:
     rows, seq, vocab = _rows(logits)
@@ -946,9 +1170,14 @@ def ppo_backward(
     cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
     vec = _vec(logits)
     tiles_per_part, parts = _split(vocab, cfg.bwd_block_v, cfg.bwd_parts)
+    # Split rows leave Σ_{j≠y} p_j per part to the fixup kernel (a few bytes per row); whole rows need none.
+    partials = torch.empty((rows, parts) if parts > 1 else (1,), dtype=torch.float32, device=logits.device)
+    has_outside = outside is not None
     wrap_triton(_ppo_backward_kernel)[(rows, parts)](
         # data
         logits, out, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
+        outside if has_outside else entropy,  # never read without HAS_OUTSIDE: a valid pointer
+        partials,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), tiles_per_part, parts,
         # constants
@@ -956,9 +1185,25 @@ def ppo_backward(
         # switches
         SCALED=temperature != 1.0,
         GRAD_ALIGNED=_same_phase(logits, out),
+        HAS_OUTSIDE=has_outside,
         VEC=vec,
         BLOCK_V=cfg.bwd_block_v,
         num_warps=cfg.bwd_num_warps,
+    )  # fmt: skip
+    if parts == 1:
+        return
+    wrap_triton(_target_fixup_kernel)[(triton.cdiv(rows, _FIXUP_ROWS),)](
+        # data
+        out, targets, entropy, coef_logprob, coef_entropy, outside if has_outside else entropy, partials,
+        # shapes and strides
+        rows, parts, seq, out.stride(0), out.stride(1),
+        # constants
+        temperature, _inv(temperature),
+        # switches
+        HAS_OUTSIDE=has_outside,
+        ROWS=_FIXUP_ROWS,
+        PARTS_BLOCK=triton.next_power_of_2(parts),
+        num_warps=1,
     )  # fmt: skip
 
 
@@ -982,7 +1227,7 @@ def logprobs(
         scalars = (temperature, _inv(temperature), 0.0, 0.0, 0.0, 0.0, 0.0)
         switches = dict(HAS_OLD=False, HAS_REF=False, KL_ESTIMATOR=0, HAS_DUAL_CLIP=False, SCALED=temperature != 1.0)
         lp = out_logprobs
-        outputs = (lp, entropy, out_row_max, out_log_sum, lp, lp, lp, lp, lp)  # the loss outputs are never written
+        outputs = (lp, entropy, out_row_max, out_log_sum) + (lp,) * 7  # the loss outputs are never written
         _split_forward(logits, targets, outputs, lp, lp, lp, scalars, switches, False, has_entropy, cfg)
         return
     wrap_triton(_logprobs_kernel)[(rows,)](
@@ -1027,7 +1272,7 @@ def ppo_forward_grad(
     old_logprobs: Optional[torch.Tensor],  # [N] fp32
     ref_logprobs: Optional[torch.Tensor],  # [N] fp32
     weights: torch.Tensor,  # [N] fp32 per-token aggregation weights
-    outputs,  # 9 fp32 [N] buffers in TokenResults order
+    outputs,  # 11 fp32 [N] buffers in TokenResults order
     out: torch.Tensor,  # [B, T, V] logits dtype: d(Σ w·ℓ)/d(logits)
     ratio_low: float,
     ratio_high: float,

@@ -5,11 +5,12 @@ Layers (docs/architecture.md), lower ones never importing upper ones:
 * :mod:`rlhf_fast.backends` — the row backends (Triton, C++) and the registry;
 * :mod:`rlhf_fast.loss` — the loss: options, reference, functional API, autograd,
   fused-linear, vocab-parallel, ``nn.Module``;
+* :mod:`rlhf_fast.monitor` — early warning of reward hacking from a run's per-step metrics;
 * :mod:`rlhf_fast.training` — reward model, PPO loop, checkpoints, data parallel, CLI;
 * :mod:`rlhf_fast.casestudy` — the main job, on the public API only.
 
 ``import rlhf_fast`` is lean: it never imports triton or transformers, touches CUDA or
-compiles anything; backends load on first use, the training layer on first access.
+compiles anything; backends load on first use, the monitor and the training layer on first access.
 """
 
 import importlib
@@ -57,6 +58,7 @@ _LAZY_EXPORTS = {
     "grpo_advantages": "training.advantages", "rloo_advantages": "training.advantages",
     "whiten": "training.advantages",
     "AdaptiveKLController": "training.kl_control", "FixedKLController": "training.kl_control",
+    "RewardHackingMonitor": "monitor", "load_run": "monitor:load", "analyse_run": "monitor:analyse",
 }
 
 # Modules of the flat layout of earlier releases, kept importable under their old names.

@@ -19,6 +19,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "calibrate": ("rlhf_fast.training.cli_calibrate",
                   "store a saved reward model's score mean/std on its reference policy's replies (--reward-normalize)"),
     "casestudy": ("rlhf_fast.casestudy.cli", "reproduce and fix the reward-hacking case study"),
+    "monitor": ("rlhf_fast.monitor.cli",
+                "early warning of reward hacking over a finished run (rlhf_fast, TRL or verl metrics)"),
 }
 
 

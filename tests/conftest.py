@@ -9,6 +9,11 @@
 The Triton kernels are imported once here in interpreter mode when there is no GPU, and
 the variable is restored, so ``backend="auto"`` in other tests never picks the slow
 interpreter; Triton tests set it again (``triton_env``) for their calls.
+
+A backend that cannot load skips its tests, unless it is required: ``RLHF_FAST_REQUIRE_BACKENDS``
+(a comma-separated list of ``cpp``, ``triton``; the Makefile's test targets set ``cpp,triton``)
+turns a missing one into an error before any test runs, naming the backend and why it failed
+to load, so that a broken build cannot pass as a shorter green run.
 """
 
 from __future__ import annotations
@@ -48,6 +53,28 @@ TRITON_INTERPRETED = HAS_TRITON and not HAS_CUDA
 FAST_BACKENDS = ["rowref"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON and HAS_CUDA else [])
 """Backends cheap enough for the full option grid."""
 ALL_BACKENDS = FAST_BACKENDS + (["triton"] if TRITON_INTERPRETED else [])
+
+
+REQUIRE_VARIABLE = "RLHF_FAST_REQUIRE_BACKENDS"
+_LOADED = {"cpp": HAS_CPP, "triton": HAS_TRITON}
+
+
+def missing_required_backends(required: str) -> list:
+    """``"name: why"`` for each backend of the comma-separated ``required`` that did not load (or is unknown)."""
+    problems = []
+    for name in (n.strip() for n in required.split(",") if n.strip()):
+        if name not in _LOADED:
+            problems.append(f"{name}: not a backend that can be required (cpp, triton)")
+        elif not _LOADED[name]:
+            problems.append(f"{name}: {backends.load_ops(name)[1]}")
+    return problems
+
+
+def pytest_configure(config):
+    problems = missing_required_backends(os.environ.get(REQUIRE_VARIABLE, ""))
+    if problems:
+        raise pytest.UsageError(f"{REQUIRE_VARIABLE}={os.environ[REQUIRE_VARIABLE]} requires backends that did not "
+                                "load, whose tests would be skipped:\n  " + "\n  ".join(problems))
 
 
 def pytest_report_header(config):

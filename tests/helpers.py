@@ -41,10 +41,17 @@ class Case:
     ref_logprobs: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     strided: bool
+    expand: int = 0  # > 0: logits_base holds one sequence, scored for ``expand`` sequences (a stride-0 view)
+
+    def view(self, base: torch.Tensor) -> torch.Tensor:
+        """The logits as the loss sees them, of a leaf like ``logits_base``: expanded when ``expand``, then a
+        strided ``[:, :-1]`` view when ``strided``."""
+        if self.expand:
+            base = base.expand(self.expand, *base.shape[1:])
+        return base[:, :-1] if self.strided else base
 
     def logits(self) -> torch.Tensor:
-        """The logits as the loss sees them: a strided ``[:, :-1]`` view when ``strided``."""
-        return self.logits_base[:, :-1] if self.strided else self.logits_base
+        return self.view(self.logits_base)
 
 
 def make_case(
@@ -109,7 +116,7 @@ def run_loss(case: Case, backend: str, *, logits_dtype: Optional[torch.dtype] = 
     if logits_dtype is not None:
         base = base.to(logits_dtype)
     base.requires_grad_(True)
-    logits = base[:, :-1] if case.strided else base
+    logits = case.view(base)
     if options.get("inplace_backward"):
         logits = logits * 1.0  # a non-leaf buffer the backward may overwrite
     out = rf.ppo_loss(
@@ -194,3 +201,18 @@ def closing_process_group():
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+CHARS = "abcdefgh "
+"""The alphabet of :func:`char_tokenizer` (token ids 2.., after <pad> = 0 and <eos> = 1)."""
+
+
+def char_tokenizer():
+    """A one-token-per-character tokenizer over :data:`CHARS`, for the tiny models of the trainer tests."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

@@ -373,6 +373,11 @@ def test_quick_smoke_writes_its_own_folder(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "proxy reward gain" in printed and "refusal rate on UNSAFE" in printed and "worst margin" in printed
     assert "runs/casestudy-quick" in printed
+    with open(out / "summary.json") as f:
+        rows = json.load(f)["monitor_detection"]
+    assert [(r["seed"], r["run"]) for r in rows] == [(0, "baseline"), (0, "fix")]
+    assert all(r["label"] in ("hacked", "healthy") and r["verdict"] in ("ok", "warning", "alarm") for r in rows)
+    assert "The reward-hacking monitor on these runs" in (out / "report.md").read_text()
 
 
 def test_a_seed_does_not_depend_on_the_other_seeds_or_on_jobs(tmp_path):
@@ -456,6 +461,7 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
     from the summary.json it writes and from what it prints."""
     from rlhf_fast.__main__ import main
     from rlhf_fast.casestudy.cli import DEFAULT_SEEDS
+    from rlhf_fast.casestudy.runner import CommonPPO
 
     out = tmp_path / "casestudy"
     assert main(["casestudy", "--out", str(out), "--no-progress"]) == 0
@@ -478,3 +484,14 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
             betas = [json.loads(line)["kl_coef"] for line in f]
         assert len(betas) == 120 and betas[0] == pytest.approx(0.5) and min(betas) >= betas[0]
     assert f"bar passed on every one of {len(DEFAULT_SEEDS)} seeds" in printed
+    # the reward-hacking monitor, run as a user would on each folder: an alarm within the first quarter of the
+    # hacked baseline's steps, none on the fix when it ended healthy (the bar's fix checks: gold and refusals)
+    for s in summary["per_seed"]:
+        for run in ("baseline", "fix"):
+            capsys.readouterr()
+            assert main(["monitor", str(out / f"seed{s['seed']}" / run), "--json"]) == 0
+            alarms = [a for a in json.loads(capsys.readouterr().out)["alarms"] if a["severity"] == "alarm"]
+            if run == "baseline":
+                assert alarms and alarms[0]["step"] <= CommonPPO().steps / 4, (s["seed"], alarms)
+            else:
+                assert not alarms, (s["seed"], alarms)

@@ -24,6 +24,7 @@ from helpers import TOLERANCES, assert_double_baseline, make_case, make_config, 
 
 import rlhf_fast as rf
 from rlhf_fast import backends
+from rlhf_fast.backends.rows import KERNEL_OUTPUTS
 from rlhf_fast.loss import reference
 
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension not built: {backends.load_ops('cpp')[1]}")
@@ -105,7 +106,7 @@ def test_forward_matches_reference(vocab, temperature, strided):
                       temperature=temperature, has_old=True, has_ref=True)
     got = _ops().forward(logits, targets, adv, old, ref, cfg)
     want = reference.token_forward(logits, targets, adv, old, ref, cfg)
-    for name in want._fields:
+    for name in want._fields[:KERNEL_OUTPUTS]:
         if name == "entropy":
             _assert_entropy_at_least_as_accurate(got.entropy, logits, targets, temperature)
             continue
@@ -171,7 +172,7 @@ def test_backward_target_on_other_shard_has_no_one_hot():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_logprobs_match_forward(with_entropy, dtype):
     logits, targets = _rows(2, 6, 1000, dtype=dtype, seed=11)
-    lp, entropy, _, _ = _ops().logprobs(logits, targets, 0.8, with_entropy)
+    lp, entropy, _, _ = _ops().logprobs(logits, targets, 0.8, with_entropy)[:4]
     fwd = _ops().forward(logits, targets, torch.zeros(12), None, None, make_config(temperature=0.8))
     torch.testing.assert_close(lp, fwd.logprobs, rtol=0, atol=0)  # the same row pass
     if with_entropy:
@@ -191,6 +192,8 @@ def test_nan_row_propagates_and_stays_in_its_row():
     adv, old, ref = _per_row(6)
     res = _ops().forward(logits, targets, adv, old, ref, cfg)
     for name, value in res._asdict().items():
+        if name in ("log_scale", "kl_log_scale", "outside"):
+            continue  # the scales of the values (0 for NaN), and no shards
         assert torch.isnan(value[5]), name
         assert torch.isfinite(value[:5]).all(), name
     grad = torch.empty(logits.shape)
@@ -210,7 +213,7 @@ def test_op_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         _ops().logprobs(logits.double(), targets, 1.0, False)
     buffer = torch.zeros(1, 4, 50)
-    with pytest.raises(RuntimeError, match="partially overlaps"):
+    with pytest.raises(ValueError, match="out: the gradient buffer overlaps the logits"):
         _ops().backward(buffer[:, :3], targets, torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3),
                         torch.zeros(3), 1.0, buffer[:, 1:])
 
@@ -391,7 +394,7 @@ def test_inplace_backward_into_overlapping_memory_is_refused():
         out.loss.backward()
     logits, targets = _rows(1, 3, 5, strided=False)
     zeros = torch.zeros(3)
-    with pytest.raises(RuntimeError, match="share memory"):
+    with pytest.raises(ValueError, match="out: elements of the gradient buffer share memory"):
         _ops().backward(logits, targets, zeros, zeros, zeros, zeros + 1, zeros, 1.0,
                         torch.zeros(1, 1, 5).expand(1, 3, 5))
 

@@ -75,7 +75,7 @@ def test_transformers_and_hub_kernels_work_from_the_repository_root():
         "print(json.dumps(dict(kernels=kernels.__file__, ours_kernelized=bool(getattr(ours, 'use_kernels', False)),\n"
         "                      same=all(a.equal(b) for a, b in zip(model.parameters(), ours.parameters())),\n"
         "                      default_loaded=default is not None)))")
-    assert not pathlib.Path(found["kernels"]).resolve().is_relative_to(ROOT), found["kernels"]
+    assert "site-packages" in pathlib.Path(found["kernels"]).parts, f"import kernels found {found['kernels']}"
     assert found["default_loaded"] and found["same"]
     assert not found["ours_kernelized"], "rlhf_fast loads models with their own layers (use_kernels=False)"
 
@@ -112,5 +112,12 @@ def test_lowest_pins(line, expected):
 def test_versions_names_what_differs_from_the_lock(tmp_path):
     lock = tmp_path / "constraints.txt"
     lock.write_text("# comment\nTorch==2.13.0\nnumpy==2.0.0\nsame==1.0\n")
-    rows = versions.differences(versions.locked(lock), {"torch": "2.14.1", "same": "1.0", "new-one": "3"})
+    rows = versions.differences(versions.locked(lock), {"torch": "2.14.1", "same": "1.0+cpu", "new-one": "3"})
     assert rows == [("new-one", "-", "3"), ("numpy", "2.0.0", "-"), ("torch", "2.13.0", "2.14.1")]
+
+
+def test_versions_puts_the_packages_of_the_failing_tracebacks_first():
+    log = ("E   ImportError: cannot import name 'X'\n"
+           "/venv/lib/python3.11/site-packages/transformers/integrations/hub_kernels.py:104: in <module>\n")
+    assert "transformers" in versions.in_tracebacks(log)
+    assert versions.in_tracebacks("no traceback here") == set()

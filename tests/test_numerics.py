@@ -12,6 +12,7 @@ import torch
 from conftest import ALL_BACKENDS, HAS_CPP, device_for
 
 import rlhf_fast as rf
+from rlhf_fast.loss.functional import row_ops
 
 BACKENDS = ["eager"] + ALL_BACKENDS  # eager, the reference as a row backend, C++, Triton (interpreter)
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -78,6 +79,147 @@ def test_an_overflowing_kl_with_zero_kl_coef_is_only_a_metric(backend, estimator
     assert math.isinf(with_ref.metrics["kl"].item())  # the metric is the (overflowing) truth
 
 
+def _truth(logits, targets, advantages, old=None, ref=None, mask=None, **options):
+    """The fp64 truth: the eager reference on the same inputs upcast to fp64."""
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    return _loss("eager", logits.double(), targets, up(advantages), up(old), up(ref), mask, **options)
+
+
+def _fp32_range(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all()) and float(value.abs().max()) <= torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k3+"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kl_term_beyond_fp32_before_its_weight_is_finite(backend, estimator, use_backend):
+    """k3 at δ = ref − lp = 90 with β = 0.05: e^90 overflows fp32 but β·e^90 = 6.1e37 does not; the loss and
+    the gradient (about ±1e37) are finite and match the fp64 truth on every backend, and so does the kl metric
+    over 4 tokens (e^90 / 4 = 3.1e38 fits; (e^89 + e^88.9) / 4 = 2.1e38 too, though no term does)."""
+    name = use_backend(backend)
+    logits = torch.tensor([[[1.0, 0.5, -0.3]] * 4])
+    targets = torch.zeros(1, 4, dtype=torch.long)
+    lp = torch.log_softmax(logits, -1)[..., 0]
+    adv = torch.tensor([[0.0, 1.0, -0.5, 0.3]])
+    options = dict(kl_coef=0.05, kl_estimator=estimator, entropy_coef=0.01)
+    for deltas in ([90.0, 0.5, 0.1, -0.2], [89.0, 88.9, 0.1, -0.2]):
+        ref = lp + torch.tensor([deltas])
+        out, grad = _loss(name, logits, targets, adv, None, ref, **options)
+        truth, truth_grad = _truth(logits, targets, adv, None, ref, **options)
+        assert _fp32_range(truth.loss) and _fp32_range(truth_grad) and _fp32_range(truth.metrics["kl"])
+        torch.testing.assert_close(out.loss.cpu().double(), truth.loss, **FP32)
+        torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+        torch.testing.assert_close(out.metrics["kl"].cpu().double(), truth.metrics["kl"], **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ratio_beyond_fp32_before_its_weight_is_finite(backend, use_backend):
+    """An unclipped ratio e^90 on one of two tokens, A = −0.33, token-mean: each token's −A·r = 4e38 overflows
+    fp32, its weighed half (the loss, 2.0e38) and the pg_loss metric do not; the gradient is finite, and so are
+    the ratio_mean and approx_kl of a ratio e^89 over four tokens."""
+    name = use_backend(backend)
+    logits = torch.tensor([[[1.0, 0.5, -0.3], [0.2, 0.1, 0.0]]])
+    targets = torch.tensor([[0, 1]])
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    adv = torch.tensor([[-0.33, 0.5]])
+    for shift, metrics in ((90.0, ("pg_loss",)), (89.0, ("pg_loss", "ratio_mean", "approx_kl"))):
+        old = lp - torch.tensor([[shift, 0.0]])
+        rows = (logits, targets, adv, old) if shift == 90.0 else \
+            (logits.repeat(1, 2, 1), targets.repeat(1, 2), adv.repeat(1, 2), old.repeat(1, 2))
+        out, grad = _loss(name, *rows)
+        truth, truth_grad = _truth(*rows)
+        assert _fp32_range(truth.loss) and _fp32_range(truth_grad), (shift, truth.loss)
+        torch.testing.assert_close(out.loss.cpu().double(), truth.loss, **FP32)
+        torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+        for metric in metrics:
+            assert _fp32_range(truth.metrics[metric]), (metric, truth.metrics[metric])
+            torch.testing.assert_close(out.metrics[metric].cpu().double(), truth.metrics[metric], **FP32,
+                                       msg=lambda m, k=metric: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_coefficient_near_the_fp32_maximum_at_a_low_temperature_is_finite(backend, use_backend):
+    """w·dℓ/dlp = 3e38 at τ = 0.7: dividing it by τ first would overflow; the gradient, c·(1[j=y] − p_j)/τ with
+    p_y = 1/2, is 2.1e38 at most and finite on every backend."""
+    name = use_backend(backend)
+    logits = torch.tensor([[[0.7, 0.7, -1e4]]])  # p = (1/2, 1/2, 0) at τ = 0.7, a banned-like third entry
+    targets = torch.zeros(1, 1, dtype=torch.long)
+    old = torch.tensor([[math.log(0.5) - math.log(3e38)]])  # r = 3e38
+    adv = torch.tensor([[-1.0]])
+    out, grad = _loss(name, logits, targets, adv, old, temperature=0.7)
+    truth, truth_grad = _truth(logits, targets, adv, old, temperature=0.7)
+    assert _fp32_range(truth.loss) and _fp32_range(truth_grad)
+    torch.testing.assert_close(out.loss.cpu().double(), truth.loss, **FP32)
+    torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loss_beyond_fp32_is_inf_on_every_backend_never_nan(backend, use_backend):
+    """An unclipped ratio e^100 with A = −0.33 (−A·r/2 = 4.4e42), and k3 at δ = 100 with β = 0.05: the loss is
+    +inf; the gradient is ±inf or finite, never NaN (an entry of probability 0 gets 0)."""
+    name = use_backend(backend)
+    logits = torch.tensor([[[1.0, 0.5, float("-inf")], [0.2, 0.1, 0.0]]])
+    targets = torch.tensor([[0, 1]])
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    for old, ref, options in ((lp - torch.tensor([[100.0, 0.0]]), None, {}),
+                              (None, lp + torch.tensor([[100.0, 0.0]]), dict(kl_coef=0.05, kl_estimator="k3"))):
+        out, grad = _loss(name, logits, targets, torch.tensor([[-0.33, 0.5]]), old, ref, **options)
+        assert out.loss.item() == float("inf"), out.loss
+        assert not torch.isnan(grad).any(), grad
+        assert grad[0, 0, 2] == 0.0 and torch.isinf(grad[0, 0, :2]).all()
+
+
+# Confident targets: p_y = 0.99993, so 1 − p_y loses three digits to cancellation unless it is taken as
+# Σ_{j≠y} p_j; a large advantage (1e6) puts those digits in the gradient (the true entry is −70.7984).
+CONFIDENT = torch.tensor([10.33, 0.13, 0.03])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_confident_target_keeps_the_digits_of_its_gradient(backend, use_backend):
+    """d(loss)/d(logits) at logits [10.33, 0.13, 0.03], target 0, A = 1e6 against the fp64 truth (fp32
+    tolerances), through rf.ppo_loss (one row; and a 2049-logit row, which the Triton backward splits across
+    programs) and the differentiable rf.logprobs."""
+    name = use_backend(backend)
+    dev = device_for(backend)
+    short = CONFIDENT.view(1, 1, 3)
+    long = torch.full((1, 2, 2049), -30.0)
+    long[0, :, :3] = CONFIDENT
+    long[0, 1, 1500] = 10.33 - 3.0  # a second row whose target is not the max
+    for logits, targets in ((short, torch.zeros(1, 1, dtype=torch.long)), (long, torch.tensor([[0, 1500]]))):
+        adv = torch.full(targets.shape, 1e6)
+        out, grad = _loss(name, logits, targets, adv, temperature=1.0)
+        truth, truth_grad = _truth(logits, targets, adv)
+        torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+        x = logits.clone().to(dev).requires_grad_(True)
+        lp = rf.logprobs(x, targets.to(dev), backend=name)
+        (lp_grad,) = torch.autograd.grad((1e6 * lp).sum(), x)
+        x64 = logits.double().requires_grad_(True)
+        (want,) = torch.autograd.grad((1e6 * torch.log_softmax(x64, -1).gather(-1, targets[..., None])).sum(), x64)
+        torch.testing.assert_close(lp_grad.cpu().double(), want, **FP32)
+    short_grad = _loss(name, short, torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 1e6))[1]
+    assert abs(short_grad[0, 0, 0].item() - (-70.7984)) < 1e-3, short_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_in_the_forward_at_the_edges(backend, use_backend):
+    """grad_in_forward=True on rows of 16 logits (the Triton one-kernel path): a confident target with A = 1e6,
+    an unclipped ratio e^90 (A = −0.33) and k3 at δ = 90 (β = 0.05) give the fp64 truth's loss and gradient."""
+    name = use_backend(backend)
+    logits = torch.full((1, 3, 16), -30.0)
+    logits[0, :, :3] = CONFIDENT
+    logits[0, 1:, :3] = torch.tensor([1.0, 0.5, -0.3])
+    targets = torch.zeros(1, 3, dtype=torch.long)
+    lp = torch.log_softmax(logits, -1)[..., 0]
+    adv = torch.tensor([[1e6, -0.33, 0.5]])
+    old = lp - torch.tensor([[0.0, 90.0, 0.0]])
+    ref = lp + torch.tensor([[0.0, 0.0, 90.0]])
+    for options in (dict(), dict(kl_coef=0.05, kl_estimator="k3", temperature=0.9)):
+        out, grad = _loss(name, logits, targets, adv, old, ref, grad_in_forward=True, **options)
+        truth, truth_grad = _truth(logits, targets, adv, old, ref, **options)
+        assert _fp32_range(truth.loss) and _fp32_range(truth_grad)
+        torch.testing.assert_close(out.loss.cpu().double(), truth.loss, **FP32)
+        torch.testing.assert_close(grad.cpu().double(), truth_grad, **FP32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_rows_of_minus_inf_or_nan_get_a_zero_gradient(backend, use_backend):
     name = use_backend(backend)
@@ -138,6 +280,96 @@ def test_inplace_backward_into_memory_that_overlaps_itself_is_refused(backend, u
     with pytest.raises(ValueError, match="share memory"):
         rf.ppo_loss(logits, torch.zeros(3, 4, dtype=torch.long, device=logits.device),
                     torch.zeros(3, 4, device=logits.device), inplace_backward=True, backend=name)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["two-pass", "grad-in-forward"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_logits_get_the_summed_gradient(backend, grad_in_forward, use_backend):
+    """One row of logits shared by two sequences (an expanded, stride-0 view): the gradient of its source is
+    the sum over the sequences, as for the materialised copy, for the loss and the differentiable log-probs.
+
+    V = 16 takes the Triton gradient-in-forward kernel's own path (rows of whole 16-byte vectors)."""
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    source = torch.randn(1, 3, 16, generator=gen)
+    targets = torch.tensor([[0, 1, 2], [3, 15, 0]])
+    adv = torch.tensor([[1.0, -1.0, 0.5], [-0.5, 2.0, 1.0]])
+    old = torch.randn(2, 3, generator=gen) - 2.0
+    ref = torch.randn(2, 3, generator=gen) - 2.0
+    options = dict(kl_coef=0.1, entropy_coef=0.01, temperature=0.9)
+
+    def grads(materialise: bool):
+        x = source.clone().to(device_for(backend)).requires_grad_(True)
+        logits = x.expand(2, 3, 16)
+        if materialise:
+            logits = logits.contiguous()  # a copy: its backward sums over the two sequences, as expand's does
+        put = lambda t: t.to(x.device)  # noqa: E731
+        out = rf.ppo_loss(logits, put(targets), put(adv), put(old), put(ref), backend=name,
+                          grad_in_forward=grad_in_forward, **options)
+        (loss_grad,) = torch.autograd.grad(out.loss, x)
+        lp, entropy = rf.logprobs(logits, put(targets), temperature=0.9, with_entropy=True, backend=name)
+        (lp_grad,) = torch.autograd.grad((lp * put(adv)).sum() + entropy.sum(), x)
+        return loss_grad.cpu(), lp_grad.cpu()
+
+    for got, want in zip(grads(materialise=False), grads(materialise=True), strict=True):
+        torch.testing.assert_close(got, want, **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_hidden_states_get_the_summed_gradient(backend, use_backend):
+    """The fused-linear loss on expanded hidden states (one sequence's states scored twice) equals its
+    loss on the materialised copy, gradients included (the chunks are its own buffers)."""
+    name = use_backend(backend)
+    gen = torch.Generator().manual_seed(6)
+    dev = device_for(backend)
+    source, weight = torch.randn(1, 3, 16, generator=gen).to(dev), torch.randn(11, 16, generator=gen).to(dev)
+    targets = torch.tensor([[0, 1, 2], [3, 10, 0]], device=dev)
+    adv = torch.tensor([[1.0, -1.0, 0.5], [-0.5, 2.0, 1.0]], device=dev)
+    runs = []
+    for materialise in (False, True):
+        h, w = source.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        hidden = h.expand(2, 3, 16)
+        hidden = hidden.contiguous() if materialise else hidden
+        out = rf.fused_linear_ppo_loss(hidden, w, targets, adv, entropy_coef=0.01, backend=name)
+        runs.append(torch.autograd.grad(out.loss, (h, w)))
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, **FP32)
+
+
+def _raw_backward_inputs(rows: int):
+    gen = torch.Generator().manual_seed(8)
+    vectors = [torch.randn(rows, generator=gen) for _ in range(3)]
+    row_max, entropy, coef = vectors
+    log_sum = torch.rand(rows, generator=gen) + 2.0
+    return torch.zeros(rows, dtype=torch.long), row_max, log_sum, entropy.abs(), coef, coef * 0.1
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_gradient_buffer_that_is_not_provably_disjoint_from_the_logits_is_refused(backend, use_backend):
+    """The raw backward of every backend: ``out`` overlapping non-dense logits in another layout, or sharing
+    memory itself, is a ValueError naming it; the logits' own memory in their own layout (in place) and any
+    disjoint buffer, non-dense ones included, give the gradient of a fresh buffer."""
+    name = use_backend(backend)
+    ops = row_ops(name)
+    put = lambda t: t.to(device_for(backend))  # noqa: E731
+    targets, row_max, log_sum, entropy, coef_lp, coef_h = (put(t) for t in _raw_backward_inputs(6))
+    base = put(torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(9)))
+
+    def backward(logits, out):
+        ops.backward(logits, targets, row_max, log_sum, entropy, coef_lp, coef_h, 0.8, out)
+        return out
+
+    logits = base[:, :3, :8]  # non-dense: every row skips one element, every sequence one row
+    want = backward(logits, torch.empty(logits.shape, device=logits.device)).clone()
+    with pytest.raises(ValueError, match="out: the gradient buffer overlaps the logits"):
+        backward(logits, base[:, 1:, 1:])  # shifted by one row and one column: partly over the logits
+    with pytest.raises(ValueError, match="out: elements of the gradient buffer share memory"):
+        backward(logits, put(torch.zeros(2, 1, 8)).expand(2, 3, 8))
+    disjoint = put(torch.full((2, 5, 10), float("nan")))[:, 1:4, 2:]
+    torch.testing.assert_close(backward(logits, disjoint), want, rtol=0, atol=0)
+    in_place = base.clone()
+    same_memory = backward(in_place[:, :3, :8], in_place[:, :3, :8])  # two views, one layout: in place
+    torch.testing.assert_close(same_memory, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -47,6 +47,7 @@ import rlhf_fast as rf
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # GRPOConfig
 
 RTOL, ATOL = 1e-5, 1e-6  # the contract's fp32 tolerance
+SEQUENCE_WEIGHT_CAP = 4.8e8  # e^20 less 1%: below it, ours (Σ log-ratio capped at 20) and TRL (uncapped) agree
 BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else [])
 V = 29
 
@@ -137,6 +138,9 @@ def trl_options(args: GRPOConfig, num_items_in_batch: Optional[float] = None, lo
         mode, level = constraint_level[args.vllm_importance_sampling_mode]
         if sequence and level == "token":
             raise NotExpressible("token-level rollout weights on the sequence ratio (TRL spreads them)")
+        high = args.vllm_importance_sampling_clip_max
+        if level == "sequence" and (high is None or high >= SEQUENCE_WEIGHT_CAP):
+            raise NotExpressible("a sequence weight above e^20 (ours caps Σ log-ratio at 20, TRL does not)")
         options.update(rollout_is=mode, rollout_is_level=level, rollout_is_min=args.vllm_importance_sampling_clip_min,
                        rollout_is_max=args.vllm_importance_sampling_clip_max)
     return options
@@ -394,6 +398,48 @@ def test_trl_difference_sequence_level_with_token_weights():
                    rollout_is="truncate", rollout_is_level="sequence", rollout_is_max=1e6)
     ours, ours_grad = run_ours_trl(ours_case, "eager", **options)
     assert_parity(ours, ours_grad, peer, peer_grad, "gspo with token weights")
+
+
+def _far_off_sequences(seed: int) -> TrlCase:
+    """Rows 0 and 1 with Σ(old − sampling) = +24 and −24: sequence weights e^±24, beyond our cap of e^±20."""
+    case = trl_case(seed=seed)
+    sampling = case.old.clone()
+    for row, total in ((0, 24.0), (1, -24.0)):
+        n = int(case.mask[row].sum())
+        sampling[row, :n] = case.old[row, :n] - total / n
+    return case._replace(sampling=sampling)
+
+
+@pytest.mark.parametrize("mode", ["sequence_mask", "sequence_truncate"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trl_sequence_weights_far_off_policy_with_a_bound_below_e20(mode, backend):
+    """Σ log-ratio = ±24 (ours caps it at ±20, TRL does not): with vllm_importance_sampling_clip_max below
+    e^20 row 0's weight is truncated to the bound or masked in both; row 1's e^-24 (TRL) and e^-20 (ours)
+    differ by 2e-9 of the row's policy term, inside the fp32 tolerance."""
+    case = _far_off_sequences(seed=10)
+    args = trl_config(loss_type="dapo", use_vllm=True, vllm_importance_sampling_mode=mode,
+                      vllm_importance_sampling_clip_max=1e8)
+    items = 2 * float(case.mask.sum())
+    options = trl_options(args, num_items_in_batch=items, local_tokens=items / 2, importance_sampling=True)
+    peer, peer_grad = run_trl(args, case, num_items_in_batch=items)
+    ours, ours_grad = run_ours_trl(case, backend, **options)
+    assert_parity(ours, ours_grad, peer, peer_grad, f"{mode} far off policy")
+
+
+def test_trl_difference_sequence_weight_without_an_upper_bound():
+    """vllm_importance_sampling_clip_max=None with a sequence_* mode: TRL weights a sequence by e^Σ whatever Σ;
+    ours caps Σ at 20. With only row 0 (Σ = 24) carrying an advantage, TRL's loss is e^4 times ours: the
+    integration refuses this configuration (test_integrations)."""
+    case = _far_off_sequences(seed=11)._replace(advantages=torch.tensor([0.9, 0.0, 0.0, 0.0]))
+    args = trl_config(loss_type="dapo", use_vllm=True, vllm_importance_sampling_mode="sequence_mask",
+                      vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=None)
+    items = float(case.mask.sum())
+    with pytest.raises(NotExpressible):
+        trl_options(args, num_items_in_batch=items, local_tokens=items, importance_sampling=True)
+    peer, _ = run_trl(args, case, num_items_in_batch=items)
+    ours, _ = run_ours_trl(case, "eager", loss_agg="token-mean", rollout_is="mask", rollout_is_level="sequence",
+                           rollout_is_min=0.5, rollout_is_max=None)
+    torch.testing.assert_close(peer / ours, torch.tensor(math.exp(4.0)), rtol=1e-4, atol=0.0)
 
 
 # ======================================================================================
@@ -721,3 +767,9 @@ def test_trl_not_expressible():
                    dict(loss_type="grpo", off_policy_mask_threshold=0.5)):
         with pytest.raises(NotExpressible):
             trl_options(trl_config(**config), num_items_in_batch=10.0, local_tokens=10.0)
+    for mode in ("sequence_mask", "sequence_truncate"):
+        for high in (None, 5e8):
+            args = trl_config(loss_type="grpo", use_vllm=True, vllm_importance_sampling_mode=mode,
+                              vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=high)
+            with pytest.raises(NotExpressible):
+                trl_options(args, importance_sampling=True)

@@ -115,21 +115,27 @@ def test_nan_in_valid_row_propagates(backend, use_backend):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_gradient_in_the_forward_equals_the_two_pass_gradient(backend, inplace, use_backend):
-    """grad_in_forward=True (one kernel per row where the backend has it, else the usual passes) gives the
-    same loss and d(logits), also for an upstream gradient that is not 1."""
+def test_gradient_in_the_forward_matches_the_eager_reference(backend, inplace, use_backend):
+    """grad_in_forward=True (one kernel per row where the backend has one, else the usual two passes) and
+    the two-pass backward both give eager's loss and d(logits) (autograd through plain PyTorch: an
+    independent path), also for an upstream gradient that is not 1."""
     name = use_backend(backend)
-    for vocab, strided in ((1024, False), (129, True)):  # one row fits the one-kernel path, one does not
+    # a row that fits the one-kernel path, one that does not (odd V, strided), one too short for it (V = 8)
+    for vocab, strided in ((1024, False), (129, True), (8, False)):
         case = make_case(2, 4, vocab, strided=strided, seed=31, device=device_for(backend))
         options = dict(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
-        grads = []
-        for grad_in_forward in (False, True):
+        runs = {}
+        for run, grad_in_forward in (("eager", False), ("two-pass", False), ("grad-in-forward", True)):
             base = case.logits_base.detach().clone().requires_grad_(True)
             logits = (base[:, :-1] if strided else base) * 1.0  # a buffer the loss may overwrite
             out = rf.ppo_loss(logits, case.targets, case.advantages, case.old_logprobs, case.ref_logprobs,
-                              case.mask, backend=name, inplace_backward=inplace, grad_in_forward=grad_in_forward,
+                              case.mask, backend="eager" if run == "eager" else name,
+                              inplace_backward=inplace and run != "eager", grad_in_forward=grad_in_forward,
                               **options)
             (2.5 * out.loss).backward()
-            grads.append((out.loss.detach(), base.grad))
-        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)
+            runs[run] = (out.loss.detach(), base.grad)
+        for run in ("two-pass", "grad-in-forward"):
+            torch.testing.assert_close(runs[run][0], runs["eager"][0], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, r=run, v=vocab: f"{backend} V={v} {r} loss: {m}")
+            torch.testing.assert_close(runs[run][1], runs["eager"][1], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, r=run, v=vocab: f"{backend} V={v} {r} d(logits): {m}")

@@ -138,16 +138,26 @@ def draw_case(data, backend: str, *, dtype=torch.float32, offset: float = 0.0, e
     seq = data.draw(st.integers(1 if need_valid else 0, 4), label="seq")
     vocab = data.draw(st.sampled_from(INTERPRETER_VOCABS if slow(backend) else VOCABS), label="vocab")
     strided = data.draw(st.booleans(), label="strided")
+    # one sequence's logits scored for every sequence: an expanded, stride-0 view
+    expanded = batch > 1 and data.draw(st.booleans(), label="expanded")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     scale = data.draw(st.sampled_from([0.5, 2.0, 8.0]), label="scale")
-    base = torch.randn(batch, seq + int(strided), vocab, generator=gen) * scale
+    base = torch.randn(1 if expanded else batch, seq + int(strided), vocab, generator=gen) * scale
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
-    view = base[:, :seq]
+    view = base[:, :seq]  # [B or 1, T, V]: what the sequences read
     if vocab > 2 and data.draw(st.booleans(), label="banned"):
         banned = torch.rand(view.shape, generator=gen) < 0.2
-        banned.scatter_(-1, targets.unsqueeze(-1), False)  # never the target
+        for row_targets in targets if expanded else [targets]:
+            banned.scatter_(-1, row_targets.expand(view.shape[:2]).unsqueeze(-1), False)  # never a target
         view.masked_fill_(banned, float("-inf"))
-    if vocab > 1 and seq > 0 and data.draw(st.booleans(), label="huge_logit"):
+    if vocab > 2 and seq > 0 and data.draw(st.booleans(), label="confident"):
+        # confident targets (1 − p_y from 1e-3 down to 1e-6): 1 − p_y must not cancel, and large advantages
+        # (drawn below) carry its digits into the gradient
+        rows = torch.rand(view.shape[:2], generator=gen) < 0.6
+        bump = data.draw(st.sampled_from([8.0, 10.0, 14.0]), label="confident_bump")
+        col = targets[:1] if expanded else targets
+        view.add_(torch.zeros_like(view).scatter_(-1, col.unsqueeze(-1), bump * scale) * rows.unsqueeze(-1))
+    if vocab > 1 and seq > 0 and not expanded and data.draw(st.booleans(), label="huge_logit"):
         # one huge logit in each of some rows, on the target (lp ≈ 0) or next to it (lp ≈ −huge)
         rows = torch.rand(batch, seq, generator=gen) < 0.5
         headroom = torch.finfo(dtype).max - abs(offset) - 100.0  # stay finite in fp16
@@ -158,7 +168,7 @@ def draw_case(data, backend: str, *, dtype=torch.float32, offset: float = 0.0, e
         col = targets if on_target else (targets + 1) % vocab
         bump = torch.zeros_like(view).scatter_(-1, col.unsqueeze(-1), huge) * rows.unsqueeze(-1)
         view.add_(bump)
-    if extreme and vocab > 2048 and seq > 0 and data.draw(st.booleans(), label="max_jump"):
+    if extreme and vocab > 2048 and seq > 0 and not expanded and data.draw(st.booleans(), label="max_jump"):
         # the row max jumps from −1e36 to 1e36 at the first block boundary; the target sits
         # among the top logits (a moderate log-prob, so the ratio math stays comparable)
         view[0, 0, :2048] = -1e36
@@ -168,41 +178,48 @@ def draw_case(data, backend: str, *, dtype=torch.float32, offset: float = 0.0, e
         view.add_(offset)
     mask = draw_mask(data, gen, batch, seq, need_valid=need_valid)
     valid = valid_of(mask, batch, seq)
-    if extreme and seq > 0 and (~valid).any():
+    unread = ~valid.any(0, keepdim=True) if expanded else ~valid  # logit rows no valid token reads
+    if extreme and seq > 0 and unread.any():
         junk = data.draw(st.sampled_from([float("-inf"), float("nan"), float("inf"), 1e38, -1e38]),
                          label="masked_logits")
-        view[~valid] = junk  # masked rows: anything at all
+        view[unread] = junk  # masked rows: anything at all
     targets = torch.where(valid, targets, torch.full_like(targets, -100))  # padding ids where masked
 
     options = draw_options(data, has_ref=True, temperature=temperature)
     tau = options["temperature"]
-    lp = truth_logprobs(view.to(dtype), targets, tau)
+    lp = truth_logprobs(view.expand(batch, seq, vocab).to(dtype), targets, tau)
     lp = torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
     per_seq = data.draw(st.booleans(), label="per_sequence_advantages")
     adv = torch.randn((batch,) if per_seq else (batch, seq), generator=gen)
+    if dtype == torch.float32:  # the double baseline's 1e-6 floor is for advantages of order 1
+        adv = adv * data.draw(st.sampled_from([1.0, 1.0, 1e3, 1e6]), label="advantage_scale")
     if data.draw(st.booleans(), label="zero_advantages"):
         adv = torch.where(torch.rand(adv.shape, generator=gen) < 0.4, torch.zeros_like(adv), adv)
     elif extreme:  # |A| ≥ 0.1: −A·e^100 then overflows in fp64's fp32 range too
         adv = torch.where(adv.abs() < 0.1, torch.full_like(adv, 0.5), adv)
     with_old = extreme or data.draw(st.booleans(), label="with_old")  # on-policy: r = 1, nothing overflows
     with_ref = data.draw(st.booleans(), label="with_ref")
+    # Around e^88.7 = FLT_MAX a token's −A·r or β·e^δ overflows while its weighed share, the loss and the
+    # means may not; ±100 and ±200 overflow for good.
+    edges = [0.0, 86.0, 88.5, 89.0, 90.0, 95.0, 100.0, -100.0, 200.0, -200.0]
     shifts = [0.0]
     if extreme:
-        shifts = data.draw(st.lists(st.sampled_from([0.0, 100.0, -100.0, 200.0, -200.0]), min_size=1, max_size=3),
-                           label="log_ratio_shifts")
+        shifts = data.draw(st.lists(st.sampled_from(edges), min_size=1, max_size=3), label="log_ratio_shifts")
     pick = torch.randint(0, len(shifts), (batch, seq), generator=gen)
     shift = torch.tensor(shifts, dtype=torch.float64)[pick]
     old = (lp + 0.3 * torch.randn(lp.shape, generator=gen, dtype=torch.float64) - shift).float()
-    deltas = [0.0] + ([100.0, -100.0] if extreme else [])
+    deltas = [0.0]
+    if extreme:
+        deltas = data.draw(st.lists(st.sampled_from(edges), min_size=1, max_size=3), label="kl_deltas")
     pick = torch.randint(0, len(deltas), (batch, seq), generator=gen)
     ref = (lp + 0.3 * torch.randn(lp.shape, generator=gen, dtype=torch.float64)
            + torch.tensor(deltas, dtype=torch.float64)[pick]).float()
     if not with_ref:
         options["kl_coef"] = 0.0
-    if data.draw(st.booleans(), label="inplace_backward"):
+    if not expanded and data.draw(st.booleans(), label="inplace_backward"):
         options["inplace_backward"] = True
     case = Case(base.to(dtype).requires_grad_(True), targets, adv, old if with_old else None,
-                ref if with_ref else None, mask, strided)
+                ref if with_ref else None, mask, strided, batch if expanded else 0)
     return case, options
 
 
@@ -214,7 +231,7 @@ def on(case: Case, backend: str) -> Case:
         return None if t is None else t.to(dev)
 
     return Case(case.logits_base.detach().to(dev).requires_grad_(True), put(case.targets), put(case.advantages),
-                put(case.old_logprobs), put(case.ref_logprobs), put(case.mask), case.strided)
+                put(case.old_logprobs), put(case.ref_logprobs), put(case.mask), case.strided, case.expand)
 
 
 def run_on(case: Case, backend: str, **options):
@@ -239,6 +256,8 @@ def eager_of(case: Case, options):
 def masked_rows(case: Case) -> torch.Tensor:
     """[B, T(+1)] bool: rows of logits_base that no valid token reads."""
     valid = valid_of(case.mask, *case.targets.shape).to(case.logits_base.device)
+    if case.expand:
+        valid = valid.any(0, keepdim=True)  # one row of logits_base, read by every sequence
     rows = torch.ones(case.logits_base.shape[:2], dtype=torch.bool, device=valid.device)
     rows[:, : valid.shape[1]] = ~valid
     return rows
@@ -454,8 +473,8 @@ def test_nan_at_a_valid_position_propagates_to_the_loss(backend, triton_env):
         nan = float("nan")
         if place in ("logit", "inf_logit"):
             col = data.draw(st.integers(0, case.logits_base.shape[-1] - 1), label="col")
-            with torch.no_grad():
-                case.logits_base[b, t, col] = nan if place == "logit" else float("inf")
+            with torch.no_grad():  # expanded: the one row of logits every sequence reads at t
+                case.logits_base[0 if case.expand else b, t, col] = nan if place == "logit" else float("inf")
         elif place == "advantage":
             adv = case.advantages.clone()
             adv[(b,) if adv.dim() == 1 else (b, t)] = nan  # per-sequence advantages: the whole sequence
@@ -480,6 +499,8 @@ def test_nan_at_a_valid_position_propagates_to_the_loss(backend, triton_env):
                              temperature=options["temperature"], backend=backend).cpu()
             assert torch.isnan(lp[b, t]), f"{backend}: NaN logit gave log-prob {lp[b, t]}"
             others = valid.clone()
+            if case.expand:
+                others[:, t] = False  # every sequence reads that row
             others[b, t] = False
             assert torch.isfinite(lp[others]).all(), f"{backend}: a NaN logit leaked into other rows"
 

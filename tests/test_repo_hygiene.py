@@ -4,9 +4,10 @@
   shared folder, no section numbers of an external spec, no tracker numbers.
 * Every relative link in README.md and docs/*.md resolves to a file of the repository (tracked,
   or new and not ignored: what a fresh clone has before anything is run), anchors included.
-* The README's commands are the ones CI runs: its install commands are .ci/run's, its test
-  command is literally a line of ``.ci/run``, its main-job command is a registered subcommand whose flags parse, and the
-  ``-m`` markers it names are declared in pyproject.toml.
+* The README's commands are the ones CI runs: its quick start is the two make commands of
+  ``.ci/run``, which run the README's own test and main-job commands in the environment they set
+  up; its peer installs are the Makefile's; its main-job command is a registered subcommand whose
+  flags parse, and the ``-m`` markers it names are declared in pyproject.toml.
 * Every README python block that names an example script is that script, verbatim (the
   examples are run by tests/test_examples.py).
 """
@@ -158,22 +159,49 @@ def ci_commands() -> List[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_the_readme_test_command_is_the_one_ci_runs():
-    tests = [c for c in readme_commands() if c.startswith("python -m pytest tests")]
-    assert tests, "the README shows no test command (python -m pytest tests ...)"
-    full = [c for c in tests if "-m" not in shlex.split(c)[3:]]
-    assert full, f"the README shows no command for the whole suite: {tests}"
-    assert full[0] in ci_commands(), f"README test command {full[0]!r} is not a command of .ci/run"
+def makefile_variable(name: str) -> str:
+    match = re.search(rf"^{name} :?= (.*)$", text_of("Makefile"), flags=re.M)
+    assert match, f"the Makefile defines no {name}"
+    return match.group(1).strip()
 
 
-def test_the_readme_installs_what_ci_installs():
-    """Every install command of .ci/run is in the README, so a newcomer's set-up is CI's."""
-    def normalised(command: str) -> str:
-        return re.sub(r"^(python -m )?pip install( -q)?", "pip install", command)
+def makefile_recipe(target: str) -> List[str]:
+    match = re.search(rf"^{re.escape(target)}:[^\n]*\n((?:\t[^\n]*\n)+)", text_of("Makefile"), flags=re.M)
+    assert match, f"the Makefile has no target {target}"
+    return [line.strip() for line in match.group(1).splitlines()]
 
-    readme = {normalised(c) for c in readme_commands()}
-    missing = [c for c in ci_commands() if "pip install" in c and normalised(c) not in readme]
-    assert not missing, f"install commands of .ci/run missing from the README: {missing}"
+
+def test_the_quick_start_is_the_two_commands_ci_runs():
+    section = text_of("README.md").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+    assert block, "the README's quick start shows no bash block"
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
+    assert commands == ["make casestudy", "make test"], commands
+    ci = ci_commands()
+    assert all(command in ci for command in commands), f".ci/run does not run {commands}"
+    assert ci.index("make casestudy") < ci.index("make test")
+    assert any("rm -rf .venv" in line for line in ci), ".ci/run must start from no virtual environment"
+
+
+def test_the_make_targets_run_the_readme_commands():
+    """``make test`` and ``make casestudy`` run, in .venv, the README's commands for an environment of one's own."""
+    readme = readme_commands()
+    for target, command in (("test", "python -m pytest tests -q"), ("casestudy", "python -m rlhf_fast casestudy")):
+        assert command in readme, f"the README does not show {command!r}"
+        recipe = " ".join(makefile_recipe(target))
+        assert f"$(BIN)/{command}" in recipe, f"make {target} does not run {command!r}: {recipe}"
+
+
+def test_the_readme_installs_the_peers_as_the_makefile_does():
+    readme = {re.sub(r"^(python -m )?pip install( -q)?", "pip install", c) for c in readme_commands()}
+    verl, chain = makefile_variable("VERL"), makefile_variable("VERL_IMPORT_CHAIN")
+    assert f"pip install --no-deps {verl}" in readme, f"the README does not install {verl} as the Makefile does"
+    assert f"pip install {chain}" in readme, f"the README does not install verl's import chain {chain}"
+    versions = text_of("README.md").split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    for name, version in re.findall(r'"(trl|accelerate|datasets|verl)==([^"]+)"', text_of("pyproject.toml")):
+        row = next((line for line in versions.splitlines()
+                    if line.startswith("|") and re.search(rf"\b{name}\b", line.split("|")[1])), "")
+        assert version in row, f"the README's table of versions does not give {name} {version}"
 
 
 def test_the_readme_pytest_markers_are_declared():

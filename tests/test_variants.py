@@ -204,6 +204,43 @@ def test_kl_ratio_weighted_and_clamps_by_hand():
     assert ratio_clamped.loss.item() == pytest.approx(math.exp(0.5) * k3)
 
 
+APPROX_KL_PARAMS = [pytest.param(b, p, c, id=f"{b}-{p}-{c}") for b in ["eager"] + ALL_BACKENDS
+                    for p in ("ppo", "gspo", "cispo", "sapo") for c in (None, 0.3, 20.0)
+                    if not (_interpreted(b) and (p, c) not in (("ppo", 0.3), ("gspo", 20.0)))]
+
+
+@pytest.mark.parametrize("backend,policy_loss,clamp", APPROX_KL_PARAMS)
+def test_approx_kl_uses_the_clamped_log_ratio(backend, policy_loss, clamp, use_backend):
+    """approx_kl = mean over valid tokens of (e^c − 1) − c with c = clamp(lp − old, ±log_ratio_clamp), the
+    token log-ratio the loss uses, against an fp64 computation written here (log_softmax, gather, clamp),
+    for rf.ppo_loss and rf.fused_linear_ppo_loss; log-ratios reach ±25, beyond a clamp of 20."""
+    name = use_backend(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(17)
+    hidden, weight = torch.randn(2, 5, 8, generator=gen), torch.randn(33, 8, generator=gen)
+    logits = hidden @ weight.T
+    targets = torch.randint(0, 33, (2, 5), generator=gen)
+    mask = torch.rand(2, 5, generator=gen) > 0.2
+    lp = torch.log_softmax(logits.double() / 0.9, -1).gather(-1, targets[..., None]).squeeze(-1)
+    shift = torch.tensor([0.0, 25.0, -25.0, 0.5, -0.5]).repeat(2, 1).double()  # log-ratios beyond every clamp
+    old = (lp - shift + 0.1 * torch.randn(2, 5, generator=gen, dtype=torch.float64)).float()
+    adv = torch.randn(2, 5, generator=gen)
+    c = lp - old.double()
+    if clamp is not None:
+        c = c.clamp(-clamp, clamp)
+    want = ((torch.expm1(c) - c) * mask).sum() / mask.sum()
+    options = dict(policy_loss=policy_loss, log_ratio_clamp=clamp, temperature=0.9, backend=name)
+    put = lambda t: t.to(dev)  # noqa: E731
+    for path, out in (
+        ("ppo_loss", rf.ppo_loss(put(logits), put(targets), put(adv), put(old), mask=put(mask), **options)),
+        ("fused_linear_ppo_loss", rf.fused_linear_ppo_loss(put(hidden), put(weight), put(targets), put(adv),
+                                                           put(old), mask=put(mask), **options)),
+    ):
+        got = out.metrics["approx_kl"].cpu().double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, p=path: f"{backend} {policy_loss} clamp {clamp} {p}: {m}")
+
+
 # ----------------------------------------------------------------------------------
 # GSPO against the sequence-level objective, packed against padded
 # ----------------------------------------------------------------------------------

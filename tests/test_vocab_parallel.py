@@ -82,6 +82,25 @@ def _worker(rank: int, world: int, init_file: str, backend: str, vocab: int) -> 
         ((lp * 1.5).sum() + (entropy ** 2).sum()).backward()
         torch.testing.assert_close(lp, lp_ref, **tol)
         torch.testing.assert_close(shard.grad, full.grad[..., lo:hi], **tol)
+        # a confident target (p_y = 0.99993) with A = 1e6: its one-hot factor 1 − p_y is Σ_{j≠y} p_j, and most of
+        # that sum lies on other shards (the collective's probability elsewhere); against the fp64 truth
+        logits = torch.full((1, 2, vocab), -30.0)
+        logits[0, :, 0] = 10.33
+        logits[0, :, vocab - 1] = 0.13  # on the last shard
+        logits[0, :, vocab // 2] = 0.03
+        targets = torch.tensor([[0, vocab // 2]])
+        adv = torch.full((1, 2), 1e6)
+        truth = logits.double().requires_grad_(True)
+        rf.ppo_loss(truth, targets, adv.double(), backend="eager").loss.backward()
+        lp_truth = torch.log_softmax(truth, -1).gather(-1, targets[..., None]).squeeze(-1)
+        (lp_grad_truth,) = torch.autograd.grad((1e6 * lp_truth).sum(), truth)
+        shard = logits[..., lo:hi].clone().requires_grad_(True)
+        rf.ppo_loss(shard, targets, adv, backend=backend, process_group=dist.group.WORLD).loss.backward()
+        torch.testing.assert_close(shard.grad.double(), truth.grad[..., lo:hi], **tol)
+        shard = logits[..., lo:hi].clone().requires_grad_(True)
+        lp = rf.logprobs(shard, targets, backend=backend, process_group=dist.group.WORLD)
+        (1e6 * lp).sum().backward()
+        torch.testing.assert_close(shard.grad.double(), lp_grad_truth[..., lo:hi], **tol)
         # a target id beyond the global vocabulary is still an error
         bad = torch.full((1, 2), vocab, dtype=torch.long)
         try:

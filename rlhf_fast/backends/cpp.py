@@ -39,7 +39,7 @@ def forward(
     ref_logprobs: torch.Tensor | None,  # [N] fp32
     params: RowParams,
 ) -> TokenResults:
-    """One pass per row: lp, H, m, log s, ratio, pg, kl, ℓ and g = dℓ/d lp, each fp32 ``[N]``."""
+    """One pass per row: lp, H, m, log s, ratio, pg, kl, ℓ, g = dℓ/d lp and the two log scales, fp32 ``[N]``."""
     out = _ops.ppo_forward(
         logits, targets, advantages, old_logprobs, ref_logprobs,
         1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high, params.dual_clip, params.kl_coef,
@@ -48,12 +48,15 @@ def forward(
     return TokenResults(*out)
 
 
-def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out) -> None:
+def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out,
+             outside=None) -> None:
     """Writes d(loss)/d(logits) into ``out`` (which may be ``logits`` itself), recomputing p from the logits."""
     if out is logits:  # identity, not data_ptr: it also holds for the fake tensors of torch.compile
-        _ops.ppo_backward_inplace(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature)
+        _ops.ppo_backward_inplace(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
+                                  outside)
     else:
-        _ops.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out)
+        _ops.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out,
+                          outside)
 
 
 def logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool) -> RowStats:

@@ -10,8 +10,9 @@ The same ops, with the same argument names, exist in two namespaces:
   ``custom_op`` under the interpreter) with the stub as its fake.
 
 Shapes: logits ``[B, T, V]`` (stride 1 on V), targets and every per-row vector ``[N = B·T]``,
-outputs fp32 ``[N]``. ``ratio_low`` = 1 − ε_low, ``ratio_high`` = 1 + ε_high, ``dual_clip`` = c
-(0 = off), ``kl_estimator`` 0..3 = k1, k2, k3, k3+. The math is the row contract of
+outputs fp32 ``[N]`` (the forward's in :class:`~rlhf_fast.backends.rows.TokenResults` order: pg, loss and
+dlogp times e^−log_scale, kl times e^−kl_log_scale). ``ratio_low`` = 1 − ε_low, ``ratio_high`` = 1 + ε_high,
+``dual_clip`` = c (0 = off), ``kl_estimator`` 0..3 = k1, k2, k3, k3+. The math is the row contract of
 :class:`~rlhf_fast.backends.rows.RowOps`.
 """
 
@@ -22,6 +23,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .rows import KERNEL_OUTPUTS
 
 
 def _rows(logits: Tensor) -> int:
@@ -50,9 +53,10 @@ def ppo_forward(
     kl_estimator: int,  # 0 k1, 1 k2, 2 k3, 3 k3+
     entropy_coef: float,  # η
     temperature: float,  # τ
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One pass per row → (logprobs, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp)."""
-    return tuple(_row_vector(logits) for _ in range(9))
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass per row → (logprobs, entropy, row_max, log_sum, ratio, pg, kl, loss, dlogp, log_scale,
+    kl_log_scale)."""
+    return tuple(_row_vector(logits) for _ in range(KERNEL_OUTPUTS))
 
 
 def ppo_backward(
@@ -65,6 +69,7 @@ def ppo_backward(
     coef_entropy: Tensor,  # [N] fp32 c_H
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written
+    outside: Optional[Tensor] = None,  # [N] fp32 probability on other vocabulary shards (None: whole rows)
 ) -> None:
     """Writes d(loss)/d(logits) into ``out``."""
     return None
@@ -79,6 +84,7 @@ def ppo_backward_inplace(
     coef_logprob: Tensor,
     coef_entropy: Tensor,
     temperature: float,
+    outside: Optional[Tensor] = None,
 ) -> None:
     """:func:`ppo_backward` into the logits' own memory (one op whose two arguments alias while one is
     mutated is outside what torch.library ops may declare, hence a second op)."""
@@ -124,9 +130,9 @@ def ppo_forward_grad(
     entropy_coef: float,  # η
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written: d(Σ w·ℓ)/d(logits)
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`ppo_forward`'s outputs, and the gradient of Σ w·ℓ (upstream gradient 1) into ``out``."""
-    return tuple(_row_vector(logits) for _ in range(9))
+    return tuple(_row_vector(logits) for _ in range(KERNEL_OUTPUTS))
 
 
 def ppo_forward_grad_inplace(
@@ -143,9 +149,9 @@ def ppo_forward_grad_inplace(
     kl_estimator: int,
     entropy_coef: float,
     temperature: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`ppo_forward_grad` into the logits' own memory (see :func:`ppo_backward_inplace`)."""
-    return tuple(_row_vector(logits) for _ in range(9))
+    return tuple(_row_vector(logits) for _ in range(KERNEL_OUTPUTS))
 
 
 TRITON_OPS: Tuple[Tuple[Callable, Tuple[str, ...]], ...] = (

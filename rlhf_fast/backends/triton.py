@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..kernels import ppo_loss as kernels
 from . import ops, triton_interpret
-from .rows import RowOps, RowParams, RowStats, TokenResults, refuse_overlapping
+from .rows import RowOps, RowParams, RowStats, TokenResults, check_gradient_out, refuse_overlapping
 
 _NAMESPACE = "rlhf_fast_triton"
 _INTERPRETED = triton_interpret()
@@ -51,7 +51,7 @@ def _forward_op(
     kl_estimator: int,  # 0 k1, 1 k2, 2 k3, 3 k3+
     entropy_coef: float,  # η
     temperature: float,  # τ
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     outputs = ops.ppo_forward(logits, targets, advantages, old_logprobs, ref_logprobs, ratio_low, ratio_high,
                               dual_clip, kl_coef, kl_estimator, entropy_coef, temperature)
     with _on_device(logits):
@@ -73,10 +73,12 @@ def _backward_op(
     coef_entropy: Tensor,  # [N] fp32 c_H
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written
+    outside: Optional[Tensor] = None,  # [N] fp32 probability on other vocabulary shards (None: whole rows)
 ) -> None:
+    check_gradient_out(logits, out)
     with _on_device(logits):
         kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
-                             out)
+                             out, outside)
 
 
 @_op(ops.ppo_backward_inplace)
@@ -89,10 +91,12 @@ def _backward_inplace_op(
     coef_logprob: Tensor,
     coef_entropy: Tensor,
     temperature: float,
+    outside: Optional[Tensor] = None,
 ) -> None:
+    refuse_overlapping(logits)
     with _on_device(logits):
         kernels.ppo_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
-                             logits)
+                             logits, outside)
 
 
 @_op(ops.logprobs)
@@ -124,7 +128,8 @@ def _forward_grad_op(
     entropy_coef: float,  # η
     temperature: float,  # τ
     out: Tensor,  # [B, T, V] logits' dtype, written: d(Σ w·ℓ)/d(logits)
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_gradient_out(logits, out)
     outputs = ops.ppo_forward_grad(logits, targets, advantages, old_logprobs, ref_logprobs, weights, ratio_low,
                                    ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature, out)
     with _on_device(logits):
@@ -150,7 +155,8 @@ def _forward_grad_inplace_op(
     kl_estimator: int,
     entropy_coef: float,
     temperature: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_overlapping(logits)
     outputs = ops.ppo_forward_grad_inplace(logits, targets, advantages, old_logprobs, ref_logprobs, weights,
                                            ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
                                            temperature)
@@ -207,23 +213,24 @@ def forward_with_grad(logits, targets, advantages, old_logprobs, ref_logprobs, p
         return TokenResults(*outputs)
     results = forward(logits, targets, advantages, old, ref, params)
     weighted = weights != 0  # a masked token's coefficients are 0, not 0·NaN
-    coef_logprob = torch.where(weighted, weights * results.dlogp, 0.0)
+    coef_logprob = torch.where(weighted, results.dlogp * weights * torch.exp(results.log_scale), 0.0)
     coef_entropy = torch.where(weighted, weights * params.entropy_coef, 0.0)
     backward(logits, targets, results.row_max, results.log_sum, results.entropy, coef_logprob, coef_entropy,
              params.temperature, out)
     return results
 
 
-def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out) -> None:
+def backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out,
+             outside=None) -> None:
     """Write d(loss)/d(logits) ``[B, T, V]`` into ``out`` (which may be ``logits`` itself)."""
     # Identity, not data_ptr: it also holds for the fake tensors of torch.compile.
     if out is logits:
         refuse_overlapping(logits)
         _backward_inplace_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
-                             float(temperature))
+                             float(temperature), outside)
     else:
         _backward_op(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, float(temperature),
-                     out)
+                     out, outside)
 
 
 def logprobs(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool) -> RowStats:

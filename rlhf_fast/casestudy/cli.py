@@ -153,6 +153,11 @@ def main(args: argparse.Namespace) -> int:
         print(runs_table(summary, summary["sweep"], markdown=False, label="run"))
     print()
     print(bar_table(summary))
+    if summary.get("monitor_detection"):
+        from .detection import detection_table
+
+        print("\nthe reward-hacking monitor on these runs (outcomes from the evaluation it never sees):")
+        print(detection_table(summary["monitor_detection"]))
     if summary["passed"]:
         verdict = f"bar passed on every one of {n} seeds" if n > 1 else "bar passed"
     else:

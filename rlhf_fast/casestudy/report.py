@@ -20,6 +20,7 @@ import platform
 import statistics
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import detection
 from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, describe
 from .plots import PLOTS, STEP_PLOTS, plot_all, plot_bar  # noqa: F401  (PLOTS and STEP_PLOTS re-exported)
@@ -124,7 +125,8 @@ def bar_checks(summary: Dict) -> List[Check]:
         Check("baseline: ratio_above high early", ra_early >= 0.04 and ra_early > ra_late, ra_early,
               "≥ 4% and > second half", ra_early - ra_bound,
               f"first 10% of steps {ra_early:.1%} of tokens, second half {ra_late:.1%}", (ra_bound, math.inf)),
-        Check("baseline: KL rises fastest early", early > 0 and kl_x >= 1.5, kl_x, "≥ 1.5×", kl_x - 1.5,
+        Check("baseline: KL rises fastest early", early > 0 and kl_x >= 1.5, kl_x, "≥ 1.5×",
+              kl_x - 1.5 if early > 0 else -math.inf,  # a flat or falling start: no ratio to measure, failed
               f"slope over the first 25% of steps {early:.3f}/step, rest {late:.3f}/step ({kl_x:.2f}×)",
               (1.5, math.inf)),
     ]
@@ -386,6 +388,7 @@ def write_report(multi: MultiSeedResult, out_dir: str, plots: bool = True) -> Di
     for result in multi.results:
         write_seed(result, os.path.join(out_dir, f"seed{result.config.seed}"))
     summary = multi_summary(multi)
+    summary["monitor_detection"] = detection.clean(detection.detection_rows(out_dir, multi.seeds))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     written = plot_all(multi, out_dir) + [plot_bar(summary, out_dir)] if plots else []
@@ -437,5 +440,12 @@ def report_markdown(summary: Dict, plots: Sequence[str]) -> str:
     if summary["sweep"]:
         lines += ["", "## KL-target sweep (adaptive KL, normalised reward)", "",
                   runs_table(summary, summary["sweep"], label="run")]
+    rows = summary.get("monitor_detection") or []
+    if rows:
+        lines += ["", "## The reward-hacking monitor on these runs", "",
+                  "`python -m rlhf_fast monitor` on each run's metrics.jsonl; outcome from the final evaluation "
+                  "(hacked: gold below the reference's or refusals down more than 5 points); gold step: the 10-step "
+                  "running mean of each step's gold 0.5 below the reference's; lead = gold step − first alarm.", "",
+                  detection.detection_table(rows), "", detection.runs_table(rows)]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
     return "\n".join(lines)

@@ -120,11 +120,16 @@ def run_ppo(
 ) -> List[Dict[str, float]]:
     """Train ``policy`` in place; returns one flat dict per step (also in ``out_dir/metrics.jsonl``).
 
-    Each dict has the loop's diagnostics plus ``extra_metrics``' keys; the names the
-    case study reads are ``score_norm_mean``, ``kl_ref_k1_sum``, ``kl_coef``,
+    Each dict has the loop's diagnostics plus ``extra_metrics``' keys (and ``monitor``: the
+    reward-hacking monitor's alerts of that step, which never reads ``extra_metrics``' evaluation
+    numbers); the names the case study reads are ``score_norm_mean``, ``kl_ref_k1_sum``, ``kl_coef``,
     ``ratio_above``, ``clipfrac`` and ``response_length_mean``.
     """
     cfg = make_config(common, settings, seed, out_dir, progress)
+    monitor = rf.RewardHackingMonitor(  # the loop's default monitor, naming the world's tokens
+        trainer="rlhf_fast", kl_penalty=cfg.kl_placement, clip_eps=cfg.clip_eps,
+        decode=lambda token_id: world.decode([token_id]),
+    )
     records = rf.train_ppo(
         cfg,
         policy,
@@ -134,6 +139,7 @@ def run_ppo(
         eos_token_id=world.EOS,
         pad_token_id=world.PAD,
         extra_metrics=extra_metrics,
+        monitor=monitor,
     )
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(

@@ -7,8 +7,9 @@ position and the entropy of its distribution, differentiable, ``[B, T]`` for pad
 ``[1, total_nnz]`` for remove-padding (packed) input. :func:`forward` is that forward: the
 backbone's hidden states, then ``rf.fused_linear_logprobs`` with the LM head (bias, logit scale
 and soft-cap included, :mod:`rlhf_fast.integrations.transformers`), returned as verl's
-``CausalLMOutputForPPO``. The targets are ``shift_labels`` when verl passes them (Ulysses
-sequence parallelism), else ``labels`` or ``input_ids`` rolled by one, as verl's own backends do.
+``CausalLMOutputForPPO``. The targets are ``shift_labels`` when verl passes them (verl 0.9.1's
+FSDP engine does on every remove-padding call), else ``labels`` or ``input_ids`` rolled by one, as
+verl's own backends do.
 
 Selecting it from verl's config (docs/integrations.md)::
 
@@ -20,9 +21,10 @@ Selecting it from verl's config (docs/integrations.md)::
 ``rlhf_fast`` backend name with verl's forward patching (:func:`install`; the other backend
 names are untouched). :func:`patch_model` patches one model directly.
 
-Differences from verl's torch backend: the outputs are fp32 whatever the model's dtype (verl's
-are in the hidden states' dtype), an LM head bias and the model's logit transform are applied
-(verl's backends ignore both), and targets of -100 give 0 instead of an index error.
+Differences from verl's torch backend: the entropy is fp32 like the log-probs whatever the model's
+dtype (verl's log-probs are fp32, its entropy is in the hidden states' dtype), an LM head bias and
+the model's logit transform are applied (verl's backends ignore both), and targets of -100 give 0
+instead of an index error.
 """
 
 from __future__ import annotations

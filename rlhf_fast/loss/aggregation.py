@@ -12,6 +12,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
+from ..backends.rows import log_scale_of
 from .policy import Sequences
 
 
@@ -64,6 +65,25 @@ def aggregation_weights(
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
+def _common_scale(values: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """One scale S for a sum of values·e^log_scales: the largest term divided by e^S is at most
+    e^SCALE_FROM, so the scaled terms and their sum stay finite (0 when nothing exceeds e^SCALE_FROM)."""
+    magnitudes = (log_scales + torch.log(values.abs())).reshape(-1)
+    lowest = torch.full((1,), float("-inf"), dtype=magnitudes.dtype, device=magnitudes.device)
+    return log_scale_of(torch.cat([magnitudes, lowest]).amax())  # the appended −inf: N = 0 gives 0
+
+
+def scaled_sum(values: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Σ values·e^log_scales (``[N]`` each; the scales detached), differentiable in ``values``.
+
+    Scaled down by a common e^S first, summed, then scaled back: a sum that fits fp32 comes out finite
+    even when one of its terms does not (a token's loss of 4e38 weighed by 1/2), one beyond fp32 is ±inf,
+    never inf − inf. With every scale 0 (nothing above e^SCALE_FROM) it is ``values.sum()``, bit for bit.
+    """
+    shift = _common_scale(values.detach(), log_scales)
+    return (values * torch.exp(log_scales - shift)).sum() * torch.exp(shift)
+
+
 def _as_denominator(value, like: torch.Tensor):
     """A caller's global count (a number, or a one-element tensor floored at 1) as a divisor."""
     if isinstance(value, torch.Tensor):
@@ -91,15 +111,18 @@ and ``rollout_weight_masked``."""
 class MetricInputs(NamedTuple):
     """Per-token values the metrics are computed from, ``[N]`` each (detached)."""
 
-    pg: torch.Tensor  # w·pg
-    kl: torch.Tensor
+    pg: torch.Tensor  # w·pg · e^−log_scale
+    kl: torch.Tensor  # · e^−kl_log_scale
     entropy: torch.Tensor
     ratio: torch.Tensor  # the ratio the variant uses (s_b for gspo)
-    token_ratio: torch.Tensor  # r_t = exp(lp − old)
-    log_ratio: torch.Tensor  # lp − old
+    ratio_log: torch.Tensor  # its logarithm
+    token_ratio: torch.Tensor  # r_t = exp(lp − old), after log_ratio_clamp
+    log_ratio: torch.Tensor  # lp − old, after log_ratio_clamp
     clipped: torch.Tensor  # bool
     dual: torch.Tensor  # bool
     rollout_weight: Optional[torch.Tensor]
+    log_scale: torch.Tensor  # of pg
+    kl_log_scale: torch.Tensor  # of kl
 
 
 @torch.no_grad()
@@ -113,9 +136,25 @@ def loss_metrics(valid: torch.Tensor, x: MetricInputs, clip_low: float, clip_hig
     count = v.sum()
     denom = count.clamp_min(1).to(dtype)
 
-    def mean(t: torch.Tensor) -> torch.Tensor:
+    def mean(t: torch.Tensor, log_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mean of t·e^log_scale over valid tokens: finite when it fits fp32, even where a term does not."""
         t = t.reshape(-1).to(dtype)
-        return torch.where(v, t, torch.zeros_like(t)).sum() / denom
+        t = torch.where(v, t, torch.zeros_like(t))
+        if log_scale is None:
+            return t.sum() / denom
+        log_scale = torch.where(v, log_scale.reshape(-1).to(dtype), torch.zeros_like(t))
+        shift = _common_scale(t, log_scale)
+        return (t * torch.exp(log_scale - shift)).sum() / denom * torch.exp(shift)
+
+    def exponential(log_value: torch.Tensor, value: torch.Tensor, minus: Optional[torch.Tensor] = None):
+        """(e^x − minus, as t·e^s): ``value`` (e^x computed as given, minus subtracted) where x ≤ SCALE_FROM,
+        e^(x − s) − minus·e^−s beyond, s its log scale."""
+        log_value = log_value.reshape(-1).to(dtype)
+        scale = log_scale_of(log_value)
+        scaled = torch.exp(log_value - scale)
+        if minus is not None:
+            scaled = scaled - minus.reshape(-1).to(dtype) * torch.exp(-scale)
+        return torch.where(scale > 0, scaled, value.reshape(-1).to(dtype)), scale
 
     def fraction(flag: torch.Tensor) -> torch.Tensor:
         return mean(flag.to(dtype))
@@ -128,18 +167,21 @@ def loss_metrics(valid: torch.Tensor, x: MetricInputs, clip_low: float, clip_hig
         return torch.where(count > 0, padded.amax() if largest else padded.amin(), torch.zeros_like(fill))
 
     r = x.ratio.reshape(-1).to(dtype)
+    log_r = x.log_ratio.reshape(-1).to(dtype)
+    # (r − 1) − log r, and the ratio itself, beyond fp32 as t·e^s: their means may still fit
+    approx_kl = exponential(log_r, (x.token_ratio.reshape(-1).to(dtype) - 1.0) - log_r, 1.0 + log_r)
     metrics = {
-        "pg_loss": mean(x.pg),
-        "kl": mean(x.kl),
+        "pg_loss": mean(x.pg, x.log_scale),
+        "kl": mean(x.kl, x.kl_log_scale),
         "entropy": mean(x.entropy),
         "clipfrac": fraction(x.clipped),
         "clipfrac_lower": fraction(x.dual),
-        "ratio_mean": mean(r),
+        "ratio_mean": mean(*exponential(x.ratio_log, r)),
         "ratio_min": extreme(r, largest=False),
         "ratio_max": extreme(r, largest=True),
         "ratio_above": fraction(r > clip_high),
         "ratio_below": fraction(r < clip_low),
-        "approx_kl": mean((x.token_ratio.reshape(-1).to(dtype) - 1.0) - x.log_ratio.reshape(-1)),
+        "approx_kl": mean(*approx_kl),
     }
     if x.rollout_weight is not None:
         metrics["rollout_weight_mean"] = mean(x.rollout_weight)

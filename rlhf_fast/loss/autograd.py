@@ -1,8 +1,10 @@
 """The autograd Functions around any row backend (Triton, C++, the reference as a row backend).
 
 * :class:`FusedPPOLoss` — the plain PPO loss in one pass: the backend's forward gives the
-  per-token results and g = dℓ/d lp; the loss is Σ w·ℓ with the aggregation weights w of
-  :func:`rlhf_fast.loss.aggregation.aggregation_weights`. Backward: the backend recomputes p
+  per-token results and g = dℓ/d lp (ℓ and g times e^−s, s the token's log scale); the loss is
+  Σ w·ℓ with the aggregation weights w of
+  :func:`rlhf_fast.loss.aggregation.aggregation_weights`, summed without overflowing before the
+  weights (:func:`~rlhf_fast.loss.aggregation.scaled_sum`). Backward: the backend recomputes p
   from the logits and writes (1/τ)·[c_lp·(1[j=y] − p_j) + c_H·p_j·(log p_j + H)] with
   c_lp = g·w·grad and c_H = η·w·grad, into a new buffer or, with ``inplace``, into the logits.
   With ``grad_in_forward`` and a backend that can (``RowOps.forward_with_grad``), one kernel
@@ -20,14 +22,22 @@ from typing import Optional
 
 import torch
 
-from ..backends.rows import RowOps, RowParams
+from ..backends.rows import RowOps, RowParams, may_overlap_itself, storage_span
+from .aggregation import scaled_sum
 
 
 def _gradient_buffer(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """d(logits): the logits themselves, or a new buffer with the logits' strides (rows with the same
-    16-byte alignment as the input's, so an odd vocabulary keeps vector stores)."""
+    """d(logits): the logits themselves, or a new buffer in which every element owns its memory.
+
+    It copies the logits' strides when those address each element once (rows then keep the logits'
+    16-byte phase, so an odd vocabulary keeps vector stores) and span at most twice the elements (that
+    phase is worth no more memory than the gradient itself); otherwise, an expanded tensor for one, it is
+    contiguous (autograd sums the gradient of an expanded view back onto its source).
+    """
     if inplace:
         return logits
+    if may_overlap_itself(logits) or storage_span(logits) > 2 * logits.numel():
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 
@@ -54,13 +64,16 @@ class FusedPPOLoss(torch.autograd.Function):
                                         ctx.grad)
         else:
             res = ops.forward(logits, targets, advantages, old_logprobs, ref_logprobs, params)
-        token_loss = torch.where(valid, res.loss, torch.zeros_like(res.loss))
-        loss = (weights * token_loss).sum()
+        zeros = torch.zeros_like(weights)
+        token_loss = torch.where(valid, res.loss, zeros)
+        log_scale = torch.where(valid, res.log_scale, zeros)
+        loss = scaled_sum(weights * token_loss, log_scale)
         # Masked rows may hold NaN in g (a banned placeholder target): keep them out of the backward.
-        weighted_dlogp = torch.where(valid, res.dlogp * weights, torch.zeros_like(weights))
-        ctx.save_for_backward(logits, targets, res.row_max, res.log_sum, res.entropy, weighted_dlogp, weights)
+        weighted_dlogp = torch.where(valid, res.dlogp * weights * torch.exp(log_scale), zeros)
+        ctx.save_for_backward(logits, targets, res.row_max, res.log_sum, res.entropy, weighted_dlogp, weights,
+                              res.outside)
         ctx.params, ctx.ops, ctx.inplace_backward = params, ops, inplace_backward
-        outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl)
+        outputs = (res.logprobs, res.entropy, res.ratio, res.pg, res.kl, res.log_scale, res.kl_log_scale)
         ctx.mark_non_differentiable(*outputs)
         return (loss,) + outputs
 
@@ -71,13 +84,13 @@ class FusedPPOLoss(torch.autograd.Function):
             if torch.compiler.is_compiling() or bool(grad_loss != 1):  # one scalar sync outside compile
                 grad = grad.mul_(grad_loss)
             return (grad,) + (None,) * 10
-        logits, targets, row_max, log_sum, entropy, weighted_dlogp, weights = ctx.saved_tensors
+        logits, targets, row_max, log_sum, entropy, weighted_dlogp, weights, outside = ctx.saved_tensors
         params: RowParams = ctx.params
         coef_logprob = weighted_dlogp * grad_loss
         coef_entropy = (params.entropy_coef * grad_loss) * weights
         out = _gradient_buffer(logits, ctx.inplace_backward)
         ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, params.temperature,
-                         out)
+                         out, outside)
         return (out,) + (None,) * 10
 
 
@@ -88,17 +101,18 @@ class RowLogprobs(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, ops: RowOps,
                 inplace_backward: bool):
         stats = ops.logprobs(logits, targets, temperature, True)
-        ctx.save_for_backward(logits, targets, stats.row_max, stats.log_sum, stats.entropy)
+        ctx.save_for_backward(logits, targets, stats.row_max, stats.log_sum, stats.entropy, stats.outside)
         ctx.temperature, ctx.ops, ctx.inplace_backward = temperature, ops, inplace_backward
         return stats.logprobs, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        logits, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        logits, targets, row_max, log_sum, entropy, outside = ctx.saved_tensors
         zeros = torch.zeros_like(entropy)
         coef_logprob = zeros if grad_logprobs is None else grad_logprobs.to(torch.float32).contiguous()
         # dH/dx_j = −p_j·(log p_j + H): the kernel's entropy coefficient is −dL/dH
         coef_entropy = zeros if grad_entropy is None else (-grad_entropy).to(torch.float32).contiguous()
         out = _gradient_buffer(logits, ctx.inplace_backward)
-        ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, ctx.temperature, out)
+        ctx.ops.backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, ctx.temperature, out,
+                         outside)
         return out, None, None, None, None

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..backends.rows import RowOps, RowStats
+from .aggregation import scaled_sum
 from .inputs import LossInputs
 from .policy import Sequences
 from .reference import weighted_token_loss
@@ -260,7 +261,7 @@ def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int,
 
 def chunk_backward(ops: RowOps, logits: torch.Tensor, spare: Optional[torch.Tensor], targets, row_max, log_sum,
                    entropy, coef_logprob: torch.Tensor, coef_entropy: torch.Tensor, temperature: float,
-                   transform: LogitTransform) -> torch.Tensor:
+                   transform: LogitTransform, outside: Optional[torch.Tensor] = None) -> torch.Tensor:
     """d(loss)/d(h @ W.T + b) of one chunk ``[rows, V]``, from the row backend's d(loss)/d(transformed logits).
 
     Without a soft-cap it overwrites ``logits`` (a scale folds into the coefficients: the row
@@ -272,7 +273,7 @@ def chunk_backward(ops: RowOps, logits: torch.Tensor, spare: Optional[torch.Tens
     logits3 = logits.view(1, logits.shape[0], logits.shape[1])
     out = logits if not transform.needs_spare else spare
     ops.backward(logits3, targets, row_max, log_sum, entropy, coef_logprob.contiguous(), coef_entropy.contiguous(),
-                 temperature, out.view(logits3.shape))
+                 temperature, out.view(logits3.shape), outside)
     if transform.needs_spare:
         transform.chain_(out, logits)
     return out
@@ -287,7 +288,8 @@ class PPOPass:
         dtype = result_dtype(hidden2d)
         empty = lambda: torch.empty(n_rows, dtype=dtype, device=hidden2d.device)
         self.logprobs, self.entropy, self.ratio = empty(), empty(), empty()
-        self.pg, self.kl, self.token_loss = empty(), empty(), empty()
+        self.pg, self.kl, self.token_loss = empty(), empty(), empty()  # pg and the loss · e^−log_scale
+        self.log_scale, self.kl_log_scale = empty(), empty()  # kl · e^−kl_log_scale
         grads = Gradients(hidden2d, weight, needs, process_group)
         for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any):
             logits3 = logits.view(1, logits.shape[0], logits.shape[1])
@@ -298,24 +300,30 @@ class PPOPass:
                 None if x.ref_logprobs is None else x.ref_logprobs[span],
                 x.params,
             )
-            for name in ("logprobs", "entropy", "ratio", "pg", "kl"):
+            for name in ("logprobs", "entropy", "ratio", "pg", "kl", "log_scale", "kl_log_scale"):
                 getattr(self, name)[span] = getattr(res, name)
             self.token_loss[span] = res.loss
             if not grads.any:
                 continue
             w = x.weights[span]
             # Masked rows may hold NaN in g (a banned placeholder target): keep them out of d(logits).
-            coef_logprob = torch.where(x.valid[span], res.dlogp * w, torch.zeros_like(res.dlogp))
+            coef_logprob = torch.where(x.valid[span], res.dlogp * w * torch.exp(res.log_scale),
+                                       torch.zeros_like(res.dlogp))
             coef_entropy = x.params.entropy_coef * w
             # d(loss)/d(logits) overwrites the logits (or the spare buffer): both are ours and used only here.
             dlogits = chunk_backward(ops, logits, spare, targets, res.row_max, res.log_sum, res.entropy, coef_logprob,
-                                     coef_entropy, x.params.temperature, transform)
+                                     coef_entropy, x.params.temperature, transform, res.outside)
             grads.add(span, dlogits, h)
         self.grad_hidden, self.grad_weight, self.grad_bias = grads.finish()
 
     def loss(self, x: LossInputs) -> torch.Tensor:
         token_loss = torch.where(x.valid, self.token_loss, torch.zeros_like(self.token_loss))
-        return (x.weights.to(token_loss.dtype) * token_loss).sum()
+        log_scale = torch.where(x.valid, self.log_scale, torch.zeros_like(self.log_scale))
+        return scaled_sum(x.weights.to(token_loss.dtype) * token_loss, log_scale)
+
+    def per_token(self) -> tuple:
+        """(lp, H, ratio, pg, kl, log_scale, kl_log_scale) ``[N]``, what :func:`.functional.fused_output` takes."""
+        return self.logprobs, self.entropy, self.ratio, self.pg, self.kl, self.log_scale, self.kl_log_scale
 
 
 class FusedLinearPPOLoss(torch.autograd.Function):
@@ -328,7 +336,7 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         p = PPOPass(hidden2d, weight, bias, x, ops, chunk, needs, process_group, transform)
         ctx.grads = (p.grad_hidden, p.grad_weight, p.grad_bias)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
-        outputs = (p.logprobs, p.entropy, p.ratio, p.pg, p.kl)
+        outputs = p.per_token()
         ctx.mark_non_differentiable(*outputs)
         return (p.loss(x),) + outputs
 
@@ -422,7 +430,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
             local = _local_sequences(x.sequences, span) if spans is not None else None
             coef_logprob, coef_entropy = _token_coefficients(lp[span], entropy[span], x, span, local)
             dlogits = chunk_backward(ops, logits, spare, targets, stats.row_max, stats.log_sum, entropy[span],
-                                     coef_logprob, coef_entropy, temperature, transform)
+                                     coef_logprob, coef_entropy, temperature, transform, stats.outside)
             grads.add(span, dlogits, h)
         ctx.grads = grads.finish()
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -439,14 +447,16 @@ def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float
     """(lp, H or None, m, log s) ``[N]`` of transform(``hidden @ W.T (+ b)``), chunk by chunk (no gradient work)."""
     n_rows = hidden2d.shape[0]
     dtype = result_dtype(hidden2d)
-    out = [torch.zeros(n_rows, dtype=dtype, device=hidden2d.device) for _ in range(4)]
+    out = [torch.zeros(n_rows, dtype=dtype, device=hidden2d.device) for _ in RowStats._fields]
+    sharded = False
     for span, _, logits, _ in chunks(hidden2d, weight, bias, chunk, transform):
         stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets[span], float(temperature),
                              with_entropy)
+        sharded = stats.outside is not None
         for buffer, value in zip(out, stats):
             if value is not None:
                 buffer[span] = value
-    return RowStats(out[0], out[1] if with_entropy else None, out[2], out[3])
+    return RowStats(out[0], out[1] if with_entropy else None, out[2], out[3], out[4] if sharded else None)
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
@@ -457,7 +467,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden2d, weight, bias, targets, temperature: float, ops: RowOps, chunk: int, process_group,
                 transform: LogitTransform = IDENTITY):
         stats = stats_pass(hidden2d, weight, bias, targets, temperature, ops, chunk, True, transform)
-        ctx.save_for_backward(hidden2d, weight, bias, targets, stats.row_max, stats.log_sum, stats.entropy)
+        ctx.save_for_backward(hidden2d, weight, bias, targets, stats.row_max, stats.log_sum, stats.entropy,
+                              stats.outside)
         ctx.temperature, ctx.ops, ctx.chunk, ctx.process_group = temperature, ops, chunk, process_group
         ctx.transform = transform
         return stats.logprobs, stats.entropy
@@ -465,7 +476,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden2d, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        hidden2d, weight, bias, targets, row_max, log_sum, entropy, outside = ctx.saved_tensors
         zeros = torch.zeros_like(entropy)
         coef_logprob = zeros if grad_logprobs is None else grad_logprobs.to(torch.float32)
         coef_entropy = zeros if grad_entropy is None else (-grad_entropy).to(torch.float32)  # dH/dx = −p(log p + H)
@@ -474,7 +485,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         for span, h, logits, spare in chunks(hidden2d, weight, bias, ctx.chunk, ctx.transform, spare=True):
             dlogits = chunk_backward(ctx.ops, logits, spare, targets[span], row_max[span], log_sum[span],
                                      entropy[span], coef_logprob[span], coef_entropy[span], ctx.temperature,
-                                     ctx.transform)
+                                     ctx.transform, None if outside is None else outside[span])
             grads.add(span, dlogits, h)
         d_hidden, d_weight, d_bias = grads.finish()
         dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)

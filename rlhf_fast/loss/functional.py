@@ -138,18 +138,21 @@ def ppo_loss(
     if not options.is_plain_ppo:  # a variant or correction: fused statistics, the per-token math on [N]
         lp, entropy = RowLogprobs.apply(rows_view(logits), x.targets, options.temperature, ops, inplace_backward)
         return reference.finish_token_loss(lp, entropy, x)
-    loss, lp, entropy, ratio, pg, kl = FusedPPOLoss.apply(
+    loss, lp, entropy, ratio, pg, kl, log_scale, kl_log_scale = FusedPPOLoss.apply(
         rows_view(logits), x.targets, x.valid, x.weights, x.advantages, x.old_logprobs, x.ref_logprobs, x.params,
         ops, inplace_backward, grad_in_forward,
     )
-    return fused_output(loss, lp, entropy, ratio, pg, kl, x)
+    return fused_output(loss, lp, entropy, ratio, pg, kl, log_scale, kl_log_scale, x)
 
 
-def fused_output(loss, logprobs, entropy, ratio, pg, kl, x: inputs.LossInputs) -> PPOLossOutput:
-    """Metrics and outputs of the one-pass fused PPO loss's per-token results ``[N]``."""
+def fused_output(loss, logprobs, entropy, ratio, pg, kl, log_scale, kl_log_scale,
+                 x: inputs.LossInputs) -> PPOLossOutput:
+    """Metrics and outputs of the one-pass fused PPO loss's per-token results ``[N]`` (pg · e^−log_scale,
+    kl · e^−kl_log_scale)."""
     log_ratio = logprobs - x.old_logprobs if x.old_logprobs is not None else torch.zeros_like(logprobs)
     clipped, dual = reference.clip_flags(ratio, x.advantages, x.params)
-    metrics = loss_metrics(x.valid, MetricInputs(pg, kl, entropy, ratio, ratio, log_ratio, clipped, dual, None),
+    metrics = loss_metrics(x.valid, MetricInputs(pg, kl, entropy, ratio, log_ratio, ratio, log_ratio, clipped, dual,
+                                                 None, log_scale, kl_log_scale),
                            1.0 - x.params.clip_eps_low, 1.0 + x.params.clip_eps_high)
     return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
@@ -182,8 +185,8 @@ def logprobs(
     shape = logits.shape[:-1]
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
-            lp, entropy, _, _ = row_ops(name, process_group).logprobs(rows_view(logits), safe, float(temperature),
-                                                                      with_entropy)
+            stats = row_ops(name, process_group).logprobs(rows_view(logits), safe, float(temperature), with_entropy)
+            lp, entropy = stats.logprobs, stats.entropy
     elif name == "eager" and process_group is None:
         lp, entropy, _, _ = reference.selective_logprobs_entropy(logits, safe.view(shape), temperature,
                                                                  valid.view(shape))

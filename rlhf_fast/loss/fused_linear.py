@@ -220,16 +220,15 @@ def fused_linear_ppo_loss(
             lp, entropy = FusedLinearLogprobs.apply(hidden2d, weight, bias, x.targets, options.temperature, ops,
                                                     chunk, process_group, transform)
         else:
-            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, x.targets, options.temperature, ops, chunk, True,
-                                           transform)
+            lp, entropy = stats_pass(hidden2d, weight, bias, x.targets, options.temperature, ops, chunk, True,
+                                     transform)[:2]
         return reference.finish_token_loss(lp, entropy, x)
     if with_grad:
-        loss, lp, entropy, ratio, pg, kl = FusedLinearPPOLoss.apply(hidden2d, weight, bias, x, ops, chunk,
-                                                                    process_group, transform)
+        loss, *per_token = FusedLinearPPOLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group, transform)
     else:  # nothing to differentiate: skip the gradient work
         p = PPOPass(hidden2d, weight, bias, x, ops, chunk, (False, False, False), transform=transform)
-        loss, lp, entropy, ratio, pg, kl = p.loss(x), p.logprobs, p.entropy, p.ratio, p.pg, p.kl
-    return fused_output(loss, lp, entropy, ratio, pg, kl, x)
+        loss, per_token = p.loss(x), p.per_token()
+    return fused_output(loss, *per_token, x)
 
 
 def fused_linear_logprobs(
@@ -273,8 +272,8 @@ def fused_linear_logprobs(
                                                 process_group, transform)
     else:
         with torch.no_grad():
-            lp, entropy, _, _ = stats_pass(hidden2d, weight, bias, safe, temperature, ops, chunk, with_entropy,
-                                           transform)
+            lp, entropy = stats_pass(hidden2d, weight, bias, safe, temperature, ops, chunk, with_entropy,
+                                     transform)[:2]
     zero = torch.zeros((), dtype=result_dtype(hidden), device=hidden.device)
     lp = torch.where(valid, lp, zero).view(lead)
     if not with_entropy:

@@ -9,17 +9,21 @@ it; a fused backend's backward then turns d(loss)/d lp and d(loss)/dH into d(log
 Numerics (docs/contract.md): finite wherever the math is finite. A clipped or zero-advantage
 token takes no gradient through an overflowing ratio (the exponent is masked *before* exp, so
 autograd never forms 0·inf); a zero rollout weight or a zero coefficient never multiplies an
-infinite term; NaN in an input that enters the loss reaches the loss.
+infinite term; NaN in an input that enters the loss reaches the loss. An exponential above
+e^64 (an unclipped ratio, k3's e^δ) is computed as e^(x − s) with a per-token ``log_scale`` s
+(:data:`~rlhf_fast.backends.rows.SCALE_FROM`): the loss, pg and kl come out times e^−s, so a
+token's term stays finite until the aggregation has weighed it (a value of 4e38 weighed by 1/2).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..backends.rows import SCALE_MAX, log_scale_of
 from ..registry import Registry
 
 
@@ -41,10 +45,12 @@ class Sequences(NamedTuple):
 class PolicyTerm(NamedTuple):
     """A variant's per-token policy term and what the metrics report about it, ``[N]`` each."""
 
-    pg: Tensor  # the policy term (differentiable in lp)
+    pg: Tensor  # the policy term (differentiable in lp) · e^−log_scale
     ratio: Tensor  # the ratio the variant uses (s_b for gspo), detached: ratio_* metrics
+    ratio_log: Tensor  # its logarithm, detached (the ratio_mean of ratios beyond fp32)
     clipped: Tensor  # bool: the term is clipped (clipfrac)
     dual: Tensor  # bool: the dual clip is active (clipfrac_lower)
+    log_scale: Tensor  # s of pg (0 unless an unclipped ratio exceeds e^SCALE_FROM), detached
 
 
 class PolicyLoss(NamedTuple):
@@ -63,15 +69,18 @@ POLICY_LOSSES = Registry("policy loss")
 class TokenTerms(NamedTuple):
     """Everything :func:`token_terms` computes, ``[N]`` each."""
 
-    loss: Tensor  # ℓ = w·pg + β·kl − η·H (differentiable)
-    pg: Tensor  # w·pg (differentiable)
-    kl: Tensor  # the KL term (after clamp and ratio weighting), differentiable
+    loss: Tensor  # ℓ = w·pg + β·kl − η·H (differentiable) · e^−log_scale
+    pg: Tensor  # w·pg (differentiable) · e^−log_scale
+    kl: Tensor  # the KL term (after clamp and ratio weighting), differentiable, · e^−kl_log_scale
     ratio: Tensor  # the ratio the variant uses, detached
-    token_ratio: Tensor  # r_t = exp(lp − old), detached
-    log_ratio: Tensor  # the token log-ratio lp − old, detached (approx_kl)
+    ratio_log: Tensor  # its logarithm, detached
+    token_ratio: Tensor  # r_t = exp(lp − old) after log_ratio_clamp, detached
+    log_ratio: Tensor  # the token log-ratio lp − old after log_ratio_clamp, detached (approx_kl)
     clipped: Tensor  # bool
     dual: Tensor  # bool
     rollout_weight: Optional[Tensor]  # w, detached; None without rollout correction
+    log_scale: Tensor  # s of loss and pg, detached (SCALE_FROM)
+    kl_log_scale: Tensor  # s of kl, detached
 
 
 # ----------------------------------------------------------------------------------
@@ -98,18 +107,21 @@ def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, options) -> PolicyT
 
     Written as −A·r where the unclipped branch is active and −A·bound elsewhere: the same
     value, but a clipped or zero-advantage token takes no gradient and never forms 0·inf,
-    however large r is.
+    however large r is. An active r above e^SCALE_FROM is e^(log r − s), s its ``log_scale``.
     """
     low, high = _clip_bounds(options)
-    ratio = torch.exp(log_ratio.detach())
+    ratio_log = log_ratio.detach()
+    ratio = torch.exp(ratio_log)
     clipped, dual = clip_flags(ratio, advantages, low, high, options.dual_clip)
     active = ~(clipped | dual) & (advantages != 0)
-    unclipped = torch.exp(torch.where(active, log_ratio, torch.zeros_like(log_ratio)))
+    exponent = torch.where(active, log_ratio, torch.zeros_like(log_ratio))
+    scale = log_scale_of(exponent.detach())  # 0 where clipped: the bounds need no scale
+    unclipped = torch.exp(exponent - scale)
     bound = torch.where(advantages > 0, _full(log_ratio, high), _full(log_ratio, low))
     if options.dual_clip is not None:
         bound = torch.where(dual, _full(log_ratio, options.dual_clip), bound)
     pg = -advantages * torch.where(active, unclipped, bound)
-    return PolicyTerm(_nan_from(log_ratio, pg), ratio, clipped, dual)
+    return PolicyTerm(_nan_from(log_ratio, pg), ratio, ratio_log, clipped, dual, scale)
 
 
 def _full(like: Tensor, value: float) -> Tensor:
@@ -145,7 +157,8 @@ def _cispo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) 
     ratio = torch.exp(log_ratio.detach())
     weight = ratio.clamp(low, high)
     clipped = (ratio < low) | (ratio > high)
-    return PolicyTerm(-weight * advantages * lp, ratio, clipped, torch.zeros_like(clipped))
+    return PolicyTerm(-weight * advantages * lp, ratio, log_ratio.detach(), clipped, torch.zeros_like(clipped),
+                      torch.zeros_like(ratio))
 
 
 def _sapo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
@@ -158,7 +171,7 @@ def _sapo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -
     pg = -(4.0 / kappa) * gate * advantages
     ratio = torch.exp(log_ratio.detach())
     no_clip = torch.zeros_like(advantages, dtype=torch.bool)
-    return PolicyTerm(_nan_from(log_ratio, pg), ratio, no_clip, no_clip)
+    return PolicyTerm(_nan_from(log_ratio, pg), ratio, log_ratio.detach(), no_clip, no_clip, torch.zeros_like(ratio))
 
 
 POLICY_LOSSES.register("ppo", PolicyLoss(_ppo, True, False, "the clipped surrogate (asymmetric clip, dual clip)"))
@@ -173,34 +186,42 @@ POLICY_LOSSES.register("sapo", PolicyLoss(_sapo, False, False, "SAPO: a soft sig
 _KL_NAMES = ("k1", "k2", "k3", "k3+")
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
-    """KL estimator from δ = ref − lp (index into k1, k2, k3, k3+); differentiable in ``logprobs``."""
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: int, log_scale: Optional[Tensor] = None) -> Tensor:
+    """KL estimator from δ = ref − lp (index into k1, k2, k3, k3+); differentiable in ``logprobs``.
+
+    With ``log_scale`` s (detached): the estimator times e^−s, k3's e^δ computed as e^(δ − s).
+    """
     delta = ref_logprobs - logprobs
-    k2 = 0.5 * delta * delta
+    scale = torch.zeros_like(delta) if log_scale is None else log_scale
+    unit = torch.exp(-scale)  # 1 when s = 0: the plain estimators, bit for bit
+    k2 = 0.5 * delta * delta * unit
     if estimator == 0:  # k1
-        return -delta
+        return -delta * unit
     if estimator == 1:  # k2
         return k2
-    k3 = torch.exp(delta) - delta - 1.0
+    k3 = torch.exp(delta - scale) - delta * unit - unit
     if estimator == 2:  # k3
         return k3
     return k2 + (k3 - k2).detach()  # k3+: value of k3, gradient of k2
 
 
-def kl_term(logprobs: Tensor, ref_logprobs: Tensor, options) -> Tensor:
-    """The KL estimator, clamped to [−c, c] with ``kl_clamp`` (no gradient where clamped; k3+ keeps k2's)."""
+def kl_term(logprobs: Tensor, ref_logprobs: Tensor, options) -> Tuple[Tensor, Tensor]:
+    """(the KL estimator · e^−s, s), clamped to [−c, c] with ``kl_clamp`` (no gradient where clamped; k3+ keeps
+    k2's). s > 0 only for an unclamped k3 or k3+ whose e^δ exceeds e^SCALE_FROM."""
     estimator = _KL_NAMES.index(options.kl_estimator)
+    no_scale = torch.zeros_like(logprobs.detach())
     if options.kl_clamp is None:
-        return kl_estimate(logprobs, ref_logprobs, estimator)
+        scale = log_scale_of((ref_logprobs - logprobs).detach()) if estimator >= 2 else no_scale
+        return kl_estimate(logprobs, ref_logprobs, estimator, scale), scale
     c = options.kl_clamp
     value = kl_estimate(logprobs.detach(), ref_logprobs, estimator)
     if estimator == 3:  # k3+: value of the clamped k3, gradient of the unclamped k2
         k2 = kl_estimate(logprobs, ref_logprobs, 1)
-        return k2 + (value.clamp(-c, c) - k2).detach()
+        return k2 + (value.clamp(-c, c) - k2).detach(), no_scale
     clamped = (value > c) | (value < -c)
     # where clamped, the estimator sees a constant δ = 0: no gradient, and no inf to multiply by 0
     inside = torch.where(clamped, ref_logprobs, logprobs)
-    return torch.where(clamped, value.clamp(-c, c), kl_estimate(inside, ref_logprobs, estimator))
+    return torch.where(clamped, value.clamp(-c, c), kl_estimate(inside, ref_logprobs, estimator)), no_scale
 
 
 def rollout_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, valid: Tensor,
@@ -240,23 +261,31 @@ def token_terms(
         log_ratio = raw_log_ratio.clamp(-options.log_ratio_clamp, options.log_ratio_clamp)
     term = POLICY_LOSSES.get(options.policy_loss).compute(
         logprobs, log_ratio, raw_log_ratio, advantages, valid, sequences, options)
-    weight, pg = None, term.pg
+    no_scale = torch.zeros_like(term.log_scale)
+    kl, kl_scale = torch.zeros_like(logprobs), no_scale
+    if ref_logprobs is not None:
+        kl, kl_scale = kl_term(logprobs, ref_logprobs, options)
+        if options.kl_ratio_weighted:
+            ratio_scale = log_scale_of(log_ratio.detach())
+            kl, kl_scale = torch.exp(log_ratio - ratio_scale) * kl, kl_scale + ratio_scale
+    # One scale per token for the loss: the larger of its terms' (all 0, and every factor below 1, unless an
+    # exponential exceeds e^SCALE_FROM).
+    scale = term.log_scale
+    if options.kl_coef != 0.0 and ref_logprobs is not None:
+        scale = torch.maximum(scale, kl_scale).clamp(max=SCALE_MAX)
+    weight, pg = None, term.pg * torch.exp(term.log_scale - scale)
     if options.rollout_is != "none":
         weight = rollout_weights(old, rollout_logprobs, valid, sequences, options)
         pg = torch.where(weight == 0, torch.zeros_like(pg), weight * pg)  # a dropped token: 0, even if pg = inf
-    if ref_logprobs is not None:
-        kl = kl_term(logprobs, ref_logprobs, options)
-        if options.kl_ratio_weighted:
-            kl = torch.exp(log_ratio) * kl
-    else:
-        kl = torch.zeros_like(logprobs)
     # β = 0 adds nothing, not even 0·inf from an overflowing k3, but a NaN KL (a NaN reference) still
     # spreads; η·H is always added: H is finite for finite logits, NaN when a logit is NaN or +inf.
     if options.kl_coef != 0.0:
-        loss = pg + options.kl_coef * kl
+        loss = pg + options.kl_coef * kl * torch.exp(kl_scale - scale)
     else:
         nan_kl = kl.detach()  # no graph: 0·exp(δ) would be 0·inf in the backward
         loss = pg + torch.where(torch.isnan(nan_kl), nan_kl, torch.zeros_like(nan_kl))
-    loss = loss - options.entropy_coef * entropy
-    raw = raw_log_ratio.detach()
-    return TokenTerms(loss, pg, kl, term.ratio, torch.exp(raw), raw, term.clipped, term.dual, weight)
+    loss = loss - options.entropy_coef * entropy * torch.exp(-scale)
+    # approx_kl reports the token log-ratio the loss uses: after log_ratio_clamp (verl's ppo_kl does the same)
+    used = log_ratio.detach()
+    return TokenTerms(loss, pg, kl, term.ratio, term.ratio_log, torch.exp(used), used, term.clipped, term.dual,
+                      weight, scale, kl_scale)

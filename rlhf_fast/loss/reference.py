@@ -16,13 +16,14 @@ Shapes: ``N`` rows (tokens), ``V`` vocabulary. Logits of any float dtype are upc
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import backends
-from ..backends.rows import RowOps, RowParams, RowStats, TokenResults
-from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
+from ..backends.rows import RowOps, RowParams, RowStats, TokenResults, check_gradient_out
+from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output, scaled_sum
 from .inputs import LossInputs
 from .options import KL_ESTIMATORS, LossOptions
 from .policy import Sequences, kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
@@ -52,8 +53,19 @@ def selective_logprobs_entropy(
     row_max = torch.where(torch.isfinite(true_max), true_max, torch.zeros_like(true_max))  # keep it out of x − m
     z = x - row_max
     log_s = torch.logsumexp(z, dim=-1)
-    lp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
     p = torch.exp(z - log_s.unsqueeze(-1))
+    # An entry of probability 0 (a banned token) takes no gradient, not even 0·inf from an infinite
+    # upstream coefficient (a term beyond fp32): it reaches the softmax's backward as a constant.
+    z_live = torch.where(p.detach() == 0, z.detach(), z)
+    y = targets.long().unsqueeze(-1)
+    z_y = z.gather(-1, y)
+    lp = z_y.squeeze(-1) - torch.logsumexp(z_live, dim=-1)
+    # A confident target (p_y > 1/2, so z_y = 0, the row max): lp = −log1p(Σ_{j≠y} e^(z_j − z_y)) carries
+    # d lp/dz_y = Σ_{j≠y} p_j into the gradient, where z_y − log s would give 1 − p_y, which cancels.
+    confident = (lp > -math.log(2.0)).detach().unsqueeze(-1)
+    others = confident & (torch.arange(z.shape[-1], device=z.device) != y) & (p.detach() > 0)
+    rest = torch.exp(torch.where(others, z_live - z_y, torch.full_like(z, float("-inf")))).sum(-1)
+    lp = torch.where(confident.squeeze(-1), -torch.log1p(rest), lp)
     # A −inf logit (banned token) has p = 0; replace it by 0 in Σ p·z so that
     # 0·(−inf) never makes a NaN, in the value or in the gradient.
     z_finite = torch.where(z == float("-inf"), torch.zeros_like(z), z)
@@ -88,13 +100,15 @@ def surrogate_active(ratio: torch.Tensor, advantages: torch.Tensor, params: RowP
     return ~(clipped | dual) & (advantages != 0)
 
 
-def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int) -> torch.Tensor:
-    """d kl / d lp for each estimator."""
+def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int,
+            log_scale: torch.Tensor) -> torch.Tensor:
+    """d kl / d lp for each estimator, times e^−log_scale (k3's e^δ as e^(δ − s))."""
+    unit = torch.exp(-log_scale)
     if estimator == 0:
-        return torch.ones_like(logprobs)
+        return unit
     if estimator == 2:
-        return 1.0 - torch.exp(ref_logprobs - logprobs)
-    return logprobs - ref_logprobs  # k2 and k3+
+        return unit - torch.exp((ref_logprobs - logprobs) - log_scale)
+    return (logprobs - ref_logprobs) * unit  # k2 and k3+
 
 
 @torch.no_grad()
@@ -127,12 +141,16 @@ def token_math(
     valid = torch.ones_like(logprobs, dtype=torch.bool)
     terms = token_terms(logprobs, entropy, advantages, old_logprobs if params.has_old else None,
                         ref_logprobs if params.has_ref else None, None, valid, None, plain_options(params))
-    ratio = terms.token_ratio
-    dlogp = torch.where(surrogate_active(ratio, advantages, params), -advantages * ratio, 0.0)
+    ratio, scale = terms.token_ratio, terms.log_scale
+    active = surrogate_active(ratio, advantages, params)
+    exponent = torch.where(active, terms.log_ratio, torch.zeros_like(ratio))
+    dlogp = torch.where(active, -advantages * torch.exp(exponent - scale), 0.0)  # −A·r, · e^−s as the loss
     dlogp = dlogp + torch.where(torch.isnan(terms.log_ratio), terms.log_ratio, 0.0)  # NaN in old reaches g
     if params.has_ref and params.kl_coef != 0.0:
-        dlogp = dlogp + params.kl_coef * kl_grad(logprobs, ref_logprobs, params.kl_estimator)
-    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp)
+        grad = kl_grad(logprobs, ref_logprobs, params.kl_estimator, terms.kl_log_scale)
+        dlogp = dlogp + params.kl_coef * grad * torch.exp(terms.kl_log_scale - scale)
+    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp, scale,
+                        terms.kl_log_scale)
 
 
 @torch.no_grad()
@@ -145,13 +163,16 @@ def token_backward(
     coef_logprob: torch.Tensor,
     coef_entropy: torch.Tensor,
     temperature: float,
+    outside: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """d(loss)/d(logits) ``[N, V]`` in the logits' dtype, recomputing p from the logits.
 
     ``coef_logprob`` = d(loss)/d lp per row (g times aggregation weight times upstream
     grad); ``coef_entropy`` = η times the same weight: the entropy bonus contributes
     η·p_j·(log p_j + H) to d(loss)/d x_j. A target of −1 means the row's target lies
-    outside these logits (another vocabulary shard): no one-hot term.
+    outside these logits (another vocabulary shard): no one-hot term. The one-hot factor
+    1 − p_y of a confident target is Σ_{j≠y} p_j (+ ``outside`` [N], the probability on the
+    other shards), which does not cancel; an entry with p_j = 0 is 0 whatever the coefficient.
     """
     shape = logits.shape
     logits = logits.reshape(-1, shape[-1])
@@ -160,9 +181,17 @@ def token_backward(
     log_p = (x - shift.unsqueeze(-1)) - log_sum.unsqueeze(-1)
     p = torch.exp(log_p)
     columns = torch.arange(x.shape[-1], device=x.device)
-    one_hot = (columns == targets.reshape(-1, 1)).to(x.dtype)
-    entropy_term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
-    grad = coef_logprob.unsqueeze(-1) * (one_hot - p) + coef_entropy.unsqueeze(-1) * entropy_term
+    target = columns == targets.reshape(-1, 1)
+    others = torch.where(target, torch.zeros_like(p), p).sum(-1)
+    if outside is not None:
+        others = others + outside
+    p_y = (p * target).sum(-1)
+    one_minus = torch.where(others < 0.5, others, 1.0 - p_y).unsqueeze(-1)  # 1 − p_y, no cancellation
+    zero = torch.zeros_like(p)
+    entropy_term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), zero)
+    onehot_term = torch.where(target, one_minus, -p)  # 1[j = y] − p_j
+    c_lp = coef_logprob.unsqueeze(-1)
+    grad = torch.where(onehot_term == 0, zero, c_lp * onehot_term) + coef_entropy.unsqueeze(-1) * entropy_term
     live = ((coef_logprob != 0) | (coef_entropy != 0)).unsqueeze(-1)  # a row without weight: exactly 0
     grad = torch.where(live, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return (grad / temperature).to(logits.dtype).reshape(shape)
@@ -199,20 +228,25 @@ def weighted_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossIn
     terms = token_terms(logprobs, entropy, x.advantages[rows], part(x.old_logprobs), part(x.ref_logprobs),
                         part(x.rollout_logprobs), valid, sequences, x.options)
     token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
-    return logprobs, entropy, terms, (x.weights[rows].to(token_loss.dtype) * token_loss).sum()
+    scale = torch.where(valid, terms.log_scale, torch.zeros_like(terms.log_scale))
+    return logprobs, entropy, terms, scaled_sum(x.weights[rows].to(token_loss.dtype) * token_loss, scale)
 
 
 def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs) -> PPOLossOutput:
     """The loss, outputs and metrics from each row's differentiable lp and H ``[N]`` (eager or fused stats)."""
     logprobs, entropy, terms, loss = weighted_token_loss(logprobs, entropy, x, sequences=x.sequences)
     metrics = loss_metrics(x.valid, MetricInputs(
-        terms.pg.detach(), terms.kl.detach(), entropy.detach(), terms.ratio, terms.token_ratio, terms.log_ratio,
-        terms.clipped, terms.dual, terms.rollout_weight), 1.0 - x.options.clip_eps, 1.0 + x.options.clip_high)
+        terms.pg.detach(), terms.kl.detach(), entropy.detach(), terms.ratio, terms.ratio_log, terms.token_ratio,
+        terms.log_ratio, terms.clipped, terms.dual, terms.rollout_weight, terms.log_scale, terms.kl_log_scale),
+        1.0 - x.options.clip_eps, 1.0 + x.options.clip_high)
     return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
 
-def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out):
-    grad = token_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature)
+def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out,
+                        outside=None):
+    check_gradient_out(logits, out)
+    grad = token_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature,
+                          outside)
     out.copy_(grad.view(out.shape))
 
 

@@ -7,6 +7,9 @@ here, once, for every backend, with two collectives per call (M = max_k m_k, shi
 * s = Σ_k exp(shift_k + log s_k)                                          (MAX, then SUM)
 * Σ_j p_j·(x_j − M) = Σ_k exp(shift_k + log s_k)·((log s_k − H_k) + shift_k) / s,  H = log s − that
 * x_y − M = (lp_k + log s_k) + shift_k on the rank that owns the target, lp = (x_y − M) − log s
+* the probability on the shards that do not own the target, Σ_{k not owner} exp(shift_k + log s_k) / s:
+  the owner's backward adds it to its own Σ_{j≠y} p_j for the one-hot factor 1 − p_y of a confident
+  target (1 − p_y itself would cancel)
 
 The per-token math (ratio, clip, KL, g) then runs on the combined values, identically on
 every rank, and the backward stays local: each rank writes the gradient of its shard with
@@ -53,11 +56,12 @@ def combine_row_stats(
     scaled = torch.exp(shift + stats.log_sum)  # Σ_shard exp(x − M); 0 for a shard of banned tokens only
     mean_z = torch.where(scaled > 0, (stats.log_sum - stats.entropy) + shift, torch.zeros_like(scaled))
     target_z = torch.where(owned, (stats.logprobs + stats.log_sum) + shift, torch.zeros_like(scaled))
-    packed = torch.stack([scaled, scaled * mean_z, target_z])
+    not_owner = torch.where(owned, torch.zeros_like(scaled), scaled)
+    packed = torch.stack([scaled, scaled * mean_z, target_z, not_owner])
     dist.all_reduce(packed, group=group)
-    total, weighted_z, x_target = packed.unbind(0)
+    total, weighted_z, x_target, elsewhere = packed.unbind(0)
     log_sum = torch.log(total)
-    return RowStats(x_target - log_sum, log_sum - weighted_z / total, row_max, log_sum)
+    return RowStats(x_target - log_sum, log_sum - weighted_z / total, row_max, log_sum, elsewhere / total)
 
 
 def sharded_ops(ops: RowOps, group) -> RowOps:
@@ -69,8 +73,9 @@ def sharded_ops(ops: RowOps, group) -> RowOps:
         return combine_row_stats(ops.logprobs(logits, local, temperature, True), owned, group)
 
     def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams):
-        lp, entropy, row_max, log_sum = shard_stats(logits, targets, params.temperature)
-        return reference.token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
+        lp, entropy, row_max, log_sum, outside = shard_stats(logits, targets, params.temperature)
+        results = reference.token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
+        return results._replace(outside=outside)
 
     def logprobs(logits, targets, temperature, with_entropy) -> RowStats:
         stats = shard_stats(logits, targets, temperature)

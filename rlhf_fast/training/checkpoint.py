@@ -7,15 +7,28 @@
   resume under any world size) share ``exists()``, ``save(step, meta)``, ``read()`` and
   ``restore(state)``;
   :func:`open_checkpoint` picks one and refuses to resume the other kind.
+
+Reading a checkpoint never runs code from it. A run folder may come from anyone (shared, copied,
+downloaded), and a pickle can call any function while it is read, so nothing here unpickles with
+full pickle: ``checkpoint.pt`` and ``meta.pt`` are read by ``torch.load(weights_only=True)``
+(tensors, dicts, lists, tuples, strings, numbers, None: all a checkpoint holds; the RNG states are
+stored as tensors and plain values, :func:`~rlhf_fast.training.seeding.rng_state`), and a DCP
+directory's metadata and non-tensor items by an unpickler that admits only the classes DCP's
+metadata is made of. A file that asks for anything else is refused (:class:`UnsafeCheckpointError`)
+before any of it is built.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -41,7 +54,7 @@ def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True,
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the data is on disk before any name points to it
         if keep_previous is not None and os.path.exists(path):
             os.replace(path, keep_previous)
         os.replace(tmp, path)
@@ -49,6 +62,18 @@ def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(directory)  # the renames themselves survive a power loss
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync a directory, so that the renames and new entries in it are on disk (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str, keep_previous: Optional[str] = None) -> None:
@@ -61,9 +86,35 @@ def atomic_write_text(text: str, path: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that asks, while it is read, for objects no checkpoint holds (it was refused unread)."""
+
+
+def _refusal(path: str, what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it asks for {what}, which no rlhf_fast checkpoint holds (a checkpoint is tensors "
+        "and plain values), so it was not written by rlhf_fast or was altered since. Nothing in it was run. Delete "
+        "it (and resume from the checkpoint before it, or start afresh) unless you know where it came from.")
+
+
+def _global_named(exc: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"the Python object {found.group(1)}" if found else "Python objects beyond tensors and plain values"
+
+
 def load(path: str) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_save` (on CPU; it holds RNG states and dicts)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by :func:`atomic_save`, on CPU, without running any code from the file.
+
+    ``torch.load(weights_only=True)``: tensors and plain values only. A file that is not a
+    ``torch.save`` archive raises ``ValueError`` (unreadable); one whose pickle asks for other
+    objects raises :class:`UnsafeCheckpointError`.
+    """
+    if not zipfile.is_zipfile(path):  # never unpickle what torch.save did not write (its archives are zips)
+        raise ValueError(f"{path} is not a torch.save archive")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, _global_named(exc)) from None
 
 
 def remove_stray_temporaries(directory: str) -> int:
@@ -88,6 +139,8 @@ def _read_first(paths, keys) -> Dict[str, Any]:
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"it lacks {missing}")
+        except UnsafeCheckpointError:
+            raise  # a crafted file: stop, rather than resume from the same folder as if nothing happened
         except Exception as exc:  # a truncated or foreign file: try the previous checkpoint
             problems.append(f"{path}: {type(exc).__name__}: {exc}")
             warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); trying the previous one",
@@ -212,9 +265,93 @@ class ShardedCheckpoint:
         path = self._chosen or self.current()
         model_state, optimizer_state = get_state_dict(self.models, self.optimizer)  # the layout to load into
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=path, process_group=self.group)
+        _check_dcp_metadata(path)  # a clear error on every rank before DCP's collective read
+        try:
+            dcp.load(state, storage_reader=_safe_dcp_reader(path), planner=_safe_dcp_planner(path),
+                     process_group=self.group)
+        except dcp.api.CheckpointException as exc:  # DCP gathers each rank's exception into one
+            for inner, _trace in exc.failures.values():
+                if isinstance(inner, UnsafeCheckpointError):
+                    raise inner from None
+            raise
         set_state_dict(self.models, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------
+# Reading DCP directories without full pickle
+# ----------------------------------------------------------------------------------
+
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # torch.layout's pickled form: a lookup of torch's layouts by name
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+"""What a DCP ``.metadata`` file is made of (torch 2.13-2.14; its dataclasses and enums); dtypes are allowed too."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata from the classes of :data:`_DCP_METADATA_CLASSES` (and torch dtypes), nothing else."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _refusal(self.path, f"the Python object {module}.{name}")
+
+
+def _check_dcp_metadata(path: str) -> None:
+    """Refuse a DCP directory whose ``.metadata`` asks for more than DCP's metadata classes."""
+    metadata_path = os.path.join(path, ".metadata")
+    if os.path.exists(metadata_path):  # a missing file is DCP's error to report
+        with open(metadata_path, "rb") as f:
+            _MetadataUnpickler(f, metadata_path).load()
+
+
+def _safe_dcp_reader(path: str):
+    """DCP's file-system reader, with the metadata read by :class:`_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(metadata_path, "rb") as f:
+                metadata = _MetadataUnpickler(f, str(metadata_path)).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path)
+
+
+def _safe_dcp_planner(path: str):
+    """DCP's default load planner, with the non-tensor items (optimizer hyper-parameters) read weights-only."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise _refusal(f"{path} (item {read_item.dest_index.fqn})", _global_named(exc)) from None
+            plain = io.BytesIO()  # DCP's own load_bytes then reads back these plain values, just written here
+            torch.save(obj, plain)
+            plain.seek(0)
+            super().load_bytes(read_item, plain)
+
+    return Planner()
 
 
 def open_checkpoint(out_dir: str, dp, optimizer, resume: bool):

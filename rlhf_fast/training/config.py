@@ -84,6 +84,13 @@ class PPOConfig(LossOptions):
     checkpoint_every: int = option(0, "Write a checkpoint every this many steps and at the end (0 = never).")
     resume: bool = option(False, "Continue from the checkpoint in out_dir when there is one (otherwise start fresh).")
     progress: bool = option(True, "Show a tqdm progress bar.")
+    # --- reward-hacking monitor ---
+    monitor: bool = option(
+        True, "Run the reward-hacking monitor at every step (rlhf_fast.monitor): its warnings and alarms go to the "
+              "progress display and to metrics.jsonl (key 'monitor'). It reads metrics the step computes anyway.")
+    stop_on_alarm: bool = option(
+        False, "Stop the run after the step at which the monitor raises an alarm (its checkpoint is written first "
+               "when checkpoint_every > 0); needs monitor.")
     # --- distributed ---
     data_parallel: Literal["auto", "none", "ddp", "fsdp2"] = option(
         "auto", 'Under torchrun: "auto" (DDP if torch.distributed is initialised), "ddp", "fsdp2" or "none".')
@@ -127,6 +134,7 @@ class PPOConfig(LossOptions):
         one_of("lr_schedule", LR_SCHEDULES)
         one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
         one_of("data_parallel", distributed.DATA_PARALLEL_MODES)
+        need(self.monitor or not self.stop_on_alarm, "stop_on_alarm needs monitor=True (the monitor raises the alarms)")
         need(
             not (self.adaptive_kl and self.kl_coef == 0),
             "adaptive_kl needs kl_coef > 0: the controller multiplies β, so β = 0 stays 0",

@@ -63,15 +63,19 @@ def rollout_metrics(rollout: Rollout, cfg) -> Dict[str, float]:
     advantages = rollout.advantages[mask] if per_token else rollout.advantages
     raw_advantages = rollout.raw_advantages[mask] if per_token else rollout.raw_advantages
     lengths = rollout.samples.lengths
+    spread = advantages.float().std() if advantages.numel() > 1 else advantages.new_zeros(())
+    standardised = (advantages.float() - advantages.float().mean()) / spread.clamp(min=1e-8)
     return {
         "score_raw_mean": float(rollout.raw_scores.mean()), "score_raw_std": _std(rollout.raw_scores),
         "score_norm_mean": float(rollout.norm_scores.mean()), "score_norm_std": _std(rollout.norm_scores),
-        "score_mean": float(rollout.scores.mean()), "reward_mean": float(rollout.rewards.sum(dim=1).mean()),
+        "score_mean": float(rollout.scores.mean()), "score_std": _std(rollout.scores),
+        "reward_mean": float(rollout.rewards.sum(dim=1).mean()),
         "kl_ref_k1_sum": float(k1.sum(dim=1).mean()), "kl_ref_k1_mean": float(k1.sum() / n_tokens),
         "kl_ref_k3_sum": float(k3.sum(dim=1).mean()), "kl_ref_k3_mean": float(k3.sum() / n_tokens),
         "entropy": float((rollout.entropy * mask_f).sum() / n_tokens),
         "adv_mean": float(advantages.mean()), "adv_std": _std(advantages), "adv_max": float(advantages.max()),
         "adv_raw_std": _std(raw_advantages), "adv_raw_max": float(raw_advantages.abs().max()),
+        "adv_frac_large": float((standardised > 2.0).float().mean()) if float(spread) > 0 else 0.0,
         "response_length_mean": float(lengths.float().mean()), "response_length_max": float(lengths.max()),
         "frac_truncated": float((~rollout.samples.has_eos).float().mean()),
         "score_length_corr": pearson(rollout.raw_scores, lengths),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
@@ -49,13 +49,16 @@ class Rollout(NamedTuple):
 
 @dataclass
 class StepRecord:
-    """What one step reports: ``step`` (1-based) and the flat ``metrics`` of :data:`METRICS`."""
+    """What one step reports: ``step`` (1-based), the flat ``metrics`` of :data:`METRICS` and the
+    reward-hacking monitor's ``alerts`` raised at this step (``{"step", "signal", "severity", "message"}``)."""
 
     step: int
     metrics: Dict[str, float]
+    alerts: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"step": self.step, **self.metrics}
+        """One line of ``metrics.jsonl``: the step, the metrics, and ``"monitor"`` when alerts were raised."""
+        return {"step": self.step, **self.metrics, **({"monitor": self.alerts} if self.alerts else {})}
 
 
 METRICS: Dict[str, str] = {
@@ -64,6 +67,7 @@ METRICS: Dict[str, str] = {
     "score_norm_mean": "reward-model score normalised by its calibration, mean",
     "score_norm_std": "reward-model score normalised by its calibration, std",
     "score_mean": "score entering the reward (normalised if asked, minus penalties), mean",
+    "score_std": "score entering the reward, std over replies",
     "reward_mean": "total reward per reply (score − β·Σk1 when KL is in the reward), mean",
     "kl_ref_k1_sum": "KL to the reference, k1 summed over a reply, mean over replies (the controller's KL)",
     "kl_ref_k1_mean": "KL to the reference, k1 per token, mean over tokens",
@@ -89,6 +93,7 @@ METRICS: Dict[str, str] = {
     "adv_max": "advantage fed to the loss, max",
     "adv_raw_std": "advantage before whitening, std",
     "adv_raw_max": "advantage before whitening, max |A|",
+    "adv_frac_large": "share of advantages fed to the loss more than 2 standard deviations above their mean",
     "response_length_mean": "reply length in tokens (EOS included), mean",
     "response_length_max": "reply length, max",
     "frac_truncated": "fraction of replies that hit max_new_tokens without EOS",
@@ -102,7 +107,7 @@ METRICS: Dict[str, str] = {
     "step_time_s": "wall time of the step",
 }
 """Every key of :attr:`StepRecord.metrics` (``extra_metrics`` adds its own; a rollout correction adds
-:data:`ROLLOUT_CORRECTION_METRICS`)."""
+:data:`ROLLOUT_CORRECTION_METRICS`, the adaptive KL controller :data:`ADAPTIVE_KL_METRICS`)."""
 
 ROLLOUT_CORRECTION_METRICS: Dict[str, str] = {
     "rollout_weight_mean": "rollout importance weight w (rollout_is), mean over tokens and updates",
@@ -110,3 +115,8 @@ ROLLOUT_CORRECTION_METRICS: Dict[str, str] = {
     "rollout_weight_masked": "fraction of tokens with w = 0 (rollout_is='mask'), mean over updates",
 }
 """Keys of :attr:`StepRecord.metrics` when ``rollout_is`` is not "none"."""
+
+ADAPTIVE_KL_METRICS: Dict[str, str] = {
+    "kl_target": "the adaptive controller's KL budget per reply (what the reward-hacking monitor holds the KL to)",
+}
+"""Keys of :attr:`StepRecord.metrics` when ``adaptive_kl`` is on."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, atomic_write_text
+from .checkpoint import load as load_without_code
 from .hf_models import from_pretrained
 
 
@@ -282,7 +283,7 @@ def load_reward_model(path: str) -> RewardModel:
         meta = json.load(f)
     backbone_cls = getattr(transformers, meta["backbone_class"])
     model = RewardModel(from_pretrained(backbone_cls, path))
-    state = torch.load(os.path.join(path, _HEAD_FILE), map_location="cpu", weights_only=True)
+    state = load_without_code(os.path.join(path, _HEAD_FILE))  # tensors only: a crafted file is refused unread
     model.head.load_state_dict(state["head"])
     model.score_mean.copy_(state["score_mean"])
     model.score_std.copy_(state["score_std"])

@@ -17,8 +17,18 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """The global RNG states: torch (CPU and every CUDA device), python ``random``, numpy."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The global RNG states: torch (CPU and every CUDA device), python ``random``, numpy.
+
+    Only tensors and plain Python values (what ``torch.load(weights_only=True)`` reads back):
+    numpy's state becomes a dict with its key as an int64 tensor.
+    """
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None or float)
+        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -31,4 +41,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        saved = state["numpy"]
+        np.random.set_state((saved["bit_generator"], saved["key"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))

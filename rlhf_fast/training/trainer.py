@@ -15,7 +15,10 @@ One step, top to bottom (:func:`train`):
 6. epochs × minibatches of :func:`rlhf_fast.ppo_loss` + clipped value loss, gradient
    clipping, optional early stop when approx-KL exceeds 1.5× a target;
 7. KL controller update, diagnostics to ``metrics.jsonl`` and the progress bar,
-   atomic checkpoint.
+   atomic checkpoint;
+8. the reward-hacking monitor (:mod:`rlhf_fast.monitor`, ``cfg.monitor``) reads the step's metrics and
+   the KL per token id (from the rollout's log-probs, already computed): its warnings and alarms go
+   to the progress display and ``metrics.jsonl``; ``cfg.stop_on_alarm`` ends the run at an alarm.
 
 The KL target of the adaptive controller is the **per-sequence sum** of k1 to the
 reference (mean over the step's replies); ``kl_ref_k1_sum`` in the metrics is that number.
@@ -36,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..monitor import RewardHackingMonitor, token_kl_sums
 from . import distributed
 from .checkpoint import atomic_write_text, open_checkpoint
 from .config import PPOConfig, validate
@@ -47,7 +51,8 @@ from .rollout import choose_prompts, collect_rollout, prompt_lists
 from .seeding import seed_everything
 from .update import ppo_update
 
-_RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "out_dir", "data_parallel"}
+_RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "out_dir", "data_parallel", "monitor",
+                      "stop_on_alarm"}
 """PPOConfig fields a resumed run may change."""
 
 
@@ -65,6 +70,7 @@ def train(
     log_fn: Optional[Callable[[StepRecord], None]] = None,
     policy_tokenizer=None,
     reward_tokenizer=None,
+    monitor: Optional[RewardHackingMonitor] = None,
 ) -> List[StepRecord]:
     """Run PPO for ``cfg.steps`` steps (continuing a checkpoint with ``cfg.resume``); the policy is updated in place.
 
@@ -83,6 +89,11 @@ def train(
     checkpoints are ``torch.distributed.checkpoint`` directories (``out_dir/checkpoint``)
     that resume under any world size. extra_metrics runs on rank 0 over the global batch;
     log_fn runs on every rank.
+
+    monitor: the :class:`~rlhf_fast.monitor.RewardHackingMonitor` to run (default, with ``cfg.monitor``:
+    one set up from cfg, naming tokens with ``policy_tokenizer`` when given). It sees every step's
+    metrics and the KL per reply carried by each token id; each record's ``alerts`` are what it raised
+    at that step. It runs on every rank (the records are the same), so ``stop_on_alarm`` stops them all.
     """
     # --- checks: everything that can fail does so before any work ---
     validate(cfg)
@@ -98,6 +109,8 @@ def train(
     if cfg.reward_normalize and not getattr(reward_model, "is_calibrated", True):
         raise ValueError("reward_normalize=True but the reward model is not calibrated: run rf.calibrate on "
                          "reference-policy samples first (or `python -m rlhf_fast calibrate`)")
+    if monitor is not None and not cfg.monitor:
+        raise ValueError("a monitor was given but cfg.monitor is False: set monitor=True in the PPOConfig")
     from tqdm.auto import tqdm
 
     # --- setup ---
@@ -117,6 +130,7 @@ def train(
     base_lrs = [group["lr"] for group in param_groups]
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, floor=cfg.kl_coef_min or 0.0)
               if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+    watcher = (monitor or default_monitor(cfg, policy_tokenizer)) if cfg.monitor else None
 
     # --- resume ---
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -130,7 +144,10 @@ def train(
         checkpoint.restore(state)
         kl_ctl.load_state_dict(state["kl_controller"])
         start_step = state["step"]
-        records = [StepRecord(r["step"], r["metrics"]) for r in state["records"]]
+        records = [StepRecord(r["step"], r["metrics"], r.get("alerts", [])) for r in state["records"]]
+        if watcher is not None:  # its state from the steps done (their alerts are in the records already)
+            for r in records:
+                watcher.update(r.metrics, step=r.step)
     # metrics.jsonl holds exactly the checkpointed steps (drops lines of steps lost in a crash)
     if dp.is_main:
         atomic_write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), metrics_path)
@@ -151,27 +168,48 @@ def train(
         metrics = rollout_metrics(rollout, cfg)
         kl_ctl.update(metrics["kl_ref_k1_sum"], len(step_prompts))
         metrics.update(update_metrics, kl_coef=beta, kl_coef_next=kl_ctl.value, lr=optimizer.param_groups[0]["lr"])
+        if cfg.adaptive_kl:
+            metrics["kl_target"] = cfg.kl_target
         from_main = {}  # computed by rank 0 alone, the same on every rank
         if extra_metrics is not None and dp.is_main:
             from_main.update({k: float(v) for k, v in extra_metrics(step_prompts, rollout.samples.replies()).items()})
         from_main["step_time_s"] = time.perf_counter() - started
         metrics.update(dp.broadcast(from_main))
 
+        alerts = []
+        if watcher is not None:
+            samples = rollout.samples
+            token_kl = token_kl_sums(rollout.old_logprobs, rollout.ref_logprobs, samples.response_ids,
+                                     samples.response_mask)
+            alerts = watcher.update(metrics, step=step + 1, token_kl=token_kl)
+
         # diagnostics: metrics.jsonl, progress bar, callback, checkpoint (atomic)
-        record = StepRecord(step + 1, metrics)
+        record = StepRecord(step + 1, metrics, [a.to_dict() for a in alerts])
         records.append(record)
         if dp.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record.to_dict()) + "\n")
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{metrics['kl_ref_k1_sum']:.2f}",
-                        beta=f"{beta:.3g}", len=f"{metrics['response_length_mean']:.1f}",
-                        clip=f"{metrics['clipfrac']:.2f}")
+        postfix = dict(score=f"{metrics['score_raw_mean']:.3f}", kl=f"{metrics['kl_ref_k1_sum']:.2f}",
+                       beta=f"{beta:.3g}", len=f"{metrics['response_length_mean']:.1f}",
+                       clip=f"{metrics['clipfrac']:.2f}")
+        if watcher is not None and watcher.alerts:
+            postfix["monitor"] = watcher.verdict
+        bar.set_postfix(**postfix)
+        if cfg.progress and dp.is_main:
+            for alert in alerts:
+                tqdm.write(f"monitor {alert.severity.upper()} {alert.message}")
+        stop = cfg.stop_on_alarm and any(a.severity == "alarm" for a in alerts)
         if log_fn is not None:  # before the checkpoint: RNG it draws is captured, so resume stays exact
             log_fn(record)
-        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop):
             checkpoint.save(step + 1, {"config": dataclasses.asdict(cfg), "kl_controller": kl_ctl.state_dict(),
-                                       "records": [{"step": r.step, "metrics": r.metrics} for r in records]})
+                                       "records": [{"step": r.step, "metrics": r.metrics, "alerts": r.alerts}
+                                                   for r in records]})
+        if stop:
+            if cfg.progress and dp.is_main:
+                tqdm.write(f"stopped after step {step + 1}: the monitor raised an alarm (stop_on_alarm)")
+            break
     bar.close()
     return records
 
@@ -182,3 +220,13 @@ def _check_same_config(saved: Dict[str, Any], cfg: PPOConfig) -> None:
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"cannot resume: the config differs from the checkpoint's ({details})")
+
+
+def default_monitor(cfg: PPOConfig, tokenizer=None) -> RewardHackingMonitor:
+    """The monitor ``train`` runs by default: rlhf_fast's metric names, the run's KL placement and clip range,
+    token names from the policy's tokenizer when given (else token ids)."""
+    decode = None
+    if tokenizer is not None and hasattr(tokenizer, "decode"):
+        decode = lambda token_id: tokenizer.decode([token_id])  # noqa: E731
+    return RewardHackingMonitor(trainer="rlhf_fast", kl_penalty=cfg.kl_placement, clip_eps=cfg.clip_eps,
+                                decode=decode)
