@@ -22,7 +22,7 @@ from typing import List
 from .pipeline import ABLATIONS, FIXES, CaseStudyConfig, quick_config, run_seeds
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
-"""The main job's seeds: two rounds of two worker processes on 2 cores (about 5 minutes); `--seeds 0-9` is the
+"""The main job's seeds: two rounds of two worker processes on 2 cores (about 8 minutes); `--seeds 0-9` is the
 validation set."""
 DEFAULT_OUT = os.path.join("runs", "casestudy")
 QUICK_OUT = os.path.join("runs", "casestudy-quick")
