@@ -34,7 +34,7 @@ from ..backends.rows import RowOps, RowStats
 from .aggregation import scaled_sum
 from .inputs import LossInputs
 from .policy import Sequences
-from .reference import weighted_token_loss
+from .token_loss import weighted_token_loss
 
 _MIN_CHUNK = 256
 """Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
