@@ -70,21 +70,10 @@ import torch
 from .. import backends
 from . import inputs
 from .aggregation import PPOLossOutput
-from .chunked import (
-    FusedLinearLogprobs,
-    FusedLinearPPOLoss,
-    FusedLinearTokenLoss,
-    PPOPass,
-    agree_across_ranks,
-    check_transform,
-    default_chunk_size,
-    max_chunk_rows,
-    result_dtype,
-    sequence_lengths,
-    sequence_spans,
-    stats_pass,
-)
+from .chunk_size import agree_across_ranks, default_chunk_size, max_chunk_rows, sequence_lengths, sequence_spans
+from .chunked import FusedLinearLogprobs, FusedLinearPPOLoss, FusedLinearTokenLoss, PPOPass, result_dtype, stats_pass
 from .functional import row_ops
+from .logit_transform import check_transform
 from .options import LossOptions, with_loss_options
 from .token_loss import finish_token_loss, fused_output
 
