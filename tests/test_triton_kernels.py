@@ -478,7 +478,9 @@ def test_bf16_gradients_round_to_nearest_even():
     import triton.language as tl
 
     # Module globals: kernels see globals, not closures (in the interpreter too).
-    globals().update(tl=tl, _to_output=_kernels()._to_output)
+    from rlhf_fast.kernels.row_gradient import _to_output
+
+    globals().update(tl=tl, _to_output=_to_output)
 
     @triton.jit
     def store(src_ptr, dst_ptr, N: tl.constexpr):
