@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 ROWS, BATCH, SEQ = 16384, 16, 1024
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-OPS = ("forward", "logprobs", "backward", "grad_in_forward")
+OPS = ("forward", "logprobs", "backward", "grad_in_forward")  # as DECLARED below
 
 
 @dataclass
@@ -77,33 +77,39 @@ def load_kernels(spec: str):
 _PATH_PACKAGE = "static_roofline_kernels"
 
 
+DECLARED = {"forward": "PPO_FORWARD", "logprobs": "LOGPROBS", "backward": "PPO_BACKWARD",
+            "grad_in_forward": "PPO_FORWARD_GRAD"}
+"""The op declaration (rlhf_fast/backends/ops.py) behind each recorded op."""
+SETTINGS = dict(ratio_low=0.8, ratio_high=1.28, dual_clip=3.0, kl_coef=0.04, kl_estimator=2, entropy_coef=0.01,
+                with_entropy=True)
+"""The recorded launches' settings: every feature on (old and reference log-probs given too, the dual clip,
+k3, the entropy), so that what is compiled is the largest variant of each kernel."""
+
+
 def op_launches(module, op: str, vocab: int, dtype: torch.dtype, rows: int = ROWS,
                 temperature: float = 1.0) -> List[Launch]:  # fmt: skip
-    """The launches one op makes for ``rows`` rows of ``logits[:, :-1]`` of a ``[B, T+1, V]`` buffer."""
+    """The launches one op makes for ``rows`` rows of ``logits[:, :-1]`` of a ``[B, T+1, V]`` buffer: the op's
+    arguments built from its declaration (logits-shaped tensors as such views, every per-row tensor given except
+    the ones that default to None, ``SETTINGS``), its outputs from its fake, then its launcher called."""
+    if op not in DECLARED:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    from rlhf_fast.backends import ops
+
+    declared = getattr(ops, DECLARED[op])
     seq = SEQ if rows % SEQ == 0 else rows
     batch = rows // seq
-    meta = dict(device="meta")
-    logits = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
-    vector = lambda: torch.empty(rows, dtype=torch.float32, **meta)  # noqa: E731
-    targets = torch.empty(rows, dtype=torch.int64, **meta)
+    tensors = dict(
+        logits=lambda: torch.empty(batch, seq + 1, vocab, dtype=dtype, device="meta")[:, :-1],
+        ids=lambda: torch.empty(rows, dtype=torch.int64, device="meta"),
+        rows=lambda: torch.empty(rows, dtype=torch.float32, device="meta"),
+    )
+    values = dict(SETTINGS, temperature=temperature)
+    values.update({arg.name: tensors[arg.shape]() for arg in declared.args if arg.shape and arg.default is not None})
+    call = declared.bind(**{arg.name: values[arg.name] for arg in declared.args if arg.name in values})
+    if op == "grad_in_forward" and not module.forward_grad_applies(call.logits, call.out):
+        return []  # forward + backward run instead
     with recording(module) as launches:
-        if op == "forward":
-            module.ppo_forward(logits, targets, vector(), vector(), vector(), tuple(vector() for _ in range(11)),
-                               0.8, 1.28, 3.0, 0.04, 2, 0.01, temperature)  # fmt: skip
-        elif op == "logprobs":
-            module.logprobs(logits, targets, vector(), vector(), vector(), vector(), temperature)
-        elif op == "backward":
-            out = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
-            module.ppo_backward(logits, targets, vector(), vector(), vector(), vector(), vector(), temperature, out)
-        elif op == "grad_in_forward":
-            out = torch.empty(batch, seq + 1, vocab, dtype=dtype, **meta)[:, :-1]
-            if not module.forward_grad_applies(logits, out):
-                return []  # forward + backward run instead
-            module.ppo_forward_grad(logits, targets, vector(), vector(), vector(), vector(),
-                                    tuple(vector() for _ in range(11)), out, 0.8, 1.28, 3.0, 0.04, 2, 0.01,
-                                    temperature)  # fmt: skip
-        else:
-            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        getattr(module, declared.launcher)(call, declared.fake(*declared.positional(**vars(call))) or ())
     return launches
 
 

@@ -51,7 +51,7 @@ H100 / H200.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -79,8 +79,41 @@ from .launch import (  # noqa: F401  (LaunchConfig, launch_config: the launchers
 )
 
 # ----------------------------------------------------------------------------------
-# Launchers: no allocation except the split-row partials; no autograd.
+# Launchers: no allocation except the split-row partials; no autograd. Each takes the call of its op
+# (the op's arguments by name, as rlhf_fast/backends/ops.py declares them: ``Op.bind``) and the op's outputs,
+# allocated by the caller (fp32 [N] each, in the op's order).
 # ----------------------------------------------------------------------------------
+
+
+class _Launch(NamedTuple):
+    rows: int
+    seq: int
+    vocab: int
+    cfg: LaunchConfig
+    scalars: tuple  # τ, 1/τ, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef: the kernels' constants
+    switches: dict  # HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP, SCALED
+
+
+def _launch(call, config: Optional[LaunchConfig]) -> _Launch:
+    """What every launcher starts from: the rows, the launch configuration, and the run-time constants and
+    feature switches of a call (a call without the loss settings, logprobs or the backward, gets zeros for
+    them and every loss switch off)."""
+    logits, temperature = call.logits, call.temperature
+    rows, seq, vocab = _rows(logits)
+    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
+    setting = lambda name: getattr(call, name, 0.0)  # noqa: E731
+    has_old = getattr(call, "old_logprobs", None) is not None
+    has_ref = getattr(call, "ref_logprobs", None) is not None
+    scalars = (temperature, _inv(temperature), setting("ratio_low"), setting("ratio_high"), setting("dual_clip"),
+               setting("kl_coef"), setting("entropy_coef"))  # fmt: skip
+    switches = dict(
+        HAS_OLD=has_old,
+        HAS_REF=has_ref,
+        KL_ESTIMATOR=call.kl_estimator if has_ref else 0,  # one variant when there is no KL
+        HAS_DUAL_CLIP=setting("dual_clip") > 0.0,
+        SCALED=temperature != 1.0,
+    )
+    return _Launch(rows, seq, vocab, cfg, scalars, switches)
 
 
 def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, switches, has_loss, has_entropy, cfg):
@@ -119,43 +152,20 @@ def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, swit
     )  # fmt: skip
 
 
-def ppo_forward(
-    logits: torch.Tensor,  # [B, T, V]
-    targets: torch.Tensor,  # [N]
-    advantages: torch.Tensor,  # [N] fp32
-    old_logprobs: Optional[torch.Tensor],  # [N] fp32
-    ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-    outputs,  # 11 fp32 [N] buffers in TokenResults order
-    ratio_low: float,
-    ratio_high: float,
-    dual_clip: float,  # 0 disables it
-    kl_coef: float,
-    kl_estimator: int,
-    entropy_coef: float,
-    temperature: float,
-    config: Optional[LaunchConfig] = None,
-) -> None:
-    rows, seq, vocab = _rows(logits)
+def ppo_forward(call, outputs, config: Optional[LaunchConfig] = None) -> None:
+    """Op ``ppo_forward``: the 11 TokenResults of every row into ``outputs``."""
+    logits = call.logits
+    rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
-    has_old, has_ref = old_logprobs is not None, ref_logprobs is not None
-    old = old_logprobs if has_old else advantages  # never read: a valid pointer
-    ref = ref_logprobs if has_ref else advantages
-    scalars = (temperature, _inv(temperature), ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef)
-    switches = dict(
-        HAS_OLD=has_old,
-        HAS_REF=has_ref,
-        KL_ESTIMATOR=kl_estimator if has_ref else 0,  # one variant when there is no KL
-        HAS_DUAL_CLIP=dual_clip > 0.0,
-        SCALED=temperature != 1.0,
-    )
+    old = call.old_logprobs if switches["HAS_OLD"] else call.advantages  # never read: a valid pointer
+    ref = call.ref_logprobs if switches["HAS_REF"] else call.advantages
     if cfg.parts > 1:
-        _split_forward(logits, targets, outputs, advantages, old, ref, scalars, switches, True, True, cfg)
+        _split_forward(logits, call.targets, outputs, call.advantages, old, ref, scalars, switches, True, True, cfg)
         return
     wrap_triton(_ppo_forward_kernel)[(rows,)](
         # data
-        logits, targets, advantages, old, ref, *outputs,
+        logits, call.targets, call.advantages, old, ref, *outputs,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants
@@ -168,39 +178,29 @@ def ppo_forward(
     )  # fmt: skip
 
 
-def ppo_backward(
-    logits: torch.Tensor,  # [B, T, V]
-    targets: torch.Tensor,  # [N]
-    row_max: torch.Tensor,  # [N] fp32
-    log_sum: torch.Tensor,  # [N] fp32
-    entropy: torch.Tensor,  # [N] fp32
-    coef_logprob: torch.Tensor,  # [N] fp32
-    coef_entropy: torch.Tensor,  # [N] fp32
-    temperature: float,
-    out: torch.Tensor,  # [B, T, V] logits dtype, stride 1 on V; may be logits
-    outside: Optional[torch.Tensor] = None,  # [N] fp32 probability on other vocabulary shards
-    config: Optional[LaunchConfig] = None,
-) -> None:
-    rows, seq, vocab = _rows(logits)
+def ppo_backward(call, outputs=(), config: Optional[LaunchConfig] = None) -> None:
+    """Ops ``ppo_backward`` and ``ppo_backward_inplace``: d(loss)/d(logits) into ``call.out`` (may be the logits)."""
+    logits, out, outside = call.logits, call.out, call.outside
+    rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
     vec = _vec(logits)
     tiles_per_part, parts = _split(vocab, cfg.bwd_block_v, cfg.bwd_parts)
     # Split rows leave Σ_{j≠y} p_j per part to the fixup kernel (a few bytes per row); whole rows need none.
     partials = torch.empty((rows, parts) if parts > 1 else (1,), dtype=torch.float32, device=logits.device)
     has_outside = outside is not None
+    per_row = (call.targets, call.row_max, call.log_sum, call.entropy, call.coef_logprob, call.coef_entropy)
     wrap_triton(_ppo_backward_kernel)[(rows, parts)](
         # data
-        logits, out, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy,
-        outside if has_outside else entropy,  # never read without HAS_OUTSIDE: a valid pointer
+        logits, out, *per_row,
+        outside if has_outside else call.entropy,  # never read without HAS_OUTSIDE: a valid pointer
         partials,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), tiles_per_part, parts,
         # constants
-        temperature, _inv(temperature),
+        *scalars[:2],
         # switches
-        SCALED=temperature != 1.0,
+        SCALED=switches["SCALED"],
         GRAD_ALIGNED=_same_phase(logits, out),
         HAS_OUTSIDE=has_outside,
         VEC=vec,
@@ -211,11 +211,11 @@ def ppo_backward(
         return
     wrap_triton(_target_fixup_kernel)[(triton.cdiv(rows, _FIXUP_ROWS),)](
         # data
-        out, targets, entropy, coef_logprob, coef_entropy, outside if has_outside else entropy, partials,
+        out, call.targets, *per_row[3:], outside if has_outside else call.entropy, partials,
         # shapes and strides
         rows, parts, seq, out.stride(0), out.stride(1),
         # constants
-        temperature, _inv(temperature),
+        *scalars[:2],
         # switches
         HAS_OUTSIDE=has_outside,
         ROWS=_FIXUP_ROWS,
@@ -224,39 +224,30 @@ def ppo_backward(
     )  # fmt: skip
 
 
-def logprobs(
-    logits: torch.Tensor,  # [B, T, V]
-    targets: torch.Tensor,  # [N]
-    out_logprobs: torch.Tensor,  # [N] fp32
-    out_entropy: Optional[torch.Tensor],  # [N] fp32 or None
-    out_row_max: torch.Tensor,  # [N] fp32
-    out_log_sum: torch.Tensor,  # [N] fp32
-    temperature: float,
-    config: Optional[LaunchConfig] = None,
-) -> None:
-    rows, seq, vocab = _rows(logits)
+def logprobs(call, outputs, config: Optional[LaunchConfig] = None) -> None:
+    """Op ``logprobs``: (log-probs, entropy if ``call.with_entropy``, row max, log-sum) into ``outputs``."""
+    logits = call.logits
+    rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
-    has_entropy = out_entropy is not None
+    has_entropy = bool(call.with_entropy)
+    out_logprobs, out_entropy, out_row_max, out_log_sum = outputs
     entropy = out_entropy if has_entropy else out_logprobs  # never written: a valid pointer
     if cfg.parts > 1:
-        scalars = (temperature, _inv(temperature), 0.0, 0.0, 0.0, 0.0, 0.0)
-        switches = dict(HAS_OLD=False, HAS_REF=False, KL_ESTIMATOR=0, HAS_DUAL_CLIP=False, SCALED=temperature != 1.0)
         lp = out_logprobs
         outputs = (lp, entropy, out_row_max, out_log_sum) + (lp,) * 7  # the loss outputs are never written
-        _split_forward(logits, targets, outputs, lp, lp, lp, scalars, switches, False, has_entropy, cfg)
+        _split_forward(logits, call.targets, outputs, lp, lp, lp, scalars, switches, False, has_entropy, cfg)
         return
     wrap_triton(_logprobs_kernel)[(rows,)](
         # data
-        logits, targets, out_logprobs, entropy, out_row_max, out_log_sum,
+        logits, call.targets, out_logprobs, entropy, out_row_max, out_log_sum,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants
-        temperature, _inv(temperature),
+        *scalars[:2],
         # switches
         HAS_ENTROPY=has_entropy,
-        SCALED=temperature != 1.0,
+        SCALED=switches["SCALED"],
         VEC=_vec(logits),
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
@@ -282,50 +273,30 @@ def forward_grad_applies(logits: torch.Tensor, out: torch.Tensor) -> bool:
     )
 
 
-def ppo_forward_grad(
-    logits: torch.Tensor,  # [B, T, V], rows 16-byte aligned, V·b ≤ 64 KiB
-    targets: torch.Tensor,  # [N]
-    advantages: torch.Tensor,  # [N] fp32
-    old_logprobs: Optional[torch.Tensor],  # [N] fp32
-    ref_logprobs: Optional[torch.Tensor],  # [N] fp32
-    weights: torch.Tensor,  # [N] fp32 per-token aggregation weights
-    outputs,  # 11 fp32 [N] buffers in TokenResults order
-    out: torch.Tensor,  # [B, T, V] logits dtype: d(Σ w·ℓ)/d(logits)
-    ratio_low: float,
-    ratio_high: float,
-    dual_clip: float,
-    kl_coef: float,
-    kl_estimator: int,
-    entropy_coef: float,
-    temperature: float,
-    config: Optional[LaunchConfig] = None,
-) -> None:
-    rows, seq, vocab = _rows(logits)
+def ppo_forward_grad(call, outputs, config: Optional[LaunchConfig] = None) -> None:
+    """Ops ``ppo_forward_grad`` and ``ppo_forward_grad_inplace``: ``ppo_forward``'s outputs, and d(Σ w·ℓ)/d(logits)
+    into ``call.out`` (may be the logits): rows 16-byte aligned, V·b ≤ 64 KiB (``forward_grad_applies``)."""
+    logits, out = call.logits, call.out
     if not forward_grad_applies(logits, out):
         raise ValueError(f"logits: the gradient-in-forward kernel takes bf16 or fp32 rows of at most "
                          f"{_GRAD_ROW_BYTES} bytes starting on 16-byte boundaries; got {tuple(logits.shape)} "
                          f"{logits.dtype} with strides {logits.stride()} (out {out.stride()}); use ppo_forward + "
                          f"ppo_backward")  # fmt: skip
+    rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    cfg = config or launch_config(vocab, logits.dtype, rows, _sms(logits))
-    has_old, has_ref = old_logprobs is not None, ref_logprobs is not None
     wrap_triton(_ppo_forward_grad_kernel)[(rows,)](
         # data
-        logits, out, targets, advantages,
-        old_logprobs if has_old else advantages,  # never read: a valid pointer
-        ref_logprobs if has_ref else advantages,
-        weights, *outputs,
+        logits, out, call.targets, call.advantages,
+        call.old_logprobs if switches["HAS_OLD"] else call.advantages,  # never read: a valid pointer
+        call.ref_logprobs if switches["HAS_REF"] else call.advantages,
+        call.weights, *outputs,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         # constants
-        temperature, _inv(temperature), ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+        *scalars,
         # switches
-        HAS_OLD=has_old,
-        HAS_REF=has_ref,
-        KL_ESTIMATOR=kl_estimator if has_ref else 0,
-        HAS_DUAL_CLIP=dual_clip > 0.0,
-        SCALED=temperature != 1.0,
+        **switches,
         VEC=_vec(logits),
         ROW_BLOCK=cfg.grad_row_block,
         num_warps=cfg.grad_num_warps,
