@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="write the tables (the standard output) here too")
     parser.add_argument("--keep", help="keep the SASS, PTX and TTGIR of every kernel in this folder")
     parser.add_argument("--kernels", default="rlhf_fast.kernels.ppo_loss",
-                        help="module with the launchers (a dotted name or a .py file)")
+                        help="module with the launchers, each taking (call, outputs) of its op as "
+                             "rlhf_fast/backends/ops.py declares it (a dotted name or a .py file)")
     args = parser.parse_args(argv)
     module = load_kernels(args.kernels)
     results = []
