@@ -36,6 +36,18 @@ def test_triton_ops_have_the_declared_schema_and_a_launcher(op):
     assert list(inspect.signature(getattr(kernels, op.launcher)).parameters)[:2] == ["call", "outputs"]
 
 
+@pytest.mark.parametrize("op", ops.TRITON_OPS, ids=lambda op: op.name)
+def test_the_cuda_registration_infers_the_declared_schema(op):
+    """With CUDA the ops are ``torch.library.triton_op``s, whose schema torch infers from the generated
+    body's signature; registering one (in a namespace of its own, never called) needs no GPU."""
+
+    def body(*args, **kwargs):
+        raise AssertionError("registered only")
+
+    torch.library.triton_op(f"rlhf_fast_test_cuda::{op.name}", op.function(body), mutates_args=op.mutates)
+    assert "(" + _registered("rlhf_fast_test_cuda", op) == op.schema()
+
+
 def test_schema_marks_the_written_argument_and_the_inplace_twin():
     assert "Tensor(a8!) out" in ops.PPO_BACKWARD.schema()
     inplace = ops.PPO_BACKWARD_INPLACE
