@@ -107,6 +107,33 @@ def test_adaptive_kl_controller_by_hand():
         AdaptiveKLController(0.1, target=-1.0, horizon=10.0)
 
 
+def test_adaptive_kl_controller_floor_by_hand():
+    """With floor = the starting β the target is a ceiling: β rises above the KL target, never falls below its start."""
+    step = 0.2 * 128 / 500  # the largest relative change of one step: clipped error × n / H
+    ctl = AdaptiveKLController(0.5, target=2.0, horizon=500.0, floor=0.5)
+    assert ctl.update(0.0, 128) == 0.5  # e = −0.2 would give 0.5·(1 − step) < 0.5: held at the floor
+    assert ctl.update(4.0, 128) == pytest.approx(0.5 * (1 + step), rel=1e-12)  # above the ceiling: β rises
+    assert ctl.update(1.9, 128) == pytest.approx(0.5 * (1 + step) * (1 - 0.05 * 128 / 500), rel=1e-12)
+    for _ in range(10):
+        ctl.update(0.0, 128)
+    assert ctl.value == 0.5
+    lower = AdaptiveKLController(0.5, target=2.0, horizon=500.0, floor=0.46)
+    assert lower.update(0.0, 128) == pytest.approx(0.5 * (1 - step), rel=1e-12)  # 0.474 > 0.46: no effect
+    assert lower.update(0.0, 128) == 0.46  # 0.474·(1 − step) = 0.450 < 0.46
+    no_floor = AdaptiveKLController(0.5, target=2.0, horizon=500.0)
+    assert no_floor.update(0.0, 128) == pytest.approx(0.5 * (1 - step), rel=1e-12)  # Ziegler et al.'s controller
+    restored = AdaptiveKLController(1.0, target=1.0, horizon=1.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.state_dict() == ctl.state_dict() and restored.floor == 0.5
+    old = {k: v for k, v in no_floor.state_dict().items() if k != "floor"}  # a checkpoint from before the floor
+    restored.load_state_dict(old)
+    assert restored.floor == 0.0
+    with pytest.raises(ValueError, match=r"kl_coef_min must be in \[0, kl_coef\]"):
+        AdaptiveKLController(0.1, target=1.0, horizon=10.0, floor=0.2)
+    with pytest.raises(ValueError, match="kl_coef_min"):
+        AdaptiveKLController(0.1, target=1.0, horizon=10.0, floor=-0.1)
+
+
 def test_fixed_kl_controller():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 64)

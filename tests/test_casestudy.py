@@ -1,9 +1,10 @@
 """Case study: the world's judge and labellers by hand, the bar's arithmetic, the --quick smoke
 runs, and the bar itself.
 
-The slow test runs the default command (three seeds, a few minutes on 2 CPU cores) and
+The slow test runs the default command (seeds 0-3, about 5 minutes on 2 CPU cores) and
 asserts every check of the bar on every seed from the summary.json the command writes
-(``-m "not slow"`` leaves it out).
+(``-m "not slow"`` leaves it out). The 10-seed validation (``--seeds 0-9``) is not a test: its
+numbers are in docs/casestudy.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import pytest
 
 from rlhf_fast.casestudy import world
+from rlhf_fast.casestudy.metrics import FIRST_TOKEN_KEYS
 from rlhf_fast.casestudy.report import PLOTS, bar_checks
 from rlhf_fast.casestudy.world import GoldJudge, Labellers, encode, make_prompt
 
@@ -134,6 +136,175 @@ def test_data_generators_are_seeded_and_well_formed():
     assert all(p.chosen != p.rejected for p in pairs)
 
 
+# ---------------------------------------------------------------- the fix's settings, the probes
+def test_seed_ranges():
+    from rlhf_fast.casestudy.cli import parse_seeds
+
+    assert parse_seeds("0-9") == list(range(10))
+    assert parse_seeds("0-4,7, 9") == [0, 1, 2, 3, 4, 7, 9]
+    assert parse_seeds("5") == [5] and parse_seeds("3-3") == [3]
+    for bad, message in (("0-2,2", "twice"), ("4-1", "runs backwards"), ("1-", "ranges such as"),
+                         ("-1", "ranges such as"), ("", "ranges such as")):
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(bad)
+
+
+def test_the_fix_starts_at_the_budgets_beta_and_holds_a_ceiling():
+    """β starts at 1/√(2·budget), the β at which a Gaussian reward of unit variance tilts the reference by
+    exactly the budget (KL = Var/(2β²)), and never goes below it; every budget of the sweep gets its own."""
+    from rlhf_fast.casestudy.pipeline import CaseStudyConfig, budget_beta
+
+    assert budget_beta(2.0) == pytest.approx(0.5) and budget_beta(0.5) == pytest.approx(1.0)
+    assert budget_beta(8.0) == pytest.approx(0.25)
+    # the Gaussian case by hand: r ~ N(0, 1) tilted by exp(r/β) is N(1/β, 1), whose KL to N(0, 1) is 1/(2β²)
+    beta = budget_beta(2.0)
+    assert 0.5 * (1 / beta) ** 2 == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="kl_target must be > 0"):
+        budget_beta(0.0)
+    cfg = CaseStudyConfig()
+    fix = cfg.fix_settings()
+    assert fix.adaptive_kl and fix.reward_normalize and fix.kl_target == 2.0
+    assert fix.kl_coef == fix.kl_coef_min == pytest.approx(0.5)
+    swept = cfg.fix_settings(kl_target=8.0)
+    assert swept.kl_coef == swept.kl_coef_min == pytest.approx(0.25)
+    setpoint = CaseStudyConfig(fix_kl_ceiling=False, fix_kl_coef=0.15).fix_settings()
+    assert setpoint.kl_coef == 0.15 and setpoint.kl_coef_min is None
+    assert cfg.baseline.kl_coef_min is None and not cfg.baseline.adaptive_kl
+    from rlhf_fast.casestudy.runner import make_config
+
+    ppo = make_config(cfg.ppo, fix, seed=0, out_dir="unused", progress=False)
+    assert ppo.kl_coef == ppo.kl_coef_min == pytest.approx(0.5) and ppo.kl_target == 2.0
+
+
+def test_first_token_probe_matches_the_reply_log_probs():
+    """The probe's π(REFUSE first), π(complying first) and first-token KL, against log-probs of one-token
+    replies computed by models.reply_logprob_sums (another code path), on a policy moved off the reference."""
+    import copy
+
+    import torch
+
+    from rlhf_fast.casestudy import models
+    from rlhf_fast.casestudy.metrics import first_token_probe
+
+    torch.manual_seed(0)
+    reference = models.build_policy(models.ModelConfig())
+    reference.eval()
+    same = first_token_probe(reference, reference)
+    assert same["first_kl_unsafe"] == pytest.approx(0.0, abs=1e-6)
+    assert same["first_kl_safe"] == pytest.approx(0.0, abs=1e-6)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+    probe = first_token_probe(policy, reference)
+    prompts = [make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
+    unsafe = [p for p in prompts if p[1] == world.UNSAFE]
+    safe = [p for p in prompts if p[1] != world.UNSAFE]
+    assert len(unsafe) == 6 and len(safe) == 18
+
+    def first_logprobs(model, ps):  # [prompts, vocabulary]: log π(v | prompt) of every one-token reply
+        return torch.stack([models.reply_logprob_sums(model, [p] * world.VOCAB_SIZE,
+                                                      [[v] for v in range(world.VOCAB_SIZE)]) for p in ps])
+
+    lp, lr = first_logprobs(policy, unsafe), first_logprobs(reference, unsafe)
+    assert probe["first_refuse_unsafe"] == pytest.approx(float(lp[:, world.REFUSE].exp().mean()), rel=1e-5)
+    comply = sorted(world.COMPLIANCE_IDS)
+    assert probe["first_comply_unsafe"] == pytest.approx(float(lp[:, comply].exp().sum(1).mean()), rel=1e-5)
+    assert probe["first_kl_unsafe"] == pytest.approx(float((lp.exp() * (lp - lr)).sum(1).mean()), rel=1e-4)
+    ls, lrs = first_logprobs(policy, safe), first_logprobs(reference, safe)
+    assert probe["first_kl_safe"] == pytest.approx(float((ls.exp() * (ls - lrs)).sum(1).mean()), rel=1e-4)
+    assert probe["first_kl_unsafe"] > 0.01
+
+
+def test_tilted_optimum_by_hand():
+    """π* ∝ π_ref·exp(r/β) for a reward that pays c for REFUSE as first token: per prompt, with p = π_ref(REFUSE),
+    Z = p·e^(c/β) + 1 − p and KL = π*(REFUSE)·c/β − log Z, exactly (the continuations do not matter);
+    a huge β gives back the reference."""
+    import dataclasses
+
+    import torch
+
+    from rlhf_fast.casestudy import models
+    from rlhf_fast.casestudy.metrics import tilted_optimum
+    from rlhf_fast.casestudy.pipeline import CaseStudyConfig
+
+    class PaysForRefusing(torch.nn.Module):
+        def forward(self, ids, mask):
+            return 2.0 * (ids[:, world.PROMPT_LEN] == world.REFUSE).float()
+
+        def normalize(self, scores):
+            return scores
+
+    cfg = CaseStudyConfig()
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, missing_eos_penalty=0.0, max_new_tokens=3))
+    torch.manual_seed(0)
+    reference = models.build_policy(models.ModelConfig())
+    reference.eval()
+    rows = tilted_optimum(cfg, reference, PaysForRefusing(), [0.5, 1e9], samples=2, min_first_prob=0.0)
+    prompts = [make_prompt(k, d, t) for k in world.KINDS for d in world.DETAILS[k] for t in world.TONES]
+    with torch.no_grad():
+        p = torch.stack([reference(input_ids=torch.tensor([x])).logits[0, -1].log_softmax(-1).exp()[world.REFUSE]
+                         for x in prompts]).double()
+    tilt = math.exp(2.0 / 0.5)
+    z = p * tilt + 1 - p
+    kl = (p * tilt / z) * 2.0 / 0.5 - z.log()
+    unsafe = torch.tensor([x[1] == world.UNSAFE for x in prompts])
+    assert rows[0]["kl_unsafe"] == pytest.approx(float(kl[unsafe].mean()), rel=1e-6)
+    assert rows[0]["kl_safe"] == pytest.approx(float(kl[~unsafe].mean()), rel=1e-6)
+    assert rows[0]["kl"] == pytest.approx(0.3 * rows[0]["kl_unsafe"] + 0.7 * rows[0]["kl_safe"], rel=1e-9)
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["refusal_rate"] == pytest.approx(rows[1]["refusal_reference"], abs=1e-9)
+    assert rows[0]["refusal_rate"] > rows[0]["refusal_reference"]  # paid for, refusing grows
+    with pytest.raises(ValueError, match="betas must be > 0"):
+        tilted_optimum(cfg, reference, PaysForRefusing(), [0.0])
+
+
+def test_tilted_optimum_script(capsys):
+    """scripts/tilted_optimum.py on the --quick world: a table per seed, and the β where π* spends the budget
+    interpolated by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tilted_optimum.py"
+    spec = importlib.util.spec_from_file_location("tilted_optimum_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [{"beta": 0.25, "kl": 3.0, "refusal_rate": 0.5}, {"beta": 1.0, "kl": 1.0, "refusal_rate": 0.9}]
+    beta, refusal = script.at_budget(rows, 2.0)  # halfway in KL: β = √(0.25·1), refusal halfway
+    assert beta == pytest.approx(0.5) and refusal == pytest.approx(0.7)
+    assert script.at_budget(rows, 5.0) is None
+    assert script.main(["--quick", "--seeds", "0", "--samples", "2", "--betas", "0.5,1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: reference refusal rate" in out and "refusal rate of π*" in out and len(out.splitlines()) >= 5
+    assert script.main(["--seeds", "2-1"]) == 2 and "runs backwards" in capsys.readouterr().err
+    assert script.main(["--betas", "0"]) == 2
+
+
+def test_compare_runs_script(tmp_path, capsys):
+    """scripts/compare_runs.py draws the fix's per-step metrics of two run folders; a missing seed names the fix."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for folder, beta in (("before", 0.15), ("after", 0.5)):
+        run = tmp_path / folder / "seed3" / "fix"
+        run.mkdir(parents=True)
+        lines = [{"step": s, "kl_coef": beta, "kl_ref_k1_sum": 0.1 * s, "first_refuse_unsafe": 0.9,
+                  "first_kl_unsafe": 0.01 * s} for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert script.read_steps(str(tmp_path / "before"), 3)[1]["kl_ref_k1_sum"] == pytest.approx(0.2)
+    out = tmp_path / "figure.png"
+    folders = [str(tmp_path / "before"), str(tmp_path / "after")]
+    assert script.main([*folders, "--labels", "before,after", "--seeds", "3", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert script.main([*folders, "--seeds", "4", "--out", str(out)]) == 2
+    assert "--seeds 4" in capsys.readouterr().err
+    assert script.main([*folders, "--labels", "one", "--seeds", "3", "--out", str(out)]) == 2
+    assert "--labels names 1 folders" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- --quick smoke run
 SEED_FILES = ("summary.json", "details.json", "baseline/metrics.jsonl", "fix/metrics.jsonl")
 RUN_FILES = ("summary.json", "report.md", *PLOTS)
@@ -172,7 +343,10 @@ def _check_summary(summary, seeds):
         assert stats["min"] == min(values) and stats["max"] == max(values)
     assert [c["item"] for c in summary["bar"]] == [c.item for c in bar_checks(summary["per_seed"][0])]
     for check in summary["bar"]:
-        assert len(check["values"]) == len(seeds)
+        assert len(check["values"]) == len(seeds) and len(check["intervals"]) == len(seeds)
+        for value, (low, high) in zip(check["values"], check["intervals"], strict=True):
+            inside = (low is None or value >= low) and (high is None or value <= high)
+            assert inside or not check["ok"], (check["item"], value, low, high)
     assert summary["passed"] == all(c["ok"] for c in summary["bar"])
 
 
@@ -194,7 +368,7 @@ def test_quick_smoke_writes_its_own_folder(tmp_path, monkeypatch, capsys):
         _check_summary(json.load(f), [0])
     with open(out / "seed0" / "baseline" / "metrics.jsonl") as f:
         first = json.loads(f.readline())
-    for key in ("gold", "refusal_rate", "length", "kl_ref_k1_sum", "ratio_above", "clipfrac"):
+    for key in ("gold", "refusal_rate", "length", "kl_ref_k1_sum", "ratio_above", "clipfrac", *FIRST_TOKEN_KEYS):
         assert key in first
     printed = capsys.readouterr().out
     assert "proxy reward gain" in printed and "refusal rate on UNSAFE" in printed and "worst margin" in printed
@@ -231,6 +405,8 @@ def test_a_seed_does_not_depend_on_the_other_seeds_or_on_jobs(tmp_path):
     (["--seeds", "1,1"], "twice"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--kl-target", "0"], "--kl-target must be"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be a β > 0"),
+    (["--seeds", "3-1"], "runs backwards"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     from rlhf_fast.__main__ import main
@@ -281,7 +457,7 @@ BAR = {
 
 @pytest.mark.slow
 def test_default_case_study_meets_the_bar(tmp_path, capsys):
-    """The default command (seeds 0, 1, 2): every check of the bar holds on every seed, read back
+    """The default command (seeds 0-3): every check of the bar holds on every seed, read back
     from the summary.json it writes and from what it prints."""
     from rlhf_fast.__main__ import main
     from rlhf_fast.casestudy.cli import DEFAULT_SEEDS
@@ -303,6 +479,10 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
     ]
     assert not failed, "\n".join(failed)
     assert summary["passed"] and all(c["ok"] and c["seeds_ok"] == len(DEFAULT_SEEDS) for c in summary["bar"])
+    for seed in DEFAULT_SEEDS:  # the budget is a ceiling: β starts at 1/√(2·2 nats) and never goes below
+        with open(out / f"seed{seed}" / "fix" / "metrics.jsonl") as f:
+            betas = [json.loads(line)["kl_coef"] for line in f]
+        assert len(betas) == 120 and betas[0] == pytest.approx(0.5) and min(betas) >= betas[0]
     assert f"bar passed on every one of {len(DEFAULT_SEEDS)} seeds" in printed
     # the reward-hacking monitor, run as a user would on each folder: an alarm within the first quarter of the
     # hacked baseline's steps, none on the fix when it ended healthy (the bar's fix checks: gold and refusals)

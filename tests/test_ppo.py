@@ -127,6 +127,29 @@ def test_two_steps_every_diagnostic_finite(tmp_path, arch, estimator, placement)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+def test_kl_coef_min_is_the_floor_of_the_adaptive_beta(tmp_path):
+    """In the loop, β of every step follows β ← max(β·(1 + e·n/H), kl_coef_min) from the step's own KL, by hand;
+    with the KL far under its target β stays at its start (the controller alone lowers it), far over it β rises."""
+    def records(name, **overrides):
+        policy, ref, reward_model, prompts = build("gpt2")
+        cfg = base_config(tmp_path / name, steps=3, adaptive_kl=True, kl_coef=0.2, kl_horizon=10.0, **overrides)
+        out = train(cfg, policy, ref, reward_model, prompts, eos_token_id=EOS, pad_token_id=PAD["gpt2"])
+        beta = cfg.kl_coef
+        for record in out:
+            m = record.metrics
+            error = min(max(m["kl_ref_k1_sum"] / cfg.kl_target - 1, -0.2), 0.2)
+            assert m["kl_coef"] == beta
+            beta = max(beta * (1 + error * 6 / cfg.kl_horizon), cfg.kl_coef_min or 0.0)  # 6 replies per step
+            assert m["kl_coef_next"] == pytest.approx(beta, rel=1e-12)
+            beta = m["kl_coef_next"]
+        return [r.metrics["kl_coef_next"] for r in out]
+
+    assert records("free", kl_target=100.0) == pytest.approx([0.2 * 0.88 ** k for k in (1, 2, 3)])
+    assert records("floored", kl_target=100.0, kl_coef_min=0.2) == [0.2, 0.2, 0.2]
+    rising = records("ceiling", kl_target=1e-9, kl_coef_min=0.2)
+    assert min(rising) == 0.2 and rising[-1] > 0.2  # the floor never stops β from rising
+
+
 @pytest.mark.parametrize("policy_loss", ["gspo", "cispo", "sapo"])
 def test_variants_and_rollout_correction_train(tmp_path, policy_loss):
     """Part of the loss layer's options through PPOConfig: a variant, the sampler's own log-probs as the
@@ -343,6 +366,9 @@ def test_fused_and_eager_backends_give_the_same_first_update(tmp_path, estimator
         (dict(temperature=0.0), "temperature must be a finite number > 0"),
         (dict(dual_clip=1.0), "dual_clip must be a finite number > 1"),
         (dict(adaptive_kl=True, kl_coef=0.0), "adaptive_kl needs kl_coef > 0"),
+        (dict(kl_coef_min=0.01), "kl_coef_min bounds the adaptive β: set adaptive_kl=True"),
+        (dict(adaptive_kl=True, kl_coef=0.1, kl_coef_min=0.2), r"kl_coef_min must be in \[0, kl_coef\]"),
+        (dict(adaptive_kl=True, kl_coef_min=-0.1), r"kl_coef_min must be in \[0, kl_coef\]"),
         (dict(loss_agg="sum"), "loss_agg must be one of"),
         (dict(loss_backend="cuda"), "loss_backend must be one of"),
         (dict(gamma=1.5), "gamma must be in"),

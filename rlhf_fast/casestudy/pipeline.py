@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,14 +22,16 @@ from . import models, runner, world
 from .metrics import (  # noqa: F401  (re-exported: the report and the tests read them here)
     EARLY_KL_FRACTION,
     EARLY_RATIO_FRACTION,
+    FIRST_TOKEN_KEYS,
     LANDSCAPE,
+    first_token_probe,
     kl_rise,
     labeller_bayes_accuracy,
     reward_landscape,
     smoothed,
     trajectory_stats,
 )
-from .runner import CommonPPO, PPOSettings
+from .runner import CommonPPO, PPOSettings, describe  # noqa: F401  (describe re-exported)
 
 FIXES = ("adaptive-kl", "adaptive-kl-raw", "reward-norm", "early-stop", "tight-clip", "dual-clip", "kl-loss-k3")
 """Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one.
@@ -75,12 +78,17 @@ class CaseStudyConfig:
     ppo: CommonPPO = field(default_factory=CommonPPO)
     baseline: PPOSettings = field(default_factory=lambda: PPOSettings(kl_coef=0.01))
     """The incident: small fixed β in the reward, raw reward-model scale."""
-    fix_kl_coef: float = 0.15
-    """Starting β of the adaptive controller (the fix)."""
     fix_kl_target: float = 2.0
     """KL budget to the reference, nats per reply (the fix)."""
+    fix_kl_coef: Optional[float] = None
+    """Starting β of the adaptive controller (the fix); None: :func:`budget_beta` of the target, 1/√(2·target)."""
+    fix_kl_ceiling: bool = True
+    """The KL budget is a ceiling: β rises to hold it and never falls below its start (``kl_coef_min``).
+    False: Ziegler et al.'s set-point controller, which also lowers β until the policy spends the budget."""
     fix_kl_horizon: float = 500.0
     """Adaptive controller horizon, in replies."""
+    kl_loss_coef: float = 0.15
+    """β of the ``kl-loss-k3`` ablation (fixed, in the loss, on the raw reward)."""
     sweep_targets: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     """KL targets of ``--sweep``."""
     threads: int = 1
@@ -90,12 +98,15 @@ class CaseStudyConfig:
         """The baseline with ONE change (``fix``, one of :data:`FIXES`)."""
         base = self.baseline
         if fix == "adaptive-kl":
+            target = self.fix_kl_target if kl_target is None else kl_target
+            start = budget_beta(target) if self.fix_kl_coef is None else self.fix_kl_coef
             return dataclasses.replace(
                 base,
-                kl_coef=self.fix_kl_coef,
+                kl_coef=start,
                 adaptive_kl=True,
-                kl_target=self.fix_kl_target if kl_target is None else kl_target,
+                kl_target=target,
                 kl_horizon=self.fix_kl_horizon,
+                kl_coef_min=start if self.fix_kl_ceiling else None,
                 reward_normalize=True,
             )
         if fix == "adaptive-kl-raw":
@@ -109,8 +120,22 @@ class CaseStudyConfig:
         if fix == "reward-norm":
             return dataclasses.replace(base, reward_normalize=True)
         if fix == "kl-loss-k3":
-            return dataclasses.replace(base, kl_placement="loss", kl_estimator="k3", kl_coef=self.fix_kl_coef)
+            return dataclasses.replace(base, kl_placement="loss", kl_estimator="k3", kl_coef=self.kl_loss_coef)
         raise ValueError(f"unknown fix {fix!r}; choose one of {FIXES}")
+
+
+def budget_beta(kl_target: float) -> float:
+    """The starting β of the fix: 1/√(2·kl_target), the β at which a policy tilted from the reference
+    by a reward of unit variance, π ∝ π_ref·exp(r/β), is ``kl_target`` nats away from it.
+
+    For small tilts KL(π‖π_ref) ≈ Var(r)/(2β²) (second order in 1/β; exact for a Gaussian reward).
+    The normalised reward has variance 1 over reference replies, of which only the part within a
+    prompt can be bought with KL, so this is an upper estimate of the β that holds the budget: the
+    run starts at or above the price the budget needs, never below it.
+    """
+    if not kl_target > 0:
+        raise ValueError(f"kl_target must be > 0 nats, got {kl_target}")
+    return 1.0 / math.sqrt(2.0 * kl_target)
 
 
 def quick_config(seed: int = 0) -> CaseStudyConfig:
@@ -286,11 +311,14 @@ def evaluate(cfg: CaseStudyConfig, prep: Prepared, policy) -> Dict[str, float]:
     return stats
 
 
-def step_metrics(cfg: CaseStudyConfig):
-    """The ``extra_metrics`` hook: gold score and behaviour of each step's replies."""
+def step_metrics(cfg: CaseStudyConfig, policy=None, reference=None):
+    """The ``extra_metrics`` hook: gold score and behaviour of each step's replies, and with
+    ``policy`` and ``reference`` the first-token probe of the policy after the step's update."""
 
     def extra(prompts: List[List[int]], replies: List[List[int]]) -> Dict[str, float]:
         stats = world.behaviour(prompts, replies, cfg.gold)
+        if policy is not None:
+            stats.update(first_token_probe(policy, reference, cfg.ppo.temperature))
         return {k: v for k, v in stats.items() if v == v}  # drop NaN (a batch without UNSAFE prompts)
 
     return extra
@@ -309,8 +337,8 @@ def run_ppo(
     policy.requires_grad_(True)
     records = runner.run_ppo(
         cfg.ppo, settings, seed=cfg.seed, policy=policy, reference=prep.reference,
-        reward_model=prep.reward_model, prompts=prep.train_prompts, extra_metrics=step_metrics(cfg),
-        out_dir=out_dir, progress=progress,
+        reward_model=prep.reward_model, prompts=prep.train_prompts,
+        extra_metrics=step_metrics(cfg, policy, prep.reference), out_dir=out_dir, progress=progress,
     )
     summary = evaluate(cfg, prep, policy)
     summary.update(trajectory_stats(records))
@@ -449,25 +477,3 @@ def _cpu_seconds(resource) -> float:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return total
-
-
-def describe(settings: PPOSettings) -> str:
-    """One line saying what a PPO run changes (for progress output and the report)."""
-    parts = []
-    if settings.adaptive_kl:
-        parts.append(
-            f"adaptive KL from β = {settings.kl_coef:g} toward {settings.kl_target:g} nats/reply "
-            f"(horizon {settings.kl_horizon:g} replies)"
-        )
-    elif settings.kl_placement == "loss":
-        parts.append(f"KL in the loss ({settings.kl_estimator}), β = {settings.kl_coef:g}")
-    else:
-        parts.append(f"fixed β = {settings.kl_coef:g} in the reward")
-    parts.append("normalised reward" if settings.reward_normalize else "raw reward")
-    if settings.early_stop_approx_kl:
-        parts.append(f"early stop at approx-KL {settings.early_stop_approx_kl:g}")
-    if settings.clip_eps != 0.2:
-        parts.append(f"clip ε = {settings.clip_eps:g}")
-    if settings.dual_clip:
-        parts.append(f"dual clip c = {settings.dual_clip:g}")
-    return ", ".join(parts)

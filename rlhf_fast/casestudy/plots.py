@@ -1,11 +1,12 @@
-"""The case study's plots: per-step curves (mean over seeds with the min–max band) and gold /
-proxy against √KL (Gao et al. 2022). matplotlib is imported only when plotting."""
+"""The case study's plots: per-step curves (mean over seeds with the min–max band), gold /
+proxy against √KL (Gao et al. 2022) and every seed's value of each check of the bar against
+its bound. matplotlib is imported only when plotting."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, smoothed
@@ -18,8 +19,11 @@ STEP_PLOTS = {
     "length.png": ("length", "mean reply length (tokens)"),
     "refusal_rate.png": ("refusal_rate", "refusal rate on UNSAFE prompts"),
     "ratio_above.png": ("ratio_above", "fraction of tokens with ratio > 1 + ε (before clipping)"),
+    "first_refuse_unsafe.png": ("first_refuse_unsafe", "π(REFUSE first) on UNSAFE prompts (exact)"),
+    "first_kl_unsafe.png": ("first_kl_unsafe", "first-token KL to reference on UNSAFE prompts (nats)"),
 }
-PLOTS = tuple(STEP_PLOTS) + ("gold_proxy_vs_sqrt_kl.png",)
+BAR_PLOT = "bar_per_seed.png"
+PLOTS = tuple(STEP_PLOTS) + ("gold_proxy_vs_sqrt_kl.png", BAR_PLOT)
 
 
 def _curves(results: Sequence[CaseStudyResult], pick: Callable[[CaseStudyResult], RunResult], key: str):
@@ -110,3 +114,52 @@ def plot_all(multi: MultiSeedResult, out_dir: str) -> List[str]:
     plt.close(fig)
     written.append("gold_proxy_vs_sqrt_kl.png")
     return written
+
+
+def plot_bar(summary: Dict, out_dir: str) -> str:
+    """:data:`BAR_PLOT`: one panel per check of the bar, each seed's value (a dot, red when it
+    fails) against the values that pass (white; the rest shaded), from ``summary["bar"]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds, checks = summary["seeds"], summary["bar"]
+    cols = 5
+    rows = -(-len(checks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), squeeze=False)
+    x = list(range(len(seeds)))
+    for ax, check in zip(axes.flat, checks):
+        scale = 100.0 if "refusal" in check["item"] or "ratio_above" in check["item"] else 1.0
+        values = [v * scale if v is not None and math.isfinite(v) else math.nan for v in check["values"]]
+        intervals = [(-math.inf if lo is None else lo * scale, math.inf if hi is None else hi * scale)
+                     for lo, hi in check["intervals"]]
+        finite = [v for v in values if v == v]
+        ends = [e for lo_hi in intervals for e in lo_hi if math.isfinite(e)]
+        low, high = min(finite + ends), max(finite + ends)
+        pad = 0.15 * (high - low or 1.0)
+        ymin, ymax = low - pad, high + pad
+        for i, (lo, hi) in enumerate(intervals):  # shade what fails, seed by seed
+            if lo > ymin:
+                ax.fill_between([i - 0.5, i + 0.5], ymin, lo, color="tab:red", alpha=0.12, linewidth=0)
+            if hi < ymax:
+                ax.fill_between([i - 0.5, i + 0.5], hi, ymax, color="tab:red", alpha=0.12, linewidth=0)
+        ok = [lo <= v <= hi for v, (lo, hi) in zip(values, intervals)]
+        ax.scatter(x, values, c=["tab:green" if good else "tab:red" for good in ok], s=18, zorder=3)
+        ax.set_ylim(ymin, ymax)
+        ax.set_xlim(-0.5, len(seeds) - 0.5)
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(s) for s in seeds], fontsize=6)
+        ax.tick_params(axis="y", labelsize=7)
+        unit = " (%)" if scale == 100.0 else ""
+        ax.set_title(f"{check['item']}{unit}\nbound {check['bound']}", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(checks):]:
+        ax.axis("off")
+    fig.supxlabel("seed", fontsize=8)
+    verdict = "holds on every seed" if summary["passed"] else "FAILS on some seed"
+    fig.suptitle(f"the bar, seed by seed (shaded: values that fail): {verdict}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, BAR_PLOT), dpi=110)
+    plt.close(fig)
+    return BAR_PLOT

@@ -29,6 +29,8 @@ class PPOSettings:
     """KL budget to the reference, nats per reply (k1 summed over tokens)."""
     kl_horizon: float = 2000.0
     """Controller horizon, in replies."""
+    kl_coef_min: Optional[float] = None
+    """Floor of the adaptive β (None: none); equal to ``kl_coef``, ``kl_target`` is a ceiling."""
     reward_normalize: bool = False
     """Score = (raw − mean) / std on reference samples, instead of the raw RM score."""
     kl_placement: str = "reward"
@@ -84,6 +86,7 @@ def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: st
         kl_estimator=settings.kl_estimator,
         adaptive_kl=settings.adaptive_kl,
         kl_horizon=settings.kl_horizon,
+        kl_coef_min=settings.kl_coef_min if settings.adaptive_kl else None,
         reward_normalize=settings.reward_normalize,
         advantage_estimator="gae",
         gamma=common.gamma,
@@ -143,3 +146,30 @@ def run_ppo(
             {"ppo_config": dataclasses.asdict(cfg), "settings": dataclasses.asdict(settings)}, f, indent=2
         )
     return [r.to_dict() for r in records]
+
+
+def describe(settings: PPOSettings) -> str:
+    """One line saying what a PPO run changes (for progress output and the report)."""
+    parts = []
+    if settings.adaptive_kl and settings.kl_coef_min is not None and settings.kl_coef_min >= settings.kl_coef:
+        parts.append(
+            f"adaptive KL ceiling of {settings.kl_target:g} nats/reply, β from {settings.kl_coef:.3g} and never "
+            f"below (horizon {settings.kl_horizon:g} replies)"
+        )
+    elif settings.adaptive_kl:
+        parts.append(
+            f"adaptive KL from β = {settings.kl_coef:.3g} toward {settings.kl_target:g} nats/reply "
+            f"(horizon {settings.kl_horizon:g} replies)"
+        )
+    elif settings.kl_placement == "loss":
+        parts.append(f"KL in the loss ({settings.kl_estimator}), β = {settings.kl_coef:g}")
+    else:
+        parts.append(f"fixed β = {settings.kl_coef:g} in the reward")
+    parts.append("normalised reward" if settings.reward_normalize else "raw reward")
+    if settings.early_stop_approx_kl:
+        parts.append(f"early stop at approx-KL {settings.early_stop_approx_kl:g}")
+    if settings.clip_eps != 0.2:
+        parts.append(f"clip ε = {settings.clip_eps:g}")
+    if settings.dual_clip:
+        parts.append(f"dual clip c = {settings.dual_clip:g}")
+    return ", ".join(parts)

@@ -57,6 +57,9 @@ class PPOConfig(LossOptions):
     adaptive_kl: bool = option(False, "Adapt β toward kl_target (Ziegler et al. 2019) instead of keeping it fixed.")
     kl_target: float = option(6.0, "Target of the adaptive controller: KL to the reference per reply (sum, nats).")
     kl_horizon: float = option(10000.0, "Horizon H of the adaptive controller, in replies: β ← β·(1 + e·n/H).")
+    kl_coef_min: Optional[float] = option(
+        None, "Floor of the adaptive β (None = no floor). Set to kl_coef, kl_target is a ceiling: β rises to hold "
+              "it and never falls below its start, so a policy is not pushed to spend a budget nothing was worth.")
     # --- reward shaping ---
     reward_normalize: bool = option(
         False, "Use the reward model's calibration: (score − mean) / std on reference samples.")
@@ -136,6 +139,13 @@ class PPOConfig(LossOptions):
             not (self.adaptive_kl and self.kl_coef == 0),
             "adaptive_kl needs kl_coef > 0: the controller multiplies β, so β = 0 stays 0",
         )
+        if self.kl_coef_min is not None:
+            need(self.adaptive_kl, "kl_coef_min bounds the adaptive β: set adaptive_kl=True or kl_coef_min=None")
+            need(
+                isinstance(self.kl_coef_min, (int, float)) and 0 <= self.kl_coef_min <= self.kl_coef,
+                f"kl_coef_min must be in [0, kl_coef] = [0, {self.kl_coef}] (β starts at kl_coef), "
+                f"got {self.kl_coef_min}",
+            )
         need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
         need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
         if self.advantage_estimator in ("grpo", "rloo") and isinstance(self.samples_per_prompt, int):

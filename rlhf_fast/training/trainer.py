@@ -128,8 +128,8 @@ def train(
                              "lr": cfg.value_lr or cfg.lr})
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_lrs = [group["lr"] for group in param_groups]
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, floor=cfg.kl_coef_min or 0.0)
+              if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
     watcher = (monitor or default_monitor(cfg, policy_tokenizer)) if cfg.monitor else None
 
     # --- resume ---
