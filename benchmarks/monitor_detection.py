@@ -22,7 +22,7 @@ from typing import List
 
 from rlhf_fast.casestudy import detection
 from rlhf_fast.casestudy.cli import parse_seeds
-from rlhf_fast.casestudy.pipeline import ABLATIONS
+from rlhf_fast.casestudy.config import ABLATIONS
 
 
 def missing_seeds(out: str, seeds: List[int], ablations: bool) -> List[int]:

@@ -289,6 +289,7 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     Data for tuning ``launch_config`` on a new GPU: the kernels are launched directly,
     without autograd, each configuration after one warm-up (which compiles it).
     """
+    from rlhf_fast.backends import ops
     from rlhf_fast.kernels import ppo_loss as kernels
     from rlhf_fast.loss.functional import rows_view
 
@@ -298,19 +299,21 @@ def sweep_launch_configs(shape: Shape, rounds: int = 10) -> List[dict]:
     adv, old, ref = (inputs[k].reshape(-1).float() for k in ("advantages", "old_logprobs", "ref_logprobs"))
     outputs = [torch.empty_like(adv) for _ in range(11)]  # TokenResults order: lp, H, m, log s, ...
     grad = torch.empty_like(logits)
+    forward_call = ops.PPO_FORWARD.bind(logits, targets, adv, old, ref, ratio_low=0.8, ratio_high=1.2, dual_clip=0.0,
+                                        kl_coef=0.05, kl_estimator=2, entropy_coef=0.01, temperature=1.0)
+    backward_call = ops.PPO_BACKWARD.bind(logits, targets, row_max=outputs[2], log_sum=outputs[3], entropy=outputs[1],
+                                          coef_logprob=adv, coef_entropy=adv, temperature=1.0, out=grad)
     current = kernels.launch_config(shape.vocab, shape.torch_dtype)
     rows = []
     for kind, choices in (("forward", SWEEP_FORWARD), ("backward", SWEEP_BACKWARD)):
         for block, warps in choices:
             config = kernels.LaunchConfig(block, warps, block, warps)
             if kind == "forward":
-                launch = lambda _, c=config: kernels.ppo_forward(  # noqa: E731
-                    logits, targets, adv, old, ref, outputs, 0.8, 1.2, 0.0, 0.05, 2, 0.01, 1.0, config=c)
+                launch = lambda _, c=config: kernels.ppo_forward(forward_call, outputs, config=c)  # noqa: E731
                 moved = bytes_moved(shape, "fwd")
                 is_default = (block, warps) == (current.block_v, current.num_warps)
             else:
-                launch = lambda _, c=config: kernels.ppo_backward(  # noqa: E731
-                    logits, targets, outputs[2], outputs[3], outputs[1], adv, adv, 1.0, grad, config=c)
+                launch = lambda _, c=config: kernels.ppo_backward(backward_call, config=c)  # noqa: E731
                 moved = 2 * bytes_moved(shape, "fwd")
                 is_default = (block, warps) == (current.bwd_block_v, current.bwd_num_warps)
             seconds = statistics.median(time_step(launch, None, "cuda", rounds, warmup=1))

@@ -71,6 +71,26 @@ inline float reduce_sum(const VecF& v) {
   return s;
 }
 
+// A compensated (Kahan) sum per lane: `lost` keeps the low-order part each addition rounds
+// away. A row's softmax sum adds thousands of terms far below the largest (e^0 = 1), each
+// add rounding at the running sum's ulp the same way; plain lanes then drift by up to
+// n·ulp/2 (about 5e-6 for 2k equal terms of 1e-5), compensated ones by a few ulps in all.
+struct CompensatedSum {
+  VecF sum{0.f};
+  VecF lost{0.f};
+  void add(const VecF& x) {
+    const VecF y = x - lost;
+    const VecF t = sum + y;
+    lost = (t - sum) - y;
+    sum = t;
+  }
+  VecF value() const { return sum - lost; }
+  void reset(const VecF& v) {  // the running value becomes v, nothing lost
+    sum = v;
+    lost = VecF(0.f);
+  }
+};
+
 // Loads and stores of kChunk logits as two fp32 vectors.
 template <typename T>
 struct Io {
@@ -125,7 +145,7 @@ struct SoftmaxStats {
 template <typename scalar_t, bool kScaled, bool kEntropy>
 SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float* buf) {
   float m = kNegInf;
-  VecF sum(0.f), dsum(0.f);
+  CompensatedSum sum, dsum;
   const VecF vtau(tau), lowest(kLowest);
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
@@ -157,12 +177,12 @@ SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float*
         const float shift = m - m_new;  // < 0; −inf when the jump overflows; NaN with a NaN logit
         const float factor = std::exp(shift);
         if (factor == 0.f) {  // every earlier term is below fp32's smallest number: exactly 0
-          sum = VecF(0.f);
-          dsum = VecF(0.f);
+          sum.reset(VecF(0.f));
+          dsum.reset(VecF(0.f));
         } else {  // shift ∈ (−104, 0), so s·shift is finite (or NaN, which must spread)
-          const VecF scale(factor);
-          dsum = (dsum + sum * VecF(shift)) * scale;  // Σ e'(x − m_new) = e^shift·(t + s·shift)
-          sum = sum * scale;
+          const VecF scale(factor), s_old = sum.value();
+          dsum.reset((dsum.value() + s_old * VecF(shift)) * scale);  // Σ e'(x − m_new) = e^shift·(t + s·shift)
+          sum.reset(s_old * scale);
         }
       }
       m = m_new;
@@ -170,17 +190,14 @@ SoftmaxStats softmax_stats(const scalar_t* row, int64_t vocab, float tau, float*
     if (m == kNegInf) continue;  // every logit so far is −inf (banned): nothing to add
 
     const VecF vm(m);
-    VecF block_sum(0.f), block_dsum(0.f);
     for (int64_t k = 0; k < padded; k += kVec) {
       const VecF d = at::vec::clamp_min(VecF::loadu(buf + k) - vm, lowest);
       const VecF e = d.exp();
-      block_sum = block_sum + e;
-      if constexpr (kEntropy) block_dsum = at::vec::fmadd(e, d, block_dsum);
+      sum.add(e);
+      if constexpr (kEntropy) dsum.add(e * d);
     }
-    sum = sum + block_sum;  // two-level sums: per block, then per row
-    if constexpr (kEntropy) dsum = dsum + block_dsum;
   }
-  return {m, reduce_sum(sum), kEntropy ? reduce_sum(dsum) : 0.f};
+  return {m, reduce_sum(sum.value()), kEntropy ? reduce_sum(dsum.value()) : 0.f};
 }
 
 struct RowLogprob {

@@ -28,6 +28,7 @@ from .loss import (
     fused_linear_logprobs,
     fused_linear_ppo_loss,
     logprobs,
+    logprobs_ppo_loss,
     ppo_loss,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
     "logprobs",
+    "logprobs_ppo_loss",
     "ppo_loss",
 ]
 

@@ -21,8 +21,9 @@ import sys
 import torch
 
 from rlhf_fast.casestudy.cli import parse_seeds
+from rlhf_fast.casestudy.config import CaseStudyConfig, quick_config
 from rlhf_fast.casestudy.metrics import tilted_optimum
-from rlhf_fast.casestudy.pipeline import CaseStudyConfig, prepare, quick_config
+from rlhf_fast.casestudy.pipeline import prepare
 
 DEFAULT_BETAS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 

@@ -152,7 +152,7 @@ def test_seed_ranges():
 def test_the_fix_starts_at_the_budgets_beta_and_holds_a_ceiling():
     """β starts at 1/√(2·budget), the β at which a Gaussian reward of unit variance tilts the reference by
     exactly the budget (KL = Var/(2β²)), and never goes below it; every budget of the sweep gets its own."""
-    from rlhf_fast.casestudy.pipeline import CaseStudyConfig, budget_beta
+    from rlhf_fast.casestudy.config import CaseStudyConfig, budget_beta
 
     assert budget_beta(2.0) == pytest.approx(0.5) and budget_beta(0.5) == pytest.approx(1.0)
     assert budget_beta(8.0) == pytest.approx(0.25)
@@ -224,8 +224,8 @@ def test_tilted_optimum_by_hand():
     import torch
 
     from rlhf_fast.casestudy import models
+    from rlhf_fast.casestudy.config import CaseStudyConfig
     from rlhf_fast.casestudy.metrics import tilted_optimum
-    from rlhf_fast.casestudy.pipeline import CaseStudyConfig
 
     class PaysForRefusing(torch.nn.Module):
         def forward(self, ids, mask):
@@ -382,7 +382,8 @@ def test_quick_smoke_writes_its_own_folder(tmp_path, monkeypatch, capsys):
 
 def test_a_seed_does_not_depend_on_the_other_seeds_or_on_jobs(tmp_path):
     """Seed 1 alone (in this process) == seed 1 next to seed 0 in two worker processes, bit for bit."""
-    from rlhf_fast.casestudy.pipeline import quick_config, run_seeds
+    from rlhf_fast.casestudy.config import quick_config
+    from rlhf_fast.casestudy.pipeline import run_seeds
     from rlhf_fast.casestudy.report import seed_summary
 
     alone = run_seeds(quick_config(), [1], str(tmp_path / "alone"), jobs=1, progress=False)

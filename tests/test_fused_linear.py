@@ -630,3 +630,44 @@ def test_variants_match_eager(backend, variant, triton_env):
     ref_out, ref_grads = run_eager(case, **options)
     out, grads = run_fused(case, backend, chunk_size=5, **options)
     assert_close_to_eager(out, grads, ref_out, ref_grads, what=f"{backend} {variant}")
+
+
+def test_one_walk_serves_every_pass():
+    """chunked.walk visits each chunk once, in order (or the given spans), hands the step the transformed
+    logits, calls the backend's backward only when gradients are wanted, and then turns the step's
+    coefficients into the input gradients: with c_lp = 1, d(hidden) and d(W) are those of Σ lp by autograd
+    through the eager math (fp64, to 1e-12)."""
+    from rlhf_fast.loss import chunked
+    from rlhf_fast.loss.logit_transform import LogitTransform
+    from rlhf_fast.loss.reference import selective_logprobs_entropy
+
+    gen = torch.Generator().manual_seed(40)
+    hidden = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 7, (10,), generator=gen)
+    transform = LogitTransform(scale=0.5, softcap=2.0)
+    calls = []
+    ops = REFERENCE_OPS._replace(backward=lambda *args: calls.append(args) or REFERENCE_OPS.backward(*args))
+    seen = []
+
+    def step(span, logits3, with_grad):
+        seen.append((span.start, span.stop, with_grad))
+        torch.testing.assert_close(logits3[0], 2.0 * torch.tanh(0.5 * (hidden[span] @ weight.T) / 2.0),
+                                   rtol=1e-12, atol=1e-12)
+        stats = ops.logprobs(logits3, targets[span], 1.0, True)
+        ones = torch.ones(span.stop - span.start, dtype=torch.float64)
+        return chunked.ChunkStep(stats.row_max, stats.log_sum, stats.entropy, stats.outside, ones, 0 * ones)
+
+    common = dict(ops=ops, targets=targets, temperature=1.0, transform=transform)
+    assert chunked.walk(hidden, weight, None, 4, step, **common) is None
+    assert seen == [(0, 4, False), (4, 8, False), (8, 10, False)] and not calls
+    seen.clear()
+    grads = chunked.Gradients(hidden, weight, (True, True, False))
+    d_hidden, d_weight, d_bias = chunked.walk(hidden, weight, None, 4, step, grads=grads,
+                                              spans=[slice(0, 3), slice(3, 7), slice(7, 10)], **common)
+    assert seen == [(0, 3, True), (3, 7, True), (7, 10, True)] and len(calls) == 3 and d_bias is None
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lp = selective_logprobs_entropy(2.0 * torch.tanh(0.5 * (h @ w.T) / 2.0), targets, 1.0)[0]
+    want_hidden, want_weight = torch.autograd.grad(lp.sum(), (h, w))
+    torch.testing.assert_close(d_hidden, want_hidden, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_weight, want_weight, rtol=1e-12, atol=1e-12)

@@ -72,9 +72,95 @@ def test_the_case_study_uses_only_the_public_api():
     assert not wrong, wrong
 
 
+def _module_name(path: pathlib.Path) -> str:
+    parts = ("rlhf_fast",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+
+
+def _package_files():
+    """Every module of the package, ``rlhf_fast.kernels`` (a link to kernels/) included."""
+    return sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE / "kernels").glob("*.py"))
+
+
+def import_graph():
+    """Module → the package's modules it imports, at module level or inside a function.
+
+    ``from package import name`` counts as importing ``package.name`` when that is a module, else ``package``;
+    importing a submodule is not counted as importing the packages above it (Python runs those first anyway).
+    """
+    files = {_module_name(path): path for path in _package_files()}
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                source = ".".join(part for part in (base, node.module) if part)
+                names = [f"{source}.{a.name}" if f"{source}.{a.name}" in files else source for a in node.names]
+            else:
+                continue
+            targets.update(name for name in names if name in files and name != module)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph):
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_import_cycles_are_found():
+    """The cycle finder on a made-up graph: a → b → c → a is one cycle, d → a is not part of it."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_graph()["rlhf_fast.loss.functional"] >= {"rlhf_fast.loss.inputs", "rlhf_fast.backends"}
+
+
+def test_no_import_cycles():
+    """No module of the package imports, at any depth, a module that imports it back."""
+    cycles = import_cycles(import_graph())
+    assert not cycles, cycles
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
 def test_no_module_is_over_500_lines():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 500}
+    """In the package, the Triton source (kernels/) and the benchmarks and their tools (benchmarks/)."""
+    files = {str(p.relative_to(PACKAGE.parent)): p for p in PACKAGE.rglob("*.py")}
+    for folder in ("kernels", "benchmarks"):
+        files.update({f"{folder}/{p.name}": p for p in (REPO / folder).glob("*.py")})
+    assert {"kernels/ppo_loss.py", "benchmarks/static_roofline.py", "rlhf_fast/loss/functional.py"} <= set(files)
+    long = {name: n for name, p in files.items() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
 
 

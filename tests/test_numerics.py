@@ -43,6 +43,28 @@ def test_logprobs_keep_their_digits_at_large_offsets(backend, use_backend):
         assert abs(got.item() - want.item()) < 1e-6, (offset, got.item(), want.item())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_equal_small_terms_beside_the_max_keep_the_sum_digits(backend, use_backend):
+    """A row whose softmax sum is 1 plus thousands of equal terms of 1e-5: each addition to a running sum
+    near 1 rounds the same way, so plain fp32 accumulation drifts by up to n·ulp/2 (≈ 5e-6 here). The
+    log-prob and entropy must stay within a few fp32 ulps of the fp64 sum (eager's cascade sum: 6e-7)."""
+    name = use_backend(backend)
+    vocab = 4099  # two blocks of 2048 and a tail
+    row = torch.full((vocab,), -1000.0)
+    row[7] = -992.0  # the max, the target: e^((−1000 + 992)/0.7) ≈ 1.1e-5 for every other logit
+    row[3000] = -996.0
+    logits = row.to(torch.bfloat16).expand(2, vocab).clone()
+    targets = torch.tensor([7, 3000])
+    tau = 0.7
+    z = (logits.float() / tau).double()  # the logits as every backend scales them (fp32 x/τ): the sum's error alone
+    truth = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    truth_h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    dev = device_for(backend)
+    lp, h = rf.logprobs(logits.to(dev), targets.to(dev), temperature=tau, with_entropy=True, backend=name)
+    assert (lp.cpu().double() - truth).abs().max() < 2e-6, (lp - truth)  # 4 ulps at |lp| ≈ 5.8
+    assert (h.cpu().double() - truth_h).abs().max() < 2e-6, (h - truth_h)
+
+
 @pytest.mark.parametrize("advantage,options", [(0.0, {}), (1.0, {}), (-1.0, dict(dual_clip=3.0))])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_overflowing_ratio_of_a_clipped_or_zero_advantage_token_is_finite(backend, advantage, options,

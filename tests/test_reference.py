@@ -13,7 +13,7 @@ import torch
 from helpers import make_case, make_config
 
 import rlhf_fast as rf
-from rlhf_fast.loss import reference
+from rlhf_fast.loss import reference, token_loss
 from rlhf_fast.loss.policy import token_terms
 
 LOG2 = math.log(2.0)
@@ -193,7 +193,7 @@ def test_closed_form_backward_matches_autograd():
     weights = torch.rand(8, dtype=torch.float64)
     lp, entropy, row_max, log_sum = reference.selective_logprobs_entropy(logits, targets, cfg.temperature)
     valid = torch.ones(8, dtype=torch.bool)
-    terms = token_terms(lp, entropy, adv, old, ref, None, valid, None, reference.plain_options(cfg))
+    terms = token_terms(lp, entropy, adv, old, ref, None, valid, None, token_loss.plain_options(cfg))
     (weights * terms.loss).sum().backward()
     res = reference.token_forward(logits.detach(), targets, adv, old, ref, cfg)
     torch.testing.assert_close(res.loss, terms.loss.detach())

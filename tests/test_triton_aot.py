@@ -50,21 +50,22 @@ def compile_all(capability: int) -> list:
     """Every launch of LAUNCHES, recorded from the launchers (meta tensors, no GPU) and compiled
     for ``capability`` with the specialisation a real launch gets (benchmarks/static_roofline.py)."""
     sys.path.insert(0, BENCHMARKS)
-    import static_roofline
+    import roofline_compile
+    import roofline_record
     import torch
 
     from rlhf_fast.kernels import ppo_loss as kernels
 
     results = []
     for op, vocab, dtype, rows, temperature in LAUNCHES:
-        launches = static_roofline.op_launches(kernels, op, vocab, static_roofline.DTYPES[dtype], rows,
+        launches = roofline_record.op_launches(kernels, op, vocab, roofline_record.DTYPES[dtype], rows,
                                                temperature=temperature)  # fmt: skip
         assert launches, (op, vocab, dtype)
         for launch in launches:
-            compiled = static_roofline.compile_launch(launch, arch=capability)
+            compiled = roofline_compile.compile_launch(launch, arch=capability)
             results.append(dict(
                 op=op, kernel=launch.name, vocab=vocab, logits=dtype, rows=rows, temperature=temperature,
-                aligned=vocab * torch.empty((), dtype=static_roofline.DTYPES[dtype]).element_size() % 16 == 0,
+                aligned=vocab * torch.empty((), dtype=roofline_record.DTYPES[dtype]).element_size() % 16 == 0,
                 spill_bytes=compiled.spill_bytes, sass_lines=compiled.sass.count("\n"),
                 vector_loads=compiled.ptx.count("ld.global.v4"), vector_stores=compiled.ptx.count("st.global.v4"),
             ))  # fmt: skip

@@ -309,16 +309,18 @@ def _launch_all(logits3, targets, vec, params, config):
     rows = targets.numel()
     empty = lambda: torch.empty(rows, device=logits3.device)  # noqa: E731
     outputs = tuple(empty() for _ in KERNEL_FIELDS)
-    kernels.ppo_forward(logits3, targets, vec["advantages"], vec["old_logprobs"], vec["ref_logprobs"], outputs,
-                        1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high, params.dual_clip, params.kl_coef,
-                        params.kl_estimator, params.entropy_coef, params.temperature, config=config)  # fmt: skip
+    from rlhf_fast.backends import ops
+
+    values = ops.token_inputs(logits3, targets, vec["advantages"], vec["old_logprobs"], vec["ref_logprobs"], params)
+    kernels.ppo_forward(ops.PPO_FORWARD.bind(**values), outputs, config=config)
     stats = tuple(empty() for _ in range(4))
-    kernels.logprobs(logits3, targets, *stats, params.temperature, config=config)
+    kernels.logprobs(ops.LOGPROBS.bind(logits3, targets, params.temperature, True), stats, config=config)
     coef_logprob, coef_entropy = _coefficients(rows, seed=31)
     grad = torch.full_like(logits3, float("nan"))
     res = TokenResults(*outputs)
-    kernels.ppo_backward(logits3, targets, res.row_max, res.log_sum, res.entropy, coef_logprob, coef_entropy,
-                         params.temperature, grad, config=config)  # fmt: skip
+    call = ops.PPO_BACKWARD.bind(logits3, targets, res.row_max, res.log_sum, res.entropy, coef_logprob, coef_entropy,
+                                 params.temperature, grad)  # fmt: skip
+    kernels.ppo_backward(call, config=config)
     return res, stats, grad, (coef_logprob, coef_entropy)
 
 
@@ -432,15 +434,20 @@ def test_max_jump_between_tiles_keeps_entropy_finite():
     targets = torch.tensor([511, 0], device=DEVICE)
     config = _kernels().launch_config(512, torch.float32)._replace(block_v=128, num_warps=1)
     outputs = tuple(torch.empty(2, device=DEVICE) for _ in KERNEL_FIELDS)
-    _kernels().ppo_forward(logits3, targets, torch.ones(2, device=DEVICE), None, None, outputs, 0.8, 1.2, 0.0, 0.0, 0,
-                           0.0, 1.0, config=config)  # fmt: skip
+    from rlhf_fast.backends import ops
+
+    call = ops.PPO_FORWARD.bind(logits3, targets, torch.ones(2, device=DEVICE), None, None, ratio_low=0.8,
+                                ratio_high=1.2, dual_clip=0.0, kl_coef=0.0, kl_estimator=0, entropy_coef=0.0,
+                                temperature=1.0)  # fmt: skip
+    _kernels().ppo_forward(call, outputs, config=config)
     res = TokenResults(*outputs)
     torch.testing.assert_close(res.entropy, torch.full((2,), math.log(384.0), device=DEVICE))
     torch.testing.assert_close(res.logprobs, torch.tensor([-math.log(384.0), -2e36], device=DEVICE))
     assert torch.isfinite(res.row_max).all() and torch.isfinite(res.log_sum).all()
     grad = torch.empty_like(logits3)
-    _kernels().ppo_backward(logits3, targets, res.row_max, res.log_sum, res.entropy, torch.ones(2, device=DEVICE),
-                            torch.full((2,), 0.1, device=DEVICE), 1.0, grad, config=config)  # fmt: skip
+    call = ops.PPO_BACKWARD.bind(logits3, targets, res.row_max, res.log_sum, res.entropy, torch.ones(2, device=DEVICE),
+                                 torch.full((2,), 0.1, device=DEVICE), 1.0, grad)  # fmt: skip
+    _kernels().ppo_backward(call, config=config)
     assert torch.isfinite(grad).all()
     assert (grad[0, 0, :128] == 0).all() and (grad[0, 1, 1:128] == 0).all(), "p = 0 below the jump"
 
@@ -478,7 +485,9 @@ def test_bf16_gradients_round_to_nearest_even():
     import triton.language as tl
 
     # Module globals: kernels see globals, not closures (in the interpreter too).
-    globals().update(tl=tl, _to_output=_kernels()._to_output)
+    from rlhf_fast.kernels.row_gradient import _to_output
+
+    globals().update(tl=tl, _to_output=_to_output)
 
     @triton.jit
     def store(src_ptr, dst_ptr, N: tl.constexpr):

@@ -426,6 +426,71 @@ def test_sequence_options_need_sequences():
         rf.ppo_loss(torch.randn(6, 9), torch.zeros(6, dtype=torch.long), torch.randn(6), policy_loss="gspo")
 
 
+def test_a_variant_is_known_by_its_registry_entry(monkeypatch):
+    """What the loss layer knows of a variant comes from its POLICY_LOSSES entry, not from its name: a new
+    sequence-level variant that takes a dual clip needs sequences, is refused without them under its own name, and
+    runs on the statistics path (not the plain PPO kernels), with the values of the variant it delegates to."""
+    from rlhf_fast.loss.policy import POLICY_LOSSES, PolicyLoss
+
+    gspo = POLICY_LOSSES.get("gspo")
+    monkeypatch.setitem(POLICY_LOSSES._entries, "gspo_twin", PolicyLoss(gspo.compute, True, True, "a copy of gspo"))
+    options = rf.LossOptions(policy_loss="gspo_twin", dual_clip=3.0)
+    assert options.needs_sequences and not options.is_plain_ppo
+    assert rf.LossOptions().is_plain_ppo and not rf.LossOptions().needs_sequences
+    with pytest.raises(ValueError, match="policy_loss='gspo_twin' needs sequences"):
+        rf.ppo_loss(torch.randn(6, 9), torch.zeros(6, dtype=torch.long), torch.randn(6), options=options)
+    with pytest.raises(ValueError, match=_escape("dual_clip applies to policy_loss 'ppo', 'gspo' and 'gspo_twin'")):
+        rf.LossOptions(policy_loss="cispo", dual_clip=3.0)
+    case = make_case(2, 4, 11, seed=3, dtype=torch.float64)
+    args = (case.logits(), case.targets, case.advantages, case.old_logprobs, None, case.mask)
+    twin = rf.ppo_loss(*args, options=options, backend="eager")
+    want = rf.ppo_loss(*args, policy_loss="gspo", dual_clip=3.0, backend="eager")
+    assert torch.equal(twin.loss, want.loss)
+
+
+@pytest.mark.parametrize("options", [dict(kl_coef=0.1, entropy_coef=0.02),
+                                     dict(policy_loss="gspo", loss_agg="seq-mean-token-sum", kl_coef=0.1),
+                                     dict(policy_loss="sapo", entropy_coef=0.05, temperature=0.7)])
+def test_logprobs_ppo_loss_is_ppo_loss_on_the_logprobs(options):
+    """rf.logprobs_ppo_loss on rf.logprobs' differentiable (lp, H) is rf.ppo_loss on the logits: the loss,
+    outputs, metrics and d(logits) (eager, fp64, to 1e-12: the same math, in another order of the calls)."""
+    case = make_case(2, 5, 13, seed=4, dtype=torch.float64)
+    temperature = options.get("temperature", 1.0)
+    common = (case.targets, case.advantages, case.old_logprobs, case.ref_logprobs, case.mask)
+    want_logits = case.logits()
+    want = rf.ppo_loss(want_logits, *common, backend="eager", **options)
+    want.loss.backward()
+    logits = case.logits()
+    lp, entropy = rf.logprobs(logits, case.targets, case.mask, temperature=temperature, with_entropy=True,
+                              backend="eager")
+    got = rf.logprobs_ppo_loss(lp, entropy, *common, vocab_size=13, **options)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits.grad, want_logits.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-12, atol=1e-12)
+    assert got.metrics.keys() == want.metrics.keys()
+    for name in want.metrics:
+        torch.testing.assert_close(torch.as_tensor(got.metrics[name]), torch.as_tensor(want.metrics[name]),
+                                   rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_logprobs_ppo_loss_refuses_bad_input():
+    lp, entropy = torch.zeros(2, 3), torch.zeros(2, 3)
+    targets, advantages = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="vocab_size must be an int > 0"):
+        rf.logprobs_ppo_loss(lp, entropy, targets, advantages, vocab_size=0)
+    with pytest.raises(ValueError, match="logprobs must be a floating-point torch.Tensor"):
+        rf.logprobs_ppo_loss(targets, entropy, targets, advantages, vocab_size=5)
+    with pytest.raises(ValueError, match=_escape("entropy shape (3,) must match logprobs shape (2, 3)")):
+        rf.logprobs_ppo_loss(lp, entropy[0], targets, advantages, vocab_size=5)
+    with pytest.raises(ValueError, match=_escape("targets has ids outside [0, 5)")):
+        rf.logprobs_ppo_loss(lp, entropy, targets + 5, advantages, vocab_size=5)
+    with pytest.raises(ValueError, match=_escape("advantages shape (3,) must be (2, 3)")):
+        rf.logprobs_ppo_loss(lp, entropy, targets, advantages[0], vocab_size=5)
+    with pytest.raises(TypeError, match="logprobs_ppo_loss.. got unexpected keyword"):
+        rf.logprobs_ppo_loss(lp, entropy, targets, advantages, vocab_size=5, clip=0.2)
+
+
 def _escape(text: str) -> str:
     import re
 

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import List
 
-from .pipeline import ABLATIONS, FIXES, CaseStudyConfig, quick_config, run_seeds
+from .config import ABLATIONS, FIXES, CaseStudyConfig, quick_config
+from .pipeline import run_seeds
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 """The main job's seeds: two rounds of two worker processes on 2 cores (about 8 minutes); `--seeds 0-9` is the

@@ -18,7 +18,7 @@ import torch
 from . import models, world
 
 if TYPE_CHECKING:
-    from .pipeline import CaseStudyConfig
+    from .config import CaseStudyConfig
 
 
 LANDSCAPE = (

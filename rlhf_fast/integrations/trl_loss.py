@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ..loss import fused_linear_logprobs, fused_linear_ppo_loss, inputs, reference
+from ..loss import fused_linear_logprobs, fused_linear_ppo_loss, logprobs_ppo_loss
 from ..loss.options import LossOptions
 from ..training.metrics import pearson
 from . import trl_shim as shim
@@ -89,17 +89,6 @@ def _full(t):
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def _token_loss(lp, entropy, hidden, vocab_size: int, targets, advantages, old, ref, valid, options: LossOptions,
-                rollout, global_tokens):
-    """The loss of differentiable fused log-probs and entropies ``[B, T]`` under ``options``: the loss layer's
-    input checks and per-token loss, aggregated, as ``rf.fused_linear_ppo_loss`` applies them after its
-    statistics pass. The one place this module reaches inside the loss layer."""
-    x = inputs.prepare(lp.shape, vocab_size, hidden.device, hidden.dtype, targets, advantages, old, ref, valid,
-                       options, validate=True, rollout_logprobs=rollout, global_num_tokens=global_tokens,
-                       other="hidden")
-    return reference.finish_token_loss(lp.reshape(-1), entropy.reshape(-1), x)
-
-
 def _loss_parts(trainer, model, batch: shim.MicroBatch, coef: float, accumulation: float, mode: str) -> _Parts:
     setup: Setup = trainer._rlhf_fast
     record, options, args = setup.loss_type, setup.options, trainer.args
@@ -158,8 +147,9 @@ def _loss_parts(trainer, model, batch: shim.MicroBatch, coef: float, accumulatio
         else:
             lp, entropy = fused_linear_logprobs(hidden, weight, completion_ids, valid, with_entropy=True,
                                                 temperature=options.temperature, **common)
-            out = _token_loss(lp, entropy, hidden, weight.shape[0], completion_ids, advantages, old, ref, valid,
-                              options, rollout, global_tokens)
+            out = logprobs_ppo_loss(lp, entropy, completion_ids, advantages, old, ref, valid,
+                                    vocab_size=weight.shape[0], options=options, rollout_logprobs=rollout,
+                                    global_num_tokens=global_tokens)
             bonus = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
             lp, entropy = lp.detach(), entropy.detach()
     policy = out.loss if factor is None else out.loss * factor

@@ -1,4 +1,4 @@
-"""The loss layer: options, input preparation, the eager reference, the functional API,
+"""The loss layer: options, input preparation, the eager reference, the per-token loss, the functional API,
 autograd, fused-linear, vocab-parallel and the ``nn.Module``.
 
 Never imports the training layer or ``transformers``; backends load on first use.
@@ -9,6 +9,7 @@ from .functional import logprobs, ppo_loss
 from .fused_linear import fused_linear_logprobs, fused_linear_ppo_loss
 from .module import PPOLoss
 from .options import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, LossOptions
+from .token_loss import logprobs_ppo_loss
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -21,5 +22,6 @@ __all__ = [
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
     "logprobs",
+    "logprobs_ppo_loss",
     "ppo_loss",
 ]

@@ -1,30 +1,34 @@
-"""The chunk machinery of the fused-linear loss: logits ``hidden @ W.T (+ b)`` one ``[chunk, V]``
+"""The chunk engine of the fused-linear loss: logits ``hidden @ W.T (+ b)`` one ``[chunk, V]``
 block at a time, through one reusable buffer, and the gradients of hidden, weight and bias
 accumulated chunk by chunk (see :mod:`rlhf_fast.loss.fused_linear` for what the caller sees).
 
-Three passes:
+One walk (:func:`walk`) does it for every pass: per chunk, the logits (transformed), then a
+*step* that gives the chunk's row statistics and, when gradients are wanted, the coefficients
+c_lp = d(loss)/d lp and c_H = −d(loss)/dH of its rows; the walk then writes d(logits) with the
+row backend's backward and adds the chunk's share of the input gradients. The steps are what
+varies:
 
-* :class:`FusedLinearPPOLoss` — the plain PPO loss with its gradients formed in the forward
-  (every aggregation is linear, so each token's weight is known before any logit is seen);
-  the backward only scales them by the upstream scalar;
-* :class:`FusedLinearTokenLoss` — the same single pass for the variants: each chunk's (lp, H)
-  give that chunk's coefficients at once (autograd of the per-token math on the chunk's
-  ``[rows]`` slice), for a token-local option (CISPO, SAPO, clamps, token-level rollout
-  correction) on any chunks, for a sequence-level one (GSPO, sequence-level rollout
-  correction) on chunks of whole sequences (:func:`sequence_spans`);
-* :class:`FusedLinearLogprobs` — differentiable (lp, H): a statistics pass in the forward,
-  and a backward that recomputes each chunk's logits and writes d(logits) with the
-  coefficients of any function of (lp, H): the sequence-level variants' path when a sequence
-  is longer than a chunk.
+* :class:`FusedLinearPPOLoss` (:class:`PPOPass`) — the plain PPO loss with its gradients formed
+  in the forward (every aggregation is linear, so each token's weight is known before any logit
+  is seen): the step is the row backend's forward, c_lp = g·w, c_H = η·w; the backward only
+  scales the gradients by the upstream scalar;
+* :class:`FusedLinearTokenLoss` — the same single pass for the variants: the step is the
+  statistics pass, and the chunk's (lp, H) give its coefficients at once (autograd of the
+  per-token math on the chunk's ``[rows]`` slice), for a token-local option (CISPO, SAPO, clamps,
+  token-level rollout correction) on any chunks, for a sequence-level one (GSPO, sequence-level
+  rollout correction) on chunks of whole sequences (:func:`.chunk_size.sequence_spans`);
+* :func:`stats_pass` — the statistics alone, no gradient;
+* :class:`FusedLinearLogprobs` — differentiable (lp, H): :func:`stats_pass` in the forward, and
+  a backward whose step reads the saved statistics and the upstream gradients of (lp, H): the
+  sequence-level variants' path when a sequence is longer than a chunk.
 
-All apply the model's :class:`LogitTransform` (a logit scale, tanh soft-capping) to each
-chunk's logits before the row backend, and its chain rule to each chunk's d(logits).
+The model's :class:`~.logit_transform.LogitTransform` (a logit scale, tanh soft-capping) applies
+to each chunk's logits before the row backend, and its chain rule to each chunk's d(logits).
 """
 
 from __future__ import annotations
 
-import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,60 +36,10 @@ from torch.autograd.function import once_differentiable
 
 from ..backends.rows import RowOps, RowStats
 from .aggregation import scaled_sum
+from .chunk_size import local_sequences
 from .inputs import LossInputs
-from .policy import Sequences
-from .reference import weighted_token_loss
-
-_MIN_CHUNK = 256
-"""Fewest rows per chunk (below it the matmuls are bound by reading the weight)."""
-_MAX_CHUNK_ELEMENTS = 1 << 27
-"""At most this many elements in the [chunk, V] buffer (512 MiB in fp32)."""
-
-
-def default_chunk_size(vocab: int, hidden_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``.
-
-    The rule: ``min(max(pow2_floor(H), 256), max(16, pow2_floor(2**27 // V)))``.
-
-    * about H rows, so the ``[chunk, V]`` logits buffer is no larger than the weight
-      ``[V, H]``: extra memory stays O(V·H) whatever the number of tokens;
-    * at least 256 rows, so each chunk's matmuls reuse every weight element enough times
-      to be compute-bound rather than weight-bandwidth-bound;
-    * at most 2**27 buffer elements (512 MiB in fp32), which bounds the eager fallback's
-      fp32 per-chunk temporaries at large V (V = 151936 gives 512 rows).
-    """
-    by_hidden = max(_pow2_floor(max(hidden_size, 1)), _MIN_CHUNK)
-    return min(by_hidden, max_chunk_rows(vocab))
-
-
-def max_chunk_rows(vocab: int) -> int:
-    """The most rows a default ``[chunk, V]`` buffer may have: ``max(16, pow2_floor(2**27 // V))``."""
-    return max(16, _pow2_floor(max(_MAX_CHUNK_ELEMENTS // max(vocab, 1), 1)))
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
-
-
-def agree_across_ranks(chunk: int, n_rows: int, wants_hidden_grad: bool, device, group) -> int:
-    """The chunk size every rank uses (the smallest asked for), after checking that the ranks agree.
-
-    Each chunk runs collectives, so every rank must walk the same chunks: shard sizes (hence
-    the default chunk) may differ, the number of tokens and whether d(hidden) is all-reduced
-    may not. One small collective (and a host sync) per call.
-    """
-    flags = torch.tensor([-chunk, n_rows, -n_rows, int(wants_hidden_grad), -int(wants_hidden_grad)],
-                         dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    neg_chunk, most_rows, neg_fewest_rows, any_grad, neg_all_grad = flags.tolist()
-    if most_rows != -neg_fewest_rows:
-        raise ValueError(
-            f"hidden must be replicated across the process group: ranks have between {-neg_fewest_rows} and "
-            f"{most_rows} tokens"
-        )
-    if any_grad != -neg_all_grad:
-        raise ValueError("hidden requires grad on some ranks of the process group but not on others")
-    return -neg_chunk
+from .logit_transform import IDENTITY, LogitTransform
+from .token_loss import weighted_token_loss
 
 
 def result_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -98,24 +52,6 @@ def _logits_chunk(h: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor
     if bias is not None:
         out.add_(bias)
     return out
-
-
-_CUDA_OUT_DTYPE_MM = [True]  # set to False once the out_dtype matmul turns out unsupported
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 (fp64 for fp64 inputs) and a, b in the compute dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _CUDA_OUT_DTYPE_MM[0]:
-        try:  # bf16/fp16 tensor-core matmul that accumulates into fp32 directly
-            torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
-            return
-        except (RuntimeError, NotImplementedError):
-            _CUDA_OUT_DTYPE_MM[0] = False
-    # CPU has no mixed-dtype matmul: upcast the chunk (bounded: [chunk, V] + [chunk, H]).
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class Gradients:
@@ -138,6 +74,7 @@ class Gradients:
         self.hidden = torch.empty(n_rows, hidden_size, dtype=grad_dtype, device=device) if need_h else None
         self.weight_grad = torch.zeros(vocab, hidden_size, dtype=self.acc_dtype, device=device) if need_w else None
         self.bias = torch.zeros(vocab, dtype=self.acc_dtype, device=device) if need_b else None
+        self.mixed_matmul = True  # False once the CUDA matmul into an fp32 output turns out unsupported
 
     @property
     def any(self) -> bool:
@@ -146,97 +83,32 @@ class Gradients:
     def add(self, span: slice, dlogits: torch.Tensor, h: torch.Tensor) -> None:
         """One chunk: d(hidden)[span] = dlogits @ W, d(W) += dlogitsᵀ @ h, d(b) += Σ dlogits."""
         if self.sum_hidden:
-            _accumulate_mm(self.hidden[span].zero_(), dlogits, self.weight)
+            self._accumulate_mm(self.hidden[span].zero_(), dlogits, self.weight)
         elif self.hidden is not None:
             torch.mm(dlogits, self.weight, out=self.hidden[span])
         if self.weight_grad is not None:
-            _accumulate_mm(self.weight_grad, dlogits.t(), h)
+            self._accumulate_mm(self.weight_grad, dlogits.t(), h)
         if self.bias is not None:
             self.bias.add_(dlogits.sum(0, dtype=self.acc_dtype))
+
+    def _accumulate_mm(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += a @ b`` with ``acc`` fp32 (fp64 for fp64 inputs) and a, b in the compute dtype."""
+        if a.dtype == acc.dtype:
+            acc.addmm_(a, b)
+            return
+        if a.is_cuda and self.mixed_matmul:
+            try:  # bf16/fp16 tensor-core matmul that accumulates into fp32 directly
+                torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+                return
+            except (RuntimeError, NotImplementedError):
+                self.mixed_matmul = False
+        # CPU has no mixed-dtype matmul: upcast the chunk (bounded: [chunk, V] + [chunk, H]).
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
     def finish(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         if self.hidden is not None and self.process_group is not None and self.hidden.shape[0] > 0:
             dist.all_reduce(self.hidden, group=self.process_group)  # Σ_rank dlogits_rank·W_rank
         return self.hidden, self.weight_grad, self.bias
-
-
-_TRANSFORM_BLOCK_ELEMENTS = 1 << 20
-"""Low-precision buffers are transformed in fp32 blocks of at most this many elements (4 MiB)."""
-
-
-class LogitTransform(NamedTuple):
-    """The elementwise map a model applies to its logits before the softmax.
-
-    z ↦ s·z with ``scale`` s (Cohere's ``logit_scale``; Granite's 1 / ``logits_scaling``), then
-    z ↦ c·tanh(z / c) with ``softcap`` c (Gemma 2/3's ``final_logit_softcapping``); None skips
-    a step. The row backend sees the transformed logits; the chain rule turns its d(logits)
-    back into the gradient of the linear layer's output: ·s, and ·(1 − tanh²) for the cap.
-    """
-
-    scale: Optional[float] = None
-    softcap: Optional[float] = None
-
-    @property
-    def is_identity(self) -> bool:
-        return self.scale is None and self.softcap is None
-
-    @property
-    def needs_spare(self) -> bool:
-        """Whether the backward needs a second [chunk, V] buffer (the cap's derivative reads the logits)."""
-        return self.softcap is not None
-
-    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
-        """Transform ``logits`` ``[rows, V]`` in place (fp32 math, one rounding for bf16 / fp16 buffers)."""
-        if not self.is_identity:
-            _blockwise(logits, None, self._forward)
-        return logits
-
-    def chain_(self, grad: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
-        """``grad`` ← grad·d(transformed)/dz, in place; ``transformed`` holds the transformed logits (soft-cap only)."""
-        _blockwise(grad, transformed, self._backward)
-        return grad
-
-    def _forward(self, z: torch.Tensor, _unused) -> torch.Tensor:
-        if self.scale is not None:
-            z = z.mul_(self.scale)
-        if self.softcap is not None:
-            z = z.div_(self.softcap).tanh_().mul_(self.softcap)
-        return z
-
-    def _backward(self, grad: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
-        # d(c·tanh(s·z/c))/dz = s·(1 − t²), t = transformed / c (autograd's tanh backward reads tanh's output too)
-        factor = transformed.div_(self.softcap).square_().neg_().add_(1.0)
-        if self.scale is not None:
-            factor = factor.mul_(self.scale)
-        return grad.mul_(factor)
-
-
-IDENTITY = LogitTransform()
-
-
-def _blockwise(x: torch.Tensor, other: Optional[torch.Tensor], fn) -> None:
-    """``x`` ← fn(x, other) in place (``other`` may be overwritten); bf16 / fp16 in fp32 blocks of rows."""
-    if x.numel() == 0:
-        return
-    if x.dtype in (torch.float32, torch.float64):
-        fn(x, other)
-        return
-    rows = max(1, _TRANSFORM_BLOCK_ELEMENTS // max(x.shape[-1], 1))
-    for start in range(0, x.shape[0], rows):
-        block = x[start:start + rows]
-        up = block.float()
-        block.copy_(fn(up, None if other is None else other[start:start + rows].float()))
-
-
-def check_transform(logit_scale, logit_softcap) -> LogitTransform:
-    """The :class:`LogitTransform` of the keyword arguments (``ValueError`` naming a bad one)."""
-    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0 (or None for none), got {value!r}")
-    return LogitTransform(None if logit_scale is None else float(logit_scale),
-                          None if logit_softcap is None else float(logit_softcap))
 
 
 def chunks(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int,
@@ -279,6 +151,67 @@ def chunk_backward(ops: RowOps, logits: torch.Tensor, spare: Optional[torch.Tens
     return out
 
 
+# ----------------------------------------------------------------------------------
+# The walk
+# ----------------------------------------------------------------------------------
+
+
+class ChunkStep(NamedTuple):
+    """What a step gives the walk for one chunk's rows ``[rows]``: the statistics its backward reads and the
+    coefficients c_lp = d(loss)/d lp, c_H = −d(loss)/dH (None when the walk wants no gradient)."""
+
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
+    entropy: torch.Tensor
+    outside: Optional[torch.Tensor]
+    coef_logprob: Optional[torch.Tensor] = None
+    coef_entropy: Optional[torch.Tensor] = None
+
+
+Step = Callable[[slice, torch.Tensor, bool], Optional[ChunkStep]]
+"""(span, the chunk's logits ``[1, rows, V]``, whether gradients are wanted) -> its :class:`ChunkStep`."""
+
+
+def walk(hidden2d: torch.Tensor, weight: torch.Tensor, bias, chunk: int, step: Step, *, ops: RowOps,
+         targets: torch.Tensor, temperature: float, transform: LogitTransform = IDENTITY,
+         grads: Optional[Gradients] = None, spans: Optional[List[slice]] = None):
+    """Every chunk once: its logits, ``step``, and with ``grads`` (wanting any gradient) d(logits) from the step's
+    coefficients and the chunk's share of the input gradients, which it returns (d(hidden) summed over ranks)."""
+    with_grad = grads is not None and grads.any
+    for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=with_grad, spans=spans):
+        result = step(span, logits.view(1, logits.shape[0], logits.shape[1]), with_grad)
+        if not with_grad:
+            continue
+        dlogits = chunk_backward(ops, logits, spare, targets[span], result.row_max, result.log_sum, result.entropy,
+                                 result.coef_logprob, result.coef_entropy, temperature, transform, result.outside)
+        grads.add(span, dlogits, h)
+    return None if grads is None else grads.finish()
+
+
+def _scale_stored(ctx, grad_loss) -> tuple:
+    """The gradients formed in the forward (``ctx.grads``), times the upstream scalar, in the inputs' dtypes."""
+    if ctx.grads is None:
+        raise RuntimeError(
+            "fused_linear_ppo_loss computes its gradients in the forward and hands them out once; "
+            "a second backward through the same call (retain_graph=True) is not supported: "
+            "call fused_linear_ppo_loss again"
+        )
+    grads, ctx.grads = ctx.grads, None
+    scaled = []
+    for grad, dtype in zip(grads, ctx.dtypes, strict=True):
+        if grad is None:
+            scaled.append(None)
+            continue
+        grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
+        scaled.append(grad.to(dtype))
+    return tuple(scaled)
+
+
+# ----------------------------------------------------------------------------------
+# The passes: each a step
+# ----------------------------------------------------------------------------------
+
+
 class PPOPass:
     """Per-token results of the plain PPO pass and, when asked, the input gradients."""
 
@@ -290,12 +223,10 @@ class PPOPass:
         self.logprobs, self.entropy, self.ratio = empty(), empty(), empty()
         self.pg, self.kl, self.token_loss = empty(), empty(), empty()  # pg and the loss · e^−log_scale
         self.log_scale, self.kl_log_scale = empty(), empty()  # kl · e^−kl_log_scale
-        grads = Gradients(hidden2d, weight, needs, process_group)
-        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any):
-            logits3 = logits.view(1, logits.shape[0], logits.shape[1])
-            targets = x.targets[span]
+
+        def step(span: slice, logits3: torch.Tensor, with_grad: bool) -> ChunkStep:
             res = ops.forward(
-                logits3, targets, x.advantages[span],
+                logits3, x.targets[span], x.advantages[span],
                 None if x.old_logprobs is None else x.old_logprobs[span],
                 None if x.ref_logprobs is None else x.ref_logprobs[span],
                 x.params,
@@ -303,18 +234,20 @@ class PPOPass:
             for name in ("logprobs", "entropy", "ratio", "pg", "kl", "log_scale", "kl_log_scale"):
                 getattr(self, name)[span] = getattr(res, name)
             self.token_loss[span] = res.loss
-            if not grads.any:
-                continue
+            if not with_grad:
+                return None
             w = x.weights[span]
             # Masked rows may hold NaN in g (a banned placeholder target): keep them out of d(logits).
             coef_logprob = torch.where(x.valid[span], res.dlogp * w * torch.exp(res.log_scale),
                                        torch.zeros_like(res.dlogp))
-            coef_entropy = x.params.entropy_coef * w
-            # d(loss)/d(logits) overwrites the logits (or the spare buffer): both are ours and used only here.
-            dlogits = chunk_backward(ops, logits, spare, targets, res.row_max, res.log_sum, res.entropy, coef_logprob,
-                                     coef_entropy, x.params.temperature, transform, res.outside)
-            grads.add(span, dlogits, h)
-        self.grad_hidden, self.grad_weight, self.grad_bias = grads.finish()
+            return ChunkStep(res.row_max, res.log_sum, res.entropy, res.outside, coef_logprob,
+                             x.params.entropy_coef * w)
+
+        grads = Gradients(hidden2d, weight, needs, process_group)
+        # d(loss)/d(logits) overwrites the logits (or the spare buffer): both are the walk's and used only there.
+        self.grad_hidden, self.grad_weight, self.grad_bias = walk(
+            hidden2d, weight, bias, chunk, step, ops=ops, targets=x.targets, temperature=x.params.temperature,
+            transform=transform, grads=grads)
 
     def loss(self, x: LossInputs) -> torch.Tensor:
         token_loss = torch.where(x.valid, self.token_loss, torch.zeros_like(self.token_loss))
@@ -322,7 +255,7 @@ class PPOPass:
         return scaled_sum(x.weights.to(token_loss.dtype) * token_loss, log_scale)
 
     def per_token(self) -> tuple:
-        """(lp, H, ratio, pg, kl, log_scale, kl_log_scale) ``[N]``, what :func:`.functional.fused_output` takes."""
+        """(lp, H, ratio, pg, kl, log_scale, kl_log_scale) ``[N]``, what :func:`.token_loss.fused_output` takes."""
         return self.logprobs, self.entropy, self.ratio, self.pg, self.kl, self.log_scale, self.kl_log_scale
 
 
@@ -343,54 +276,11 @@ class FusedLinearPPOLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_ppo_loss computes its gradients in the forward and hands them out once; "
-                "a second backward through the same call (retain_graph=True) is not supported: "
-                "call fused_linear_ppo_loss again"
-            )
-        grads, ctx.grads = ctx.grads, None
-        scaled = []
-        for grad, dtype in zip(grads, ctx.dtypes, strict=True):
-            if grad is None:
-                scaled.append(None)
-                continue
-            grad.mul_(grad_loss)  # in place (fp32 opmath, one rounding): the stored gradient is not reused
-            scaled.append(grad.to(dtype))
-        return tuple(scaled) + (None,) * 5
-
-
-def sequence_lengths(sequences: Sequences) -> List[int]:
-    """The number of rows of each sequence, in order (sequences without rows left out)."""
-    return torch.unique_consecutive(sequences.index, return_counts=True)[1].tolist()
-
-
-def sequence_spans(lengths: List[int], chunk: int) -> Optional[List[slice]]:
-    """Spans of at most ``chunk`` rows that hold whole sequences (consecutive, in order), or None when there
-    are none or a sequence is longer than ``chunk`` (its coefficients would wait for rows of another chunk)."""
-    if not lengths or max(lengths) > chunk:
-        return None
-    spans, start, stop = [], 0, 0
-    for length in lengths:
-        if stop + length - start > chunk:
-            spans.append(slice(start, stop))
-            start = stop
-        stop += length
-    spans.append(slice(start, stop))
-    return spans
-
-
-def _local_sequences(sequences: Optional[Sequences], span: slice) -> Optional[Sequences]:
-    """The sequences of the rows of ``span`` (whole sequences, see :func:`sequence_spans`), numbered from 0."""
-    if sequences is None or span.stop <= span.start:
-        return None
-    index = sequences.index[span]
-    first = int(index[0])
-    return Sequences(index - first, int(index[-1]) - first + 1)
+        return _scale_stored(ctx, grad_loss) + (None,) * 5
 
 
 def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, span: slice,
-                        sequences: Optional[Sequences] = None):
+                        sequences=None):
     """(d(Σ w·ℓ)/d lp, −d(Σ w·ℓ)/d H) of the tokens in ``span``, from their own (lp, H) and, for the
     sequence-level options, those of the other tokens of their sequences (``sequences``: all in ``span``)."""
     with torch.enable_grad():
@@ -407,9 +297,10 @@ def _token_coefficients(lp: torch.Tensor, entropy: torch.Tensor, x: LossInputs, 
 
 class FusedLinearTokenLoss(torch.autograd.Function):
     """A variant in one pass: per chunk the row statistics, the chunk's coefficients, d(logits) and the input
-    gradients. ``spans``: chunks of whole sequences (:func:`sequence_spans`) for a sequence-level option, None
-    for a token-local one. The forward returns (carrier, lp, H): the caller computes the loss from lp and H
-    (no graph) and adds the carrier, a 0 whose backward scales the stored gradients by the upstream scalar."""
+    gradients. ``spans``: chunks of whole sequences (:func:`.chunk_size.sequence_spans`) for a sequence-level
+    option, None for a token-local one. The forward returns (carrier, lp, H): the caller computes the loss from
+    lp and H (no graph) and adds the carrier, a 0 whose backward scales the stored gradients by the upstream
+    scalar."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, x: LossInputs, ops: RowOps, chunk: int, process_group,
@@ -419,27 +310,28 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         dtype = result_dtype(hidden2d)
         lp = torch.zeros(n_rows, dtype=dtype, device=hidden2d.device)
         entropy = torch.zeros_like(lp)
-        grads = Gradients(hidden2d, weight, needs, process_group)
         temperature = float(x.options.temperature)
-        for span, h, logits, spare in chunks(hidden2d, weight, bias, chunk, transform, spare=grads.any, spans=spans):
-            targets = x.targets[span]
-            stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets, temperature, True)
+
+        def step(span: slice, logits3: torch.Tensor, with_grad: bool) -> Optional[ChunkStep]:
+            stats = ops.logprobs(logits3, x.targets[span], temperature, True)
             lp[span], entropy[span] = stats.logprobs, stats.entropy
-            if not grads.any:
-                continue
-            local = _local_sequences(x.sequences, span) if spans is not None else None
+            if not with_grad:
+                return None
+            local = local_sequences(x.sequences, span) if spans is not None else None
             coef_logprob, coef_entropy = _token_coefficients(lp[span], entropy[span], x, span, local)
-            dlogits = chunk_backward(ops, logits, spare, targets, stats.row_max, stats.log_sum, entropy[span],
-                                     coef_logprob, coef_entropy, temperature, transform, stats.outside)
-            grads.add(span, dlogits, h)
-        ctx.grads = grads.finish()
+            return ChunkStep(stats.row_max, stats.log_sum, entropy[span], stats.outside, coef_logprob, coef_entropy)
+
+        grads = Gradients(hidden2d, weight, needs, process_group)
+        ctx.grads = walk(hidden2d, weight, bias, chunk, step, ops=ops, targets=x.targets, temperature=temperature,
+                         transform=transform, grads=grads, spans=spans)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(lp, entropy)
         return torch.zeros((), dtype=dtype, device=hidden2d.device), lp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_carrier, *_unused):
-        return FusedLinearPPOLoss.backward(ctx, grad_carrier) + (None,)  # and none for ``spans``
+        return _scale_stored(ctx, grad_carrier) + (None,) * 6  # and none for ``spans``
 
 
 def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float, ops: RowOps, chunk: int,
@@ -448,15 +340,18 @@ def stats_pass(hidden2d, weight, bias, targets: torch.Tensor, temperature: float
     n_rows = hidden2d.shape[0]
     dtype = result_dtype(hidden2d)
     out = [torch.zeros(n_rows, dtype=dtype, device=hidden2d.device) for _ in RowStats._fields]
-    sharded = False
-    for span, _, logits, _ in chunks(hidden2d, weight, bias, chunk, transform):
-        stats = ops.logprobs(logits.view(1, logits.shape[0], logits.shape[1]), targets[span], float(temperature),
-                             with_entropy)
-        sharded = stats.outside is not None
+    sharded = []
+
+    def step(span: slice, logits3: torch.Tensor, with_grad: bool) -> None:
+        stats = ops.logprobs(logits3, targets[span], float(temperature), with_entropy)
+        sharded.append(stats.outside is not None)
         for buffer, value in zip(out, stats):
             if value is not None:
                 buffer[span] = value
-    return RowStats(out[0], out[1] if with_entropy else None, out[2], out[3], out[4] if sharded else None)
+
+    walk(hidden2d, weight, bias, chunk, step, ops=ops, targets=targets, temperature=temperature, transform=transform)
+    outside = out[4] if sharded and sharded[-1] else None
+    return RowStats(out[0], out[1] if with_entropy else None, out[2], out[3], outside)
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
@@ -480,14 +375,15 @@ class FusedLinearLogprobs(torch.autograd.Function):
         zeros = torch.zeros_like(entropy)
         coef_logprob = zeros if grad_logprobs is None else grad_logprobs.to(torch.float32)
         coef_entropy = zeros if grad_entropy is None else (-grad_entropy).to(torch.float32)  # dH/dx = −p(log p + H)
+
+        def step(span: slice, logits3: torch.Tensor, with_grad: bool) -> ChunkStep:
+            return ChunkStep(row_max[span], log_sum[span], entropy[span], None if outside is None else outside[span],
+                             coef_logprob[span], coef_entropy[span])
+
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         grads = Gradients(hidden2d, weight, needs, ctx.process_group)
-        for span, h, logits, spare in chunks(hidden2d, weight, bias, ctx.chunk, ctx.transform, spare=True):
-            dlogits = chunk_backward(ctx.ops, logits, spare, targets[span], row_max[span], log_sum[span],
-                                     entropy[span], coef_logprob[span], coef_entropy[span], ctx.temperature,
-                                     ctx.transform, None if outside is None else outside[span])
-            grads.add(span, dlogits, h)
-        d_hidden, d_weight, d_bias = grads.finish()
+        d_hidden, d_weight, d_bias = walk(hidden2d, weight, bias, ctx.chunk, step, ops=ctx.ops, targets=targets,
+                                          temperature=ctx.temperature, transform=ctx.transform, grads=grads)
         dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         out = tuple(None if g is None else g.to(dtype) for g, dtype in zip((d_hidden, d_weight, d_bias), dtypes))
         return out + (None,) * 6

@@ -3,8 +3,8 @@
 Data flows one way: arguments → :class:`~rlhf_fast.loss.options.LossOptions` (scalar
 options, validated once) and :func:`~rlhf_fast.loss.inputs.prepare` (per-token inputs) →
 one backend (the eager reference, or a fused :class:`~rlhf_fast.backends.RowOps` under
-:class:`~rlhf_fast.loss.autograd.FusedPPOLoss`) → per-token results →
-:func:`~rlhf_fast.loss.aggregation.finish` (metrics, masked outputs).
+:class:`~rlhf_fast.loss.autograd.FusedPPOLoss`) → per-token results → :mod:`~rlhf_fast.loss.token_loss`
+(the weighted per-token loss, metrics, masked outputs).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from .. import backends
 from ..backends.rows import refuse_overlapping
 from . import inputs, reference
-from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output
+from .aggregation import PPOLossOutput
 from .autograd import FusedPPOLoss, RowLogprobs
 from .options import LossOptions, with_loss_options
+from .token_loss import finish_token_loss, fused_output
 
 
 def check_logits(logits) -> None:
@@ -137,24 +138,12 @@ def ppo_loss(
     ops = row_ops(name, process_group)
     if not options.is_plain_ppo:  # a variant or correction: fused statistics, the per-token math on [N]
         lp, entropy = RowLogprobs.apply(rows_view(logits), x.targets, options.temperature, ops, inplace_backward)
-        return reference.finish_token_loss(lp, entropy, x)
+        return finish_token_loss(lp, entropy, x)
     loss, lp, entropy, ratio, pg, kl, log_scale, kl_log_scale = FusedPPOLoss.apply(
         rows_view(logits), x.targets, x.valid, x.weights, x.advantages, x.old_logprobs, x.ref_logprobs, x.params,
         ops, inplace_backward, grad_in_forward,
     )
     return fused_output(loss, lp, entropy, ratio, pg, kl, log_scale, kl_log_scale, x)
-
-
-def fused_output(loss, logprobs, entropy, ratio, pg, kl, log_scale, kl_log_scale,
-                 x: inputs.LossInputs) -> PPOLossOutput:
-    """Metrics and outputs of the one-pass fused PPO loss's per-token results ``[N]`` (pg · e^−log_scale,
-    kl · e^−kl_log_scale)."""
-    log_ratio = logprobs - x.old_logprobs if x.old_logprobs is not None else torch.zeros_like(logprobs)
-    clipped, dual = reference.clip_flags(ratio, x.advantages, x.params)
-    metrics = loss_metrics(x.valid, MetricInputs(pg, kl, entropy, ratio, log_ratio, ratio, log_ratio, clipped, dual,
-                                                 None, log_scale, kl_log_scale),
-                           1.0 - x.params.clip_eps_low, 1.0 + x.params.clip_eps_high)
-    return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
 
 def logprobs(

@@ -68,24 +68,14 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import backends
-from . import inputs, reference
+from . import inputs
 from .aggregation import PPOLossOutput
-from .chunked import (
-    FusedLinearLogprobs,
-    FusedLinearPPOLoss,
-    FusedLinearTokenLoss,
-    PPOPass,
-    agree_across_ranks,
-    check_transform,
-    default_chunk_size,
-    max_chunk_rows,
-    result_dtype,
-    sequence_lengths,
-    sequence_spans,
-    stats_pass,
-)
-from .functional import fused_output, row_ops
+from .chunk_size import agree_across_ranks, default_chunk_size, max_chunk_rows, sequence_lengths, sequence_spans
+from .chunked import FusedLinearLogprobs, FusedLinearPPOLoss, FusedLinearTokenLoss, PPOPass, result_dtype, stats_pass
+from .functional import row_ops
+from .logit_transform import check_transform
 from .options import LossOptions, with_loss_options
+from .token_loss import finish_token_loss, fused_output
 
 __all__ = ["default_chunk_size", "fused_linear_logprobs", "fused_linear_ppo_loss"]
 
@@ -213,7 +203,7 @@ def fused_linear_ppo_loss(
     if not options.is_plain_ppo and with_grad and (not sequence_level or spans is not None):  # one pass
         carrier, lp, entropy = FusedLinearTokenLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group,
                                                           transform, spans)
-        out = reference.finish_token_loss(lp, entropy, x)
+        out = finish_token_loss(lp, entropy, x)
         return out._replace(loss=out.loss + carrier)
     if not options.is_plain_ppo:  # sequence-level: statistics pass, gradients in the backward
         if with_grad:
@@ -222,7 +212,7 @@ def fused_linear_ppo_loss(
         else:
             lp, entropy = stats_pass(hidden2d, weight, bias, x.targets, options.temperature, ops, chunk, True,
                                      transform)[:2]
-        return reference.finish_token_loss(lp, entropy, x)
+        return finish_token_loss(lp, entropy, x)
     if with_grad:
         loss, *per_token = FusedLinearPPOLoss.apply(hidden2d, weight, bias, x, ops, chunk, process_group, transform)
     else:  # nothing to differentiate: skip the gradient work

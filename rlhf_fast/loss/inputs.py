@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..backends.rows import RowParams
 from .aggregation import aggregation_weights
 from .options import LossOptions
-from .policy import Sequences
+from .policy import POLICY_LOSSES, Sequences
 
 
 class LossInputs(NamedTuple):
@@ -80,6 +81,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def shard_range(vocab_local: int, device: torch.device, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's first vocabulary id and the total vocabulary (0-d int64 tensors), for targets that are global
+    ids over vocabulary shards (:mod:`rlhf_fast.loss.vocab_parallel`).
+
+    Shards may differ in size (V not divisible by the world size); ranks hold them in order.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = vocab_local
+    dist.all_reduce(sizes, group=group)
+    return sizes[:rank].sum(), sizes.sum()
+
+
 def prepare_targets(
     lead: torch.Size, vocab: int, device: torch.device, targets, mask, checks: Checks, process_group=None,
     other: str = "logits",
@@ -111,8 +125,6 @@ def prepare_targets(
                                    "weight); pass mask.bool() or mask != 0", "mask must hold only 0 and 1")
     total_vocab = vocab
     if process_group is not None:  # this rank holds a vocabulary shard
-        from .vocab_parallel import shard_range
-
         vocab_start, total_vocab = shard_range(vocab, device, process_group)
     in_range = (targets >= 0) & (targets < total_vocab)
     bad = valid & ~in_range
@@ -239,7 +251,8 @@ def prepare(
     sequences = sequences_of(lead, device, cu_seqlens, checks, other)
     if sequences is None and (options.needs_sequences or options.loss_agg != "token-mean"):
         what = (f"loss_agg {options.loss_agg!r}" if options.loss_agg != "token-mean"
-                else "policy_loss='gspo'" if options.policy_loss == "gspo" else "rollout_is_level='sequence'")
+                else f"policy_loss={options.policy_loss!r}" if POLICY_LOSSES.get(options.policy_loss).needs_sequences
+                else "rollout_is_level='sequence'")
         raise ValueError(f"{what} needs sequences: targets of shape [B, T], or cu_seqlens for packed input "
                          f"(got targets of shape {tuple(lead)})")
     if advantages is None:

@@ -105,7 +105,9 @@ class LossOptions:
         if self.policy_loss not in POLICY_LOSSES:
             problems.append(f"policy_loss must be one of {POLICY_LOSSES.names()}, got {self.policy_loss!r}")
         elif self.dual_clip is not None and not POLICY_LOSSES.get(self.policy_loss).takes_dual_clip:
-            problems.append(f"dual_clip applies to policy_loss 'ppo' and 'gspo' only, not {self.policy_loss!r}")
+            takers = [repr(name) for name in POLICY_LOSSES if POLICY_LOSSES.get(name).takes_dual_clip]
+            takers = " and ".join([", ".join(takers[:-1]), takers[-1]] if len(takers) > 1 else takers)
+            problems.append(f"dual_clip applies to policy_loss {takers} only, not {self.policy_loss!r}")
         for name in ("clip_eps", "clip_eps_high"):  # 1 + ε must stay a finite fp32 number
             value = getattr(self, name)
             if _is_real(value) and math.isfinite(value) and value >= FP32_MAX / 2:
@@ -139,13 +141,14 @@ class LossOptions:
     @property
     def is_plain_ppo(self) -> bool:
         """Options the one-pass fused kernels compute entirely (no variant, correction or clamp)."""
-        return (self.policy_loss == "ppo" and self.rollout_is == "none" and not self.kl_ratio_weighted
-                and self.log_ratio_clamp is None and self.kl_clamp is None)
+        return (POLICY_LOSSES.get(self.policy_loss).row_kernels and self.rollout_is == "none"
+                and not self.kl_ratio_weighted and self.log_ratio_clamp is None and self.kl_clamp is None)
 
     @property
     def needs_sequences(self) -> bool:
         """Whether the per-token math needs to know which tokens form a sequence."""
-        return self.policy_loss == "gspo" or (self.rollout_is != "none" and self.rollout_is_level == "sequence")
+        return POLICY_LOSSES.get(self.policy_loss).needs_sequences or (
+            self.rollout_is != "none" and self.rollout_is_level == "sequence")
 
     @property
     def clip_high(self) -> float:

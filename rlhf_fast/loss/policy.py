@@ -54,16 +54,28 @@ class PolicyTerm(NamedTuple):
 
 
 class PolicyLoss(NamedTuple):
-    """A registered policy-loss variant."""
+    """A registered policy-loss variant and its properties (the rest of the package reads these, never names)."""
 
     compute: Callable  # (lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm
-    takes_dual_clip: bool
-    needs_sequences: bool
+    takes_dual_clip: bool  # dual_clip applies to it
+    needs_sequences: bool  # its term of a token reads the other tokens of its sequence
     description: str
+    row_kernels: bool = False  # the fused backends' one-pass PPO kernels compute it (else: their statistics pass)
 
 
 POLICY_LOSSES = Registry("policy loss")
 """Policy-loss variants by name (``policy_loss=``)."""
+
+
+def policy_loss(name: str, description: str, *, takes_dual_clip: bool = False, needs_sequences: bool = False,
+                row_kernels: bool = False) -> Callable:
+    """Register the decorated per-token function as the policy loss ``name``, with its properties."""
+
+    def register(compute: Callable) -> Callable:
+        POLICY_LOSSES.register(name, PolicyLoss(compute, takes_dual_clip, needs_sequences, description, row_kernels))
+        return compute
+
+    return register
 
 
 class TokenTerms(NamedTuple):
@@ -134,10 +146,13 @@ def _nan_from(source: Tensor, value: Tensor) -> Tensor:
     return value + torch.where(torch.isnan(source), source, torch.zeros_like(source))
 
 
+@policy_loss("ppo", "the clipped surrogate (asymmetric clip, dual clip)", takes_dual_clip=True, row_kernels=True)
 def _ppo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
     return clipped_surrogate(log_ratio, advantages, options)
 
 
+@policy_loss("gspo", "GSPO: the clipped surrogate of the sequence ratio", takes_dual_clip=True,
+             needs_sequences=True)
 def _gspo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
     """The token form of GSPO: ρ_t = sg(s_b)·exp(lp_t − sg(lp_t)), s_b = exp(mean of the raw log-ratios of b)."""
     raw = torch.where(valid, raw_log_ratio.detach(), torch.zeros_like(raw_log_ratio))
@@ -151,6 +166,7 @@ def _gspo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -
     return clipped_surrogate(sequences.expand(log_s) + through, advantages, options)
 
 
+@policy_loss("cispo", "CISPO: clipped importance weight times A·lp")
 def _cispo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
     """CISPO (MiniMax-M1): −sg(clamp(r, 1 − ε_low, 1 + ε_high))·A·lp."""
     low, high = _clip_bounds(options)
@@ -161,6 +177,7 @@ def _cispo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) 
                       torch.zeros_like(ratio))
 
 
+@policy_loss("sapo", "SAPO: a soft sigmoid gate on the ratio")
 def _sapo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -> PolicyTerm:
     """SAPO's soft gate: −(4/κ)·σ(κ·(r − 1))·A, κ = sapo_tau_pos (A > 0) or sapo_tau_neg."""
     kappa = torch.where(advantages > 0, _full(lp, options.sapo_tau_pos), _full(lp, options.sapo_tau_neg))
@@ -173,11 +190,6 @@ def _sapo(lp, log_ratio, raw_log_ratio, advantages, valid, sequences, options) -
     no_clip = torch.zeros_like(advantages, dtype=torch.bool)
     return PolicyTerm(_nan_from(log_ratio, pg), ratio, log_ratio.detach(), no_clip, no_clip, torch.zeros_like(ratio))
 
-
-POLICY_LOSSES.register("ppo", PolicyLoss(_ppo, True, False, "the clipped surrogate (asymmetric clip, dual clip)"))
-POLICY_LOSSES.register("gspo", PolicyLoss(_gspo, True, True, "GSPO: the clipped surrogate of the sequence ratio"))
-POLICY_LOSSES.register("cispo", PolicyLoss(_cispo, False, False, "CISPO: clipped importance weight times A·lp"))
-POLICY_LOSSES.register("sapo", PolicyLoss(_sapo, False, False, "SAPO: a soft sigmoid gate on the ratio"))
 
 # ----------------------------------------------------------------------------------
 # KL, rollout correction, the per-token loss

@@ -2,13 +2,15 @@
 
 Two layers, both plain PyTorch:
 
-* the differentiable math: :func:`selective_logprobs_entropy` here, then the per-token math of
-  every policy-loss variant in :mod:`.policy`; :func:`ppo_loss` is the ``"eager"`` backend,
-  which autograd differentiates;
+* the differentiable math: :func:`selective_logprobs_entropy` here, then the per-token loss that
+  every backend shares (:func:`.token_loss.finish_token_loss`, on the per-token math of every
+  policy-loss variant in :mod:`.policy`); :func:`ppo_loss` is the ``"eager"`` backend, which
+  autograd differentiates;
 * the row-kernel contract of the plain PPO loss in closed form (:func:`token_forward`,
   :func:`token_backward`, :func:`token_logprobs`): exactly what a fused backend computes per
-  row, written so a kernel can be compared against it term by term. It is also a row backend
-  (``REFERENCE_OPS``, registered as ``"eager"``).
+  row, written so a kernel can be compared against it term by term (the per-token half of the
+  forward is :func:`.token_loss.token_math`). It is also a row backend (``REFERENCE_OPS``,
+  registered as ``"eager"``).
 
 Shapes: ``N`` rows (tokens), ``V`` vocabulary. Logits of any float dtype are upcast to fp32
 (fp64 stays fp64, for gradcheck).
@@ -23,11 +25,9 @@ import torch
 
 from .. import backends
 from ..backends.rows import RowOps, RowParams, RowStats, TokenResults, check_gradient_out
-from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output, scaled_sum
+from .aggregation import PPOLossOutput
 from .inputs import LossInputs
-from .options import KL_ESTIMATORS, LossOptions
-from .policy import Sequences, kl_estimate, token_terms  # noqa: F401  (kl_estimate: part of the reference's math)
-from .policy import clip_flags as policy_clip_flags
+from .token_loss import finish_token_loss, token_math
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -73,42 +73,9 @@ def selective_logprobs_entropy(
     return lp, entropy, true_max.squeeze(-1), log_s
 
 
-def plain_options(params: RowParams) -> LossOptions:
-    """The loss options of a row backend's parameters (the plain PPO loss)."""
-    return LossOptions(
-        clip_eps=params.clip_eps_low, clip_eps_high=params.clip_eps_high,
-        dual_clip=params.dual_clip if params.has_dual_clip else None, kl_coef=params.kl_coef,
-        kl_estimator=KL_ESTIMATORS[params.kl_estimator], entropy_coef=params.entropy_coef,
-        temperature=params.temperature,
-    )
-
-
 # ----------------------------------------------------------------------------------
 # The kernel contract in closed form (the gradient section of the contract). Rows are the flattened tokens.
 # ----------------------------------------------------------------------------------
-
-
-def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams):
-    """(clipped, dual) per token for a row backend's parameters (see :func:`.policy.clip_flags`)."""
-    return policy_clip_flags(ratio, advantages, 1.0 - params.clip_eps_low, 1.0 + params.clip_eps_high,
-                             params.dual_clip if params.has_dual_clip else None)
-
-
-def surrogate_active(ratio: torch.Tensor, advantages: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """Where the unclipped branch −A·r carries the gradient (a zero advantage carries none)."""
-    clipped, dual = clip_flags(ratio, advantages, params)
-    return ~(clipped | dual) & (advantages != 0)
-
-
-def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int,
-            log_scale: torch.Tensor) -> torch.Tensor:
-    """d kl / d lp for each estimator, times e^−log_scale (k3's e^δ as e^(δ − s))."""
-    unit = torch.exp(-log_scale)
-    if estimator == 0:
-        return unit
-    if estimator == 2:
-        return unit - torch.exp((ref_logprobs - logprobs) - log_scale)
-    return (logprobs - ref_logprobs) * unit  # k2 and k3+
 
 
 @torch.no_grad()
@@ -124,33 +91,6 @@ def token_forward(
     logits = logits.reshape(-1, logits.shape[-1])
     lp, entropy, row_max, log_sum = selective_logprobs_entropy(logits, targets.reshape(-1), params.temperature)
     return token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
-
-
-@torch.no_grad()
-def token_math(
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor],
-    ref_logprobs: Optional[torch.Tensor],
-    params: RowParams,
-) -> TokenResults:
-    """The per-token part of the forward, from each row's lp, H, m and log s ``[N]``."""
-    valid = torch.ones_like(logprobs, dtype=torch.bool)
-    terms = token_terms(logprobs, entropy, advantages, old_logprobs if params.has_old else None,
-                        ref_logprobs if params.has_ref else None, None, valid, None, plain_options(params))
-    ratio, scale = terms.token_ratio, terms.log_scale
-    active = surrogate_active(ratio, advantages, params)
-    exponent = torch.where(active, terms.log_ratio, torch.zeros_like(ratio))
-    dlogp = torch.where(active, -advantages * torch.exp(exponent - scale), 0.0)  # −A·r, · e^−s as the loss
-    dlogp = dlogp + torch.where(torch.isnan(terms.log_ratio), terms.log_ratio, 0.0)  # NaN in old reaches g
-    if params.has_ref and params.kl_coef != 0.0:
-        grad = kl_grad(logprobs, ref_logprobs, params.kl_estimator, terms.kl_log_scale)
-        dlogp = dlogp + params.kl_coef * grad * torch.exp(terms.kl_log_scale - scale)
-    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp, scale,
-                        terms.kl_log_scale)
 
 
 @torch.no_grad()
@@ -213,33 +153,6 @@ def ppo_loss(logits: torch.Tensor, x: LossInputs) -> PPOLossOutput:
     valid = x.valid.view(x.shape)
     lp, entropy, _, _ = selective_logprobs_entropy(logits, x.targets.view(x.shape), x.options.temperature, valid)
     return finish_token_loss(lp.reshape(-1), entropy.reshape(-1), x)
-
-
-def weighted_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs, rows: slice = slice(None),
-                        sequences: Optional[Sequences] = None):
-    """(lp, H with masked rows zeroed, their :class:`~.policy.TokenTerms`, Σ w·ℓ) for the rows ``rows`` of ``x``,
-    from their differentiable lp and H; ``sequences``: those of these rows (``x.sequences`` for all rows)."""
-    valid = x.valid[rows]
-    zeros = torch.zeros_like(logprobs)
-    # A masked row's placeholder target may be a banned (−inf) token: zero lp and H there
-    # so nothing downstream (exp(ref − lp) in k3) turns it into a NaN gradient.
-    logprobs, entropy = torch.where(valid, logprobs, zeros), torch.where(valid, entropy, zeros)
-    part = lambda t: None if t is None else t[rows]  # noqa: E731
-    terms = token_terms(logprobs, entropy, x.advantages[rows], part(x.old_logprobs), part(x.ref_logprobs),
-                        part(x.rollout_logprobs), valid, sequences, x.options)
-    token_loss = torch.where(valid, terms.loss, torch.zeros_like(terms.loss))
-    scale = torch.where(valid, terms.log_scale, torch.zeros_like(terms.log_scale))
-    return logprobs, entropy, terms, scaled_sum(x.weights[rows].to(token_loss.dtype) * token_loss, scale)
-
-
-def finish_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs) -> PPOLossOutput:
-    """The loss, outputs and metrics from each row's differentiable lp and H ``[N]`` (eager or fused stats)."""
-    logprobs, entropy, terms, loss = weighted_token_loss(logprobs, entropy, x, sequences=x.sequences)
-    metrics = loss_metrics(x.valid, MetricInputs(
-        terms.pg.detach(), terms.kl.detach(), entropy.detach(), terms.ratio, terms.ratio_log, terms.token_ratio,
-        terms.log_ratio, terms.clipped, terms.dual, terms.rollout_weight, terms.log_scale, terms.kl_log_scale),
-        1.0 - x.options.clip_eps, 1.0 + x.options.clip_high)
-    return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
 
 def _reference_backward(logits, targets, row_max, log_sum, entropy, coef_logprob, coef_entropy, temperature, out,

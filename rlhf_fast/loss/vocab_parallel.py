@@ -18,25 +18,11 @@ the global (M, log s) and H (a target owned by another rank is −1: no one-hot 
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.distributed as dist
 
 from ..backends.rows import RowOps, RowParams, RowStats
-from . import reference
-
-
-def shard_range(vocab_local: int, device: torch.device, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's first vocabulary id and the total vocabulary (0-d int64 tensors).
-
-    Shards may differ in size (V not divisible by the world size); ranks hold them in order.
-    """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[rank] = vocab_local
-    dist.all_reduce(sizes, group=group)
-    return sizes[:rank].sum(), sizes.sum()
+from .token_loss import token_math
 
 
 def combine_row_stats(
@@ -74,7 +60,7 @@ def sharded_ops(ops: RowOps, group) -> RowOps:
 
     def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams):
         lp, entropy, row_max, log_sum, outside = shard_stats(logits, targets, params.temperature)
-        results = reference.token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
+        results = token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
         return results._replace(outside=outside)
 
     def logprobs(logits, targets, temperature, with_entropy) -> RowStats:
