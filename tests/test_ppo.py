@@ -147,7 +147,9 @@ def test_kl_coef_min_is_the_floor_of_the_adaptive_beta(tmp_path):
     assert records("free", kl_target=100.0) == pytest.approx([0.2 * 0.88 ** k for k in (1, 2, 3)])
     assert records("floored", kl_target=100.0, kl_coef_min=0.2) == [0.2, 0.2, 0.2]
     rising = records("ceiling", kl_target=1e-9, kl_coef_min=0.2)
-    assert min(rising) == 0.2 and rising[-1] > 0.2  # the floor never stops β from rising
+    # the floor never stops β from rising (a step's sampled k1 sum can still fall under the tiny target:
+    # at step 1 the policy is the reference, and a later batch's k1 sum may be negative)
+    assert min(rising) == 0.2 and max(rising) > 0.2
 
 
 @pytest.mark.parametrize("policy_loss", ["gspo", "cispo", "sapo"])
