@@ -86,8 +86,12 @@ test-fast: $(VENV)/.ready-test
 	RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp,triton} $(BIN)/python -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 # The benchmarks at CI size: each runs its rounds (interleaved with eager's) and asserts its bars.
+# THP_MEM_ALLOC_ENABLE=1: torch backs large CPU buffers with 2 MiB pages, so the first touch of a
+# fresh [N, V] gradient costs the same in every call instead of depending on whether the kernel
+# hands back pages freed a moment ago (which flipped a variant-vs-plain ratio between 1.0 and 1.8).
 bench: $(VENV)/.ready-test
-	RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp} $(BIN)/python -m pytest benchmarks -q --benchmark-disable $(PYTEST_ARGS)
+	THP_MEM_ALLOC_ENABLE=$${THP_MEM_ALLOC_ENABLE-1} RLHF_FAST_REQUIRE_BACKENDS=$${RLHF_FAST_REQUIRE_BACKENDS-cpp} \
+		$(BIN)/python -m pytest benchmarks -q --benchmark-disable $(PYTEST_ARGS)
 
 demo: $(VENV)/.ready-train
 	$(BIN)/python -m rlhf_fast demo

@@ -27,6 +27,9 @@ of 7.5 on 2 cores, 18 such medians of each form fell within 0.93–1.07 (benchma
 while what the bar is there to catch, one more pass over the logits or one more matmul per chunk,
 costs 1.3× and more.
 
+Pages: ``make bench`` sets ``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages for large CPU buffers), so the
+first touch of each call's fresh gradient buffer costs alike in both calls; with 4 KiB pages it
+sometimes dominates one call and not the other (benchmarks/RESULTS.md).
 Time: interleaved rounds of the variant and the plain call (``bars.interleaved``; with timing on,
 pytest-benchmark times the variant and the plain call runs in its untimed ``setup``), so the two
 share the machine's noise; medians of both and their ratio go to ``extra_info``, after one warm-up
