@@ -24,6 +24,13 @@ ABLATIONS = FIXES[1:]
 """What ``--ablations`` runs next to the recommended fix: every other candidate, each alone."""
 
 
+def check_fixes(names) -> None:
+    """Raise naming the first of ``names`` that is not one of :data:`FIXES`."""
+    for name in names:
+        if name not in FIXES:
+            raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
+
+
 @dataclass(frozen=True)
 class CaseStudyConfig:
     """Every setting of the case study; the defaults are the calibrated demo."""

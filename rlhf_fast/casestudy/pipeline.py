@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import models, runner, world
-from .config import FIXES, CaseStudyConfig
+from .config import CaseStudyConfig, check_fixes
 from .metrics import (  # noqa: F401  (re-exported: the report and the tests read them here)
     EARLY_KL_FRACTION,
     EARLY_RATIO_FRACTION,
@@ -241,9 +241,7 @@ def run_case_study(
     from the same reference, reward model and seed; per-step metrics go to ``out_dir/<run>/``."""
     import os
 
-    for name in (fix, *ablations):
-        if name not in FIXES:
-            raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
+    check_fixes((fix, *ablations))
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -311,9 +309,7 @@ def run_seeds(
         raise ValueError("seeds must name at least one seed, e.g. seeds=(0, 1, 2)")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be different from each other, got {seeds}")
-    for name in (fix, *ablations):
-        if name not in FIXES:
-            raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
+    check_fixes((fix, *ablations))
     jobs = default_jobs(len(seeds)) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
