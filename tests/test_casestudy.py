@@ -496,3 +496,15 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
                 assert alarms and alarms[0]["step"] <= CommonPPO().steps / 4, (s["seed"], alarms)
             else:
                 assert not alarms, (s["seed"], alarms)
+
+
+@pytest.mark.parametrize("fix,ablations", [("nope", ()), ("adaptive-kl", ("reward-norm", "nope"))])
+def test_an_unknown_fix_is_refused_before_anything_runs(tmp_path, fix, ablations):
+    from rlhf_fast.casestudy.config import quick_config
+    from rlhf_fast.casestudy.pipeline import run_case_study, run_seeds
+
+    for run in (lambda: run_case_study(quick_config(), str(tmp_path / "one"), fix=fix, ablations=ablations),
+                lambda: run_seeds(quick_config(), [0, 1], str(tmp_path / "many"), fix=fix, ablations=ablations)):
+        with pytest.raises(ValueError, match="unknown fix 'nope'; choose one of"):
+            run()
+    assert not any(tmp_path.iterdir())  # nothing written
