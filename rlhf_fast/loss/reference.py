@@ -88,9 +88,8 @@ def token_forward(
     params: RowParams,
 ) -> TokenResults:
     """What a fused forward returns for logits ``[N, V]`` and per-row vectors ``[N]``."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    lp, entropy, row_max, log_sum = selective_logprobs_entropy(logits, targets.reshape(-1), params.temperature)
-    return token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
+    stats = token_logprobs(logits, targets, params.temperature, with_entropy=True)
+    return token_math(stats, advantages, old_logprobs, ref_logprobs, params)
 
 
 @torch.no_grad()

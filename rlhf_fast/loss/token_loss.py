@@ -1,9 +1,9 @@
 """The per-token loss every loss call runs through, from each token's log-prob and entropy.
 
 * :func:`token_math` — the per-token half of a row backend's forward for the plain PPO loss: from
-  each row's lp, H, m and log s, the :class:`~rlhf_fast.backends.rows.TokenResults` a fused forward
-  returns (ratio, pg, kl, ℓ and g = dℓ/d lp). The closed-form reference's forward and the
-  vocabulary-parallel forward of every backend use it.
+  each row's :class:`~rlhf_fast.backends.rows.RowStats` (lp, H, m and log s), the
+  :class:`~rlhf_fast.backends.rows.TokenResults` a fused forward returns (ratio, pg, kl, ℓ and g = dℓ/d lp).
+  The closed-form reference's forward and the vocabulary-parallel forward of every backend use it.
 * :func:`weighted_token_loss`, :func:`finish_token_loss` — any variant or correction on differentiable
   lp and H ``[N]`` (:func:`~.policy.token_terms`), weighted and summed, with the metrics and the masked
   outputs: the eager reference, the fused statistics paths and each chunk of the fused-linear loss.
@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..backends.rows import RowParams, TokenResults
+from ..backends.rows import RowParams, RowStats, TokenResults
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output, scaled_sum
 from .inputs import LossInputs, check_tensor, prepare
 from .options import KL_ESTIMATORS, LossOptions, with_loss_options
@@ -61,16 +61,15 @@ def kl_grad(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int,
 
 @torch.no_grad()
 def token_math(
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
+    stats: RowStats,
     advantages: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
     ref_logprobs: Optional[torch.Tensor],
     params: RowParams,
 ) -> TokenResults:
-    """The per-token part of the forward, from each row's lp, H, m and log s ``[N]``."""
+    """The per-token part of the forward, from each row's statistics (lp, H, m, log s ``[N]``, and the
+    probability outside a vocabulary shard, which the results carry on)."""
+    logprobs, entropy = stats.logprobs, stats.entropy
     valid = torch.ones_like(logprobs, dtype=torch.bool)
     terms = token_terms(logprobs, entropy, advantages, old_logprobs if params.has_old else None,
                         ref_logprobs if params.has_ref else None, None, valid, None, plain_options(params))
@@ -82,8 +81,8 @@ def token_math(
     if params.has_ref and params.kl_coef != 0.0:
         grad = kl_grad(logprobs, ref_logprobs, params.kl_estimator, terms.kl_log_scale)
         dlogp = dlogp + params.kl_coef * grad * torch.exp(terms.kl_log_scale - scale)
-    return TokenResults(logprobs, entropy, row_max, log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp, scale,
-                        terms.kl_log_scale)
+    return TokenResults(logprobs, entropy, stats.row_max, stats.log_sum, ratio, terms.pg, terms.kl, terms.loss, dlogp,
+                        scale, terms.kl_log_scale, stats.outside)
 
 
 def weighted_token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, x: LossInputs, rows: slice = slice(None),

@@ -59,9 +59,8 @@ def sharded_ops(ops: RowOps, group) -> RowOps:
         return combine_row_stats(ops.logprobs(logits, local, temperature, True), owned, group)
 
     def forward(logits, targets, advantages, old_logprobs, ref_logprobs, params: RowParams):
-        lp, entropy, row_max, log_sum, outside = shard_stats(logits, targets, params.temperature)
-        results = token_math(lp, entropy, row_max, log_sum, advantages, old_logprobs, ref_logprobs, params)
-        return results._replace(outside=outside)
+        return token_math(shard_stats(logits, targets, params.temperature), advantages, old_logprobs,
+                          ref_logprobs, params)
 
     def logprobs(logits, targets, temperature, with_entropy) -> RowStats:
         stats = shard_stats(logits, targets, temperature)
