@@ -24,12 +24,7 @@ from .token_loss import finish_token_loss, fused_output
 
 def check_logits(logits) -> None:
     """The checks that concern the logits tensor itself (``ValueError`` naming it)."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
-    if logits.dim() < 1:
-        raise ValueError("logits must have a vocabulary dimension: shape [..., V]")
+    inputs.check_scores("logits", logits, "a vocabulary dimension: shape [..., V]")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits has an empty vocabulary dimension (V == 0), shape {tuple(logits.shape)}")
 

@@ -82,12 +82,7 @@ __all__ = ["default_chunk_size", "fused_linear_logprobs", "fused_linear_ppo_loss
 
 def check_linear(hidden, weight, bias, chunk_size) -> None:
     """``ValueError`` naming the argument, for what ``ppo_loss`` never sees (the rest is :mod:`.inputs`)."""
-    if not isinstance(hidden, torch.Tensor):
-        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if not hidden.is_floating_point():
-        raise ValueError(f"hidden must be a floating-point tensor (fp32, bf16 or fp16), got {hidden.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have a feature dimension: shape [..., H]")
+    inputs.check_scores("hidden", hidden, "a feature dimension: shape [..., H]")
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:

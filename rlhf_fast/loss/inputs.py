@@ -69,6 +69,17 @@ class Checks:
                 raise ValueError(message())
 
 
+def check_scores(name: str, t, last: str) -> None:
+    """The checks of the tensor a loss is computed from (the logits, the hidden states): a floating-point tensor
+    with a last dimension (``last`` says which); ``ValueError`` naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (fp32, bf16 or fp16), got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have {last}")
+
+
 def check_tensor(name: str, t, device: torch.device, other: str = "logits") -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
