@@ -31,6 +31,31 @@ def test_fullgraph_compile_matches_eager(backend, validate, use_backend):
     assert_outputs_close(out, x.grad, ref_out, ref_grad, what=f"compiled {backend}")
 
 
+def test_every_entry_point_compiles_with_its_tensors_by_keyword():
+    """The entry points bind their shared arguments in Python (LossArgs): no graph break, the same loss."""
+    case = make_case(2, 4, 13, seed=12)
+    t, a, old, mask = case.targets, case.advantages, case.old_logprobs, case.mask
+    hidden, weight = torch.randn(2, 4, 6), torch.randn(13, 6)
+    module = rf.PPOLoss(clip_eps=0.1, backend="eager")
+
+    def from_logprobs(x):
+        lp, entropy = rf.logprobs(x, t, mask, with_entropy=True, backend="eager")
+        return rf.logprobs_ppo_loss(lp, entropy, t, advantages=a, old_logprobs=old, mask=mask, vocab_size=13,
+                                    entropy_coef=0.01).loss
+
+    steps = [
+        (lambda x: rf.ppo_loss(x, targets=t, advantages=a, mask=mask, backend="eager", kl_coef=0.0).loss,
+         case.logits()),
+        (lambda x: module(x, t, advantages=a, old_logprobs=old, mask=mask, validate=False).loss, case.logits()),
+        (from_logprobs, case.logits()),
+        (lambda h: rf.fused_linear_ppo_loss(h, weight, t, a, old, mask=mask, chunk_size=4, backend="eager").loss,
+         hidden),
+    ]
+    for step, x in steps:
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(step, backend="aot_eager", fullgraph=True)(x), step(x))
+
+
 @pytest.mark.skipif("cpp" not in FAST_BACKENDS, reason="needs the C++ extension")
 def test_first_call_inside_compile_loads_the_backend():
     """The backend's lazy import happens at trace time, not as a graph break."""

@@ -18,7 +18,7 @@ from ..backends.rows import refuse_overlapping
 from . import inputs, reference
 from .aggregation import PPOLossOutput
 from .autograd import FusedPPOLoss, RowLogprobs
-from .options import LossOptions, with_loss_options
+from .options import LossOptions
 from .token_loss import finish_token_loss, fused_output
 
 
@@ -76,26 +76,15 @@ def check_inplace(logits: torch.Tensor, inplace_backward: bool) -> None:
         refuse_overlapping(logits)
 
 
-@with_loss_options
+@inputs.loss_entry
 def ppo_loss(
     logits: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    *,
-    rollout_logprobs: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    options: Optional[LossOptions] = None,
-    global_num_tokens: Union[int, float, torch.Tensor, None] = None,
-    global_num_sequences: Union[int, float, torch.Tensor, None] = None,
+    *tensors: torch.Tensor,
     inplace_backward: bool = False,
     grad_in_forward: bool = False,
-    validate: bool = True,
     backend: str = "auto",
     process_group=None,
-    **loss_options,
+    **keywords,
 ) -> PPOLossOutput:
     """PPO loss (and its variants) for logits ``[..., V]`` and targets ``[...]`` (docs/contract.md).
 
@@ -118,15 +107,11 @@ def ppo_loss(
     ids; the loss, per-token outputs and metrics are the full-vocabulary ones on every
     rank, and the gradient is this shard's (see :mod:`rlhf_fast.loss.vocab_parallel`).
     """
-    options = LossOptions.from_kwargs(options, loss_options, "ppo_loss")
+    args = inputs.bind("ppo_loss", tensors, keywords)
+    options = args.options
     check_logits(logits)
     check_inplace(logits, inplace_backward)
-    x = inputs.prepare(
-        logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype, targets, advantages, old_logprobs,
-        ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        global_num_tokens=global_num_tokens, global_num_sequences=global_num_sequences,
-        process_group=process_group,
-    )
+    x = inputs.prepare(logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype, args, process_group)
     name = backends.resolve(backend, logits)
     if name == "eager" and process_group is None:
         return reference.ppo_loss(logits, x)

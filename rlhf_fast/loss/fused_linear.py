@@ -74,7 +74,7 @@ from .chunk_size import agree_across_ranks, default_chunk_size, max_chunk_rows, 
 from .chunked import FusedLinearLogprobs, FusedLinearPPOLoss, FusedLinearTokenLoss, PPOPass, result_dtype, stats_pass
 from .functional import row_ops
 from .logit_transform import check_transform
-from .options import LossOptions, with_loss_options
+from .options import LossOptions
 from .token_loss import finish_token_loss, fused_output
 
 __all__ = ["default_chunk_size", "fused_linear_logprobs", "fused_linear_ppo_loss"]
@@ -134,29 +134,18 @@ def _wants_grad(hidden, weight, bias) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
 
 
-@with_loss_options
+@inputs.loss_entry
 def fused_linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    *,
+    *tensors: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     logit_scale: Optional[float] = None,
     logit_softcap: Optional[float] = None,
-    rollout_logprobs: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    options: Optional[LossOptions] = None,
-    global_num_tokens: Union[int, float, torch.Tensor, None] = None,
-    global_num_sequences: Union[int, float, torch.Tensor, None] = None,
-    validate: bool = True,
     backend: str = "auto",
     process_group=None,
-    **loss_options,
+    **keywords,
 ) -> PPOLossOutput:
     """PPO loss (and its variants) of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -180,15 +169,12 @@ def fused_linear_ppo_loss(
     over ranks) and the gradient of its own weight/bias shard. Every rank must make the
     call; ``chunk_size`` is the smallest any rank asks for.
     """
-    options = LossOptions.from_kwargs(options, loss_options, "fused_linear_ppo_loss")
+    args = inputs.bind("fused_linear_ppo_loss", tensors, keywords)
+    options = args.options
     check_linear(hidden, weight, bias, chunk_size)
     transform = check_transform(logit_scale, logit_softcap)
-    x = inputs.prepare(
-        hidden.shape[:-1], weight.shape[0], hidden.device, hidden.dtype, targets, advantages, old_logprobs,
-        ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs, cu_seqlens=cu_seqlens,
-        global_num_tokens=global_num_tokens, global_num_sequences=global_num_sequences,
-        process_group=process_group, other="hidden",
-    )
+    x = inputs.prepare(hidden.shape[:-1], weight.shape[0], hidden.device, hidden.dtype, args, process_group,
+                       other="hidden")
     with_grad = _wants_grad(hidden, weight, bias)
     sequence_level = with_grad and options.needs_sequences and not options.is_plain_ppo
     lengths = sequence_lengths(x.sequences) if sequence_level else []

@@ -1,6 +1,10 @@
-"""Input preparation shared by the logits and fused-linear losses.
+"""The arguments every loss entry point shares, and their preparation.
 
-Both losses check and flatten their per-token inputs here, once, into :class:`LossInputs`:
+:class:`LossArgs` declares, once, the per-token tensors and call settings that ``rf.ppo_loss``,
+``rf.fused_linear_ppo_loss`` and ``rf.logprobs_ppo_loss`` take after their scores; :func:`loss_entry`
+writes them into each one's signature and :func:`bind` binds a call's (with the loss options).
+
+Every loss checks and flattens its per-token inputs here, once, into :class:`LossInputs`:
 the checks of the contract's "inputs that are refused" section (``ValueError`` naming the
 argument), sanitised targets, the valid mask, per-row vectors (constants: detached), the
 sequences the per-token math and the aggregation need, and the aggregation weights. The
@@ -13,14 +17,16 @@ Value checks on device tensors (target range, a {0, 1} mask, ``global_num_tokens
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Tuple
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union, get_type_hints
 
 import torch
 import torch.distributed as dist
 
 from ..backends.rows import RowParams
 from .aggregation import aggregation_weights
-from .options import LossOptions
+from .options import OPTION_NAMES, LossOptions
 from .policy import POLICY_LOSSES, Sequences
 
 
@@ -38,6 +44,79 @@ class LossInputs(NamedTuple):
     weights: torch.Tensor  # [N] aggregation weights: loss = Σ w·ℓ
     options: LossOptions
     params: RowParams  # what a fused row backend sees
+
+
+class LossArgs(NamedTuple):
+    """The arguments every loss entry point takes after its scores (the logits; hidden and weight; computed
+    log-probs and entropy), declared once: :func:`loss_entry` writes them into each entry point's signature
+    and :func:`bind` binds a call's. The first five are taken by position too, the rest by keyword only."""
+
+    targets: torch.Tensor  # [...] token ids
+    advantages: torch.Tensor  # [...], or one per sequence
+    old_logprobs: Optional[torch.Tensor] = None  # [...] the behaviour policy's log-probs
+    ref_logprobs: Optional[torch.Tensor] = None  # [...] the frozen reference's log-probs
+    mask: Optional[torch.Tensor] = None  # [...] bool or 0/1
+    rollout_logprobs: Optional[torch.Tensor] = None  # [...] the inference engine's log-probs (rollout_is)
+    cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] packed sequences in a flattened leading shape
+    options: Optional[LossOptions] = None  # bound: the call's LossOptions, with its keyword options applied
+    global_num_tokens: Union[int, float, torch.Tensor, None] = None
+    global_num_sequences: Union[int, float, torch.Tensor, None] = None
+    validate: bool = True
+
+
+POSITIONAL = LossArgs._fields[: LossArgs._fields.index("mask") + 1]
+"""The :class:`LossArgs` taken by position (targets … mask); the others are keyword-only."""
+TENSORS = LossArgs._fields[: LossArgs._fields.index("cu_seqlens") + 1]
+"""The :class:`LossArgs` that are one call's tensors; the others are the call's settings."""
+
+
+def bind(where: str, tensors: Tuple, keywords: Dict[str, Any]) -> LossArgs:
+    """The :class:`LossArgs` of a call of the entry point ``where``: ``tensors`` given by position, ``keywords``
+    its other keywords, where those that name no argument are loss options (``TypeError`` for an unknown one)."""
+    if len(tensors) > len(POSITIONAL):
+        raise TypeError(f"{where}() takes at most {len(POSITIONAL)} tensors by position after its scores "
+                        f"({', '.join(POSITIONAL)}), got {len(tensors)}")
+    given = dict(zip(POSITIONAL, tensors))
+    twice = [name for name in given if name in keywords]
+    if twice:
+        raise TypeError(f"{where}() got multiple values for argument(s) {twice}")
+    given.update({name: value for name, value in keywords.items() if name in LossArgs._fields})
+    missing = [name for name in LossArgs._fields if name not in given and name not in LossArgs._field_defaults]
+    if missing:
+        raise TypeError(f"{where}() missing required argument(s) {missing}")
+    loss_options = {name: value for name, value in keywords.items() if name not in LossArgs._fields}
+    given["options"] = LossOptions.from_kwargs(given.get("options"), loss_options, where)
+    return LossArgs(**given)
+
+
+def loss_entry(fn: Callable) -> Callable:
+    """The whole signature of a loss entry point ``fn(scores, *tensors, own keywords, **keywords)`` that binds
+    its ``tensors`` and ``keywords`` with :func:`bind`: ``*tensors`` stands for the :class:`LossArgs` taken by
+    position, ``**keywords`` for the other ones and every loss option with its default.
+
+    ``inspect.signature`` and ``help()`` show every parameter; the call itself is ``fn``'s.
+    """
+    Parameter = inspect.Parameter
+    signature = inspect.signature(fn)
+    clash = sorted(set(signature.parameters) & (set(LossArgs._fields) | OPTION_NAMES))
+    if clash:
+        raise TypeError(f"{fn.__name__} declares {clash}, which loss_entry adds itself")
+    types = get_type_hints(LossArgs)
+    args = [Parameter(name, Parameter.POSITIONAL_OR_KEYWORD if name in POSITIONAL else Parameter.KEYWORD_ONLY,
+                      default=LossArgs._field_defaults.get(name, Parameter.empty), annotation=types[name])
+            for name in LossArgs._fields]
+    loss_options = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                    for f in dataclasses.fields(LossOptions)]
+    params = []
+    for param in signature.parameters.values():
+        if param.kind is Parameter.VAR_POSITIONAL:
+            params += [p for p in args if p.kind is Parameter.POSITIONAL_OR_KEYWORD]
+        elif param.kind is Parameter.VAR_KEYWORD:
+            params += [p for p in args if p.kind is Parameter.KEYWORD_ONLY] + loss_options
+        else:
+            params.append(param)
+    fn.__signature__ = signature.replace(parameters=params)
+    return fn
 
 
 class Checks:
@@ -228,67 +307,51 @@ def check_global_count(name: str, value, device, checks: Checks) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def prepare(
-    lead: torch.Size,
-    vocab: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    targets,
-    advantages,
-    old_logprobs,
-    ref_logprobs,
-    mask,
-    options: LossOptions,
-    *,
-    validate: bool,
-    rollout_logprobs=None,
-    cu_seqlens=None,
-    global_num_tokens=None,
-    global_num_sequences=None,
-    process_group=None,
-    other: str = "logits",
-) -> LossInputs:
+def prepare(lead: torch.Size, vocab: int, device: torch.device, dtype: torch.dtype, args: LossArgs,
+            process_group=None, other: str = "logits") -> LossInputs:
     """Every per-token input of a loss call, checked and flattened (``other`` names the scores' tensor).
 
     ``lead`` is the leading shape of the logits (or hidden states), ``vocab`` their (shard's)
-    vocabulary size and ``dtype`` their dtype.
+    vocabulary size and ``dtype`` their dtype; ``args`` are the call's arguments (:func:`bind`).
     """
-    params = options.row_params(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None)
-    if options.rollout_is != "none" and rollout_logprobs is None:
+    options = args.options
+    params = options.row_params(has_old=args.old_logprobs is not None, has_ref=args.ref_logprobs is not None)
+    if options.rollout_is != "none" and args.rollout_logprobs is None:
         raise ValueError(f"rollout_is={options.rollout_is!r} needs rollout_logprobs (the inference engine's "
                          "log-probs of the sampled tokens)")
-    checks = Checks(validate)
-    safe, valid = prepare_targets(lead, vocab, device, targets, mask, checks, process_group, other)
-    sequences = sequences_of(lead, device, cu_seqlens, checks, other)
+    checks = Checks(args.validate)
+    safe, valid = prepare_targets(lead, vocab, device, args.targets, args.mask, checks, process_group, other)
+    sequences = sequences_of(lead, device, args.cu_seqlens, checks, other)
     if sequences is None and (options.needs_sequences or options.loss_agg != "token-mean"):
         what = (f"loss_agg {options.loss_agg!r}" if options.loss_agg != "token-mean"
                 else f"policy_loss={options.policy_loss!r}" if POLICY_LOSSES.get(options.policy_loss).needs_sequences
                 else "rollout_is_level='sequence'")
         raise ValueError(f"{what} needs sequences: targets of shape [B, T], or cu_seqlens for packed input "
                          f"(got targets of shape {tuple(lead)})")
-    if advantages is None:
+    if args.advantages is None:
         raise ValueError("advantages must be a tensor, got None")
     compute = compute_dtype(dtype)
-    adv = per_row("advantages", advantages, lead, valid, device, compute, sequences, other, allow_per_sequence=True)
-    old = per_row("old_logprobs", old_logprobs, lead, valid, device, compute, other=other)
-    ref = per_row("ref_logprobs", ref_logprobs, lead, valid, device, compute, other=other)
+    adv = per_row("advantages", args.advantages, lead, valid, device, compute, sequences, other,
+                  allow_per_sequence=True)
+    old = per_row("old_logprobs", args.old_logprobs, lead, valid, device, compute, other=other)
+    ref = per_row("ref_logprobs", args.ref_logprobs, lead, valid, device, compute, other=other)
     rollout = None
     if options.rollout_is != "none":
-        rollout = per_row("rollout_logprobs", rollout_logprobs, lead, valid, device, compute, other=other)
-    if options.loss_agg != "token-mean" and global_num_tokens is not None:
+        rollout = per_row("rollout_logprobs", args.rollout_logprobs, lead, valid, device, compute, other=other)
+    if options.loss_agg != "token-mean" and args.global_num_tokens is not None:
         raise ValueError("global_num_tokens applies to loss_agg='token-mean' only")
-    if options.loss_agg == "token-mean" and global_num_sequences is not None:
+    if options.loss_agg == "token-mean" and args.global_num_sequences is not None:
         raise ValueError("global_num_sequences applies to the seq-* loss_agg modes only (token-mean takes "
                          "global_num_tokens)")
-    check_global_count("global_num_tokens", global_num_tokens, device, checks)
-    check_global_count("global_num_sequences", global_num_sequences, device, checks)
+    check_global_count("global_num_tokens", args.global_num_tokens, device, checks)
+    check_global_count("global_num_sequences", args.global_num_sequences, device, checks)
     norm_length = options.norm_length
     if options.loss_agg == "seq-mean-token-sum-norm" and norm_length is None:
-        if cu_seqlens is not None:
+        if args.cu_seqlens is not None:
             raise ValueError("loss_agg='seq-mean-token-sum-norm' with cu_seqlens needs norm_length (e.g. the "
                              "maximum completion length, as TRL's dr_grpo uses)")
         norm_length = lead[1]
     checks.resolve()
-    weights = aggregation_weights(valid, options.loss_agg, sequences, global_num_tokens, norm_length, compute,
-                                  global_num_sequences)
+    weights = aggregation_weights(valid, options.loss_agg, sequences, args.global_num_tokens, norm_length, compute,
+                                  args.global_num_sequences)
     return LossInputs(safe, valid, lead, adv, old, ref, rollout, sequences, weights.contiguous(), options, params)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 
 from .aggregation import PPOLossOutput
 from .functional import ppo_loss
+from .inputs import TENSORS
 from .options import OPTION_NAMES, LossOptions
 
-_CALL_OPTIONS = frozenset({"global_num_tokens", "global_num_sequences", "inplace_backward", "grad_in_forward",
-                           "validate", "backend", "process_group"})
-"""Keyword arguments of ppo_loss that are not loss options but may be fixed at construction too."""
-_PER_CALL_TENSORS = frozenset({"rollout_logprobs", "cu_seqlens"})
-"""Per-call tensors of ppo_loss, keywords of :meth:`PPOLoss.forward`."""
+_FORWARD = [p for p in inspect.signature(ppo_loss).parameters.values() if p.name not in OPTION_NAMES | {"options"}]
+"""The parameters of :meth:`PPOLoss.forward`: those of ppo_loss but the loss options, which the module holds."""
+_PER_CALL = frozenset(p.name for p in _FORWARD)
+"""What :meth:`PPOLoss.forward` takes by keyword."""
+_CALL_OPTIONS = frozenset(p.name for p in _FORWARD if p.kind is p.KEYWORD_ONLY) - set(TENSORS)
+"""Keyword arguments of ppo_loss that are not loss options nor tensors: they may be fixed at construction too."""
 
 
 class PPOLoss(torch.nn.Module):
@@ -37,23 +40,17 @@ class PPOLoss(torch.nn.Module):
                                                     "PPOLoss")
         self.call_options = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS}
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        advantages: torch.Tensor,
-        old_logprobs: Optional[torch.Tensor] = None,
-        ref_logprobs: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        **per_call,
-    ) -> PPOLossOutput:
-        """``per_call``: this call's ``rollout_logprobs``, ``cu_seqlens`` and call options (``global_num_tokens``)."""
-        unknown = set(per_call) - _CALL_OPTIONS - _PER_CALL_TENSORS
+    def forward(self, logits: torch.Tensor, *tensors: torch.Tensor, **per_call) -> PPOLossOutput:
+        """The loss of this call's tensors (as :func:`rlhf_fast.ppo_loss` takes them) and call options
+        (``global_num_tokens``, ..., replacing those given at construction)."""
+        unknown = set(per_call) - _PER_CALL
         if unknown:
-            raise ValueError(f"PPOLoss.forward: unknown keyword(s) {sorted(unknown)}; valid: "
-                             f"{sorted(_CALL_OPTIONS | _PER_CALL_TENSORS)}")
-        return ppo_loss(logits, targets, advantages, old_logprobs, ref_logprobs, mask, options=self.loss_options,
-                        **{**self.call_options, **per_call})
+            raise ValueError(f"PPOLoss.forward: unknown keyword(s) {sorted(unknown)}; valid: {sorted(_PER_CALL)}")
+        return ppo_loss(logits, *tensors, options=self.loss_options, **{**self.call_options, **per_call})
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + _FORWARD,
+        return_annotation=inspect.signature(ppo_loss).return_annotation)
 
     def extra_repr(self) -> str:
         defaults = LossOptions()

@@ -11,10 +11,9 @@ backend sees.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional
 
 from ..backends.rows import RowParams
 from .policy import POLICY_LOSSES
@@ -203,22 +202,6 @@ class LossOptions:
 OPTION_NAMES_ORDERED = tuple(f.name for f in dataclasses.fields(LossOptions))
 OPTION_NAMES = frozenset(OPTION_NAMES_ORDERED)
 """The keyword options every loss entry point accepts."""
-
-
-def with_loss_options(fn: Callable) -> Callable:
-    """Give ``fn(..., **loss_options)`` a signature that lists every loss option with its default.
-
-    The function takes the options as ``**loss_options`` (validated by :class:`LossOptions`);
-    ``inspect.signature`` and ``help()`` show them as keyword-only parameters.
-    """
-    signature = inspect.signature(fn)
-    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    options = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-        for f in dataclasses.fields(LossOptions)
-    ]
-    fn.__signature__ = signature.replace(parameters=params + options)
-    return fn
 
 
 def _is_real(value) -> bool:

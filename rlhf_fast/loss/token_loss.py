@@ -14,14 +14,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from ..backends.rows import RowParams, RowStats, TokenResults
 from .aggregation import MetricInputs, PPOLossOutput, loss_metrics, output, scaled_sum
-from .inputs import LossInputs, check_tensor, prepare
-from .options import KL_ESTIMATORS, LossOptions, with_loss_options
+from .inputs import LossInputs, bind, check_tensor, loss_entry, prepare
+from .options import KL_ESTIMATORS, LossOptions
 from .policy import Sequences, token_terms
 from .policy import clip_flags as policy_clip_flags
 
@@ -123,24 +123,13 @@ def fused_output(loss, logprobs, entropy, ratio, pg, kl, log_scale, kl_log_scale
     return output(loss, logprobs, entropy, x.valid, x.shape, metrics)
 
 
-@with_loss_options
+@loss_entry
 def logprobs_ppo_loss(
     logprobs: torch.Tensor,
     entropy: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    *,
+    *tensors: torch.Tensor,
     vocab_size: int,
-    rollout_logprobs: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    options: Optional[LossOptions] = None,
-    global_num_tokens: Union[int, float, torch.Tensor, None] = None,
-    global_num_sequences: Union[int, float, torch.Tensor, None] = None,
-    validate: bool = True,
-    **loss_options,
+    **keywords,
 ) -> PPOLossOutput:
     """The loss of per-token log-probs and entropies ``[...]`` that are already computed, e.g. differentiable
     ones from ``rf.fused_linear_logprobs(..., with_entropy=True)`` or ``rf.logprobs``.
@@ -150,7 +139,7 @@ def logprobs_ppo_loss(
     that needs the log-probs for something else too pays for one statistics pass. Gradients flow to
     ``logprobs`` and ``entropy``; the other arguments and the loss options are those of ``rf.ppo_loss``.
     """
-    options = LossOptions.from_kwargs(options, loss_options, "logprobs_ppo_loss")
+    args = bind("logprobs_ppo_loss", tensors, keywords)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point():
         got = logprobs.dtype if isinstance(logprobs, torch.Tensor) else type(logprobs).__name__
         raise ValueError(f"logprobs must be a floating-point torch.Tensor, got {got}")
@@ -160,8 +149,5 @@ def logprobs_ppo_loss(
     check_tensor("entropy", entropy, logprobs.device, "logprobs")
     if entropy.shape != logprobs.shape:
         raise ValueError(f"entropy shape {tuple(entropy.shape)} must match logprobs shape {tuple(logprobs.shape)}")
-    x = prepare(logprobs.shape, vocab_size, logprobs.device, logprobs.dtype, targets, advantages, old_logprobs,
-                ref_logprobs, mask, options, validate=validate, rollout_logprobs=rollout_logprobs,
-                cu_seqlens=cu_seqlens, global_num_tokens=global_num_tokens,
-                global_num_sequences=global_num_sequences, other="logprobs")
+    x = prepare(logprobs.shape, vocab_size, logprobs.device, logprobs.dtype, args, other="logprobs")
     return finish_token_loss(logprobs.reshape(-1), entropy.reshape(-1), x)
