@@ -18,35 +18,12 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .loss import (
-    KL_ESTIMATORS,
-    LOSS_AGGREGATIONS,
-    POLICY_LOSSES,
-    LossOptions,
-    PPOLoss,
-    PPOLossOutput,
-    fused_linear_logprobs,
-    fused_linear_ppo_loss,
-    logprobs,
-    logprobs_ppo_loss,
-    ppo_loss,
-)
+from . import loss
+from .loss import *  # noqa: F403  the loss layer's public names (loss.__all__) are the package's
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KL_ESTIMATORS",
-    "LOSS_AGGREGATIONS",
-    "POLICY_LOSSES",
-    "LossOptions",
-    "PPOLoss",
-    "PPOLossOutput",
-    "fused_linear_logprobs",
-    "fused_linear_ppo_loss",
-    "logprobs",
-    "logprobs_ppo_loss",
-    "ppo_loss",
-]
+__all__ = list(loss.__all__)
 
 # The training layer: imported on first attribute access, so ``import rlhf_fast`` stays lean.
 _LAZY_EXPORTS = {

@@ -175,6 +175,21 @@ def test_the_loss_layer_is_lean():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_the_package_exports_the_loss_layer():
+    """The public names are listed once, in rlhf_fast.loss.__all__; the package exports exactly those, the same
+    objects, and ``from rlhf_fast import *`` gives them."""
+    import rlhf_fast.loss as loss
+
+    assert rlhf_fast.__all__ == loss.__all__
+    assert {"ppo_loss", "fused_linear_ppo_loss", "logprobs_ppo_loss", "logprobs", "fused_linear_logprobs",
+            "PPOLoss", "PPOLossOutput", "LossOptions", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
+            "POLICY_LOSSES"} <= set(rlhf_fast.__all__)
+    assert all(getattr(rlhf_fast, name) is getattr(loss, name) for name in loss.__all__)
+    namespace = {}
+    exec("from rlhf_fast import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(loss.__all__)
+
+
 @pytest.mark.parametrize("old, new", sorted(rlhf_fast._MOVED_MODULES.items()))
 def test_old_module_paths_still_import(old, new):
     if new == "backends.triton":
