@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -184,6 +187,24 @@ def pairwise_cover(axes: Dict[str, list]) -> list:
         rows.append(best)
         uncovered -= pairs(best)
     return [{n: axes[n][c] for n, c in zip(names, combo)} for combo in rows]
+
+
+def triton_installed() -> bool:
+    """Whether triton imports (its compiler can then run for a GPU target on a machine without one)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_without_interpreter(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python script *args`` with ``TRITON_INTERPRET`` unset, so that Triton compiles for the GPU (the test session
+    imports the kernels in interpreter mode on CPU). Fails, with the ends of its output, unless it succeeds."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{os.path.basename(script)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 @contextlib.contextmanager
