@@ -57,6 +57,18 @@ class Case:
         return self.view(self.logits_base)
 
 
+def policy_inputs(logits: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, *, with_old: bool,
+                  with_ref: bool, per_sequence_advantages: bool):
+    """(old_logprobs, ref_logprobs, advantages) drawn from ``gen`` for fp32 ``logits`` [B, T, V] and ``targets``
+    [B, T]: old / ref log-probs near the current policy's (ratios spread across the clip range, as in
+    training) or None, and advantages [B] or [B, T]."""
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
+    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
+    advantages = torch.randn(lp.shape[:1] if per_sequence_advantages else lp.shape, generator=gen)
+    return old, ref, advantages
+
+
 def make_case(
     batch: int = 3,
     seq: int = 5,
@@ -82,14 +94,9 @@ def make_case(
             banned = torch.randperm(vocab, generator=gen)[: banned_tokens + 1]
             banned = banned[banned != targets[b, t]][:banned_tokens]
             base[b, t, banned] = float("-inf")
-    # Log-probs of the sampled tokens, to put the old/ref policies near the current one
-    # (ratios spread across the clip range, as in training).
     view = base[:, :-1] if strided else base
-    lp = torch.log_softmax(view.to(dtype).float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
-    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
-    adv_shape = (batch,) if per_sequence_advantages else (batch, seq)
-    advantages = torch.randn(adv_shape, generator=gen)
+    old, ref, advantages = policy_inputs(view.to(dtype).float(), targets, gen, with_old=with_old, with_ref=with_ref,
+                                         per_sequence_advantages=per_sequence_advantages)
     if mask == "none":
         m = None
     elif mask == "random":

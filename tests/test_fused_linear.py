@@ -17,7 +17,14 @@ from typing import Dict, NamedTuple, Optional
 import pytest
 import torch
 from conftest import HAS_CPP, HAS_CUDA, HAS_TRITON, TRITON_INTERPRETED
-from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, TOLERANCES, max_error, pairwise_cover
+from helpers import (
+    DOUBLE_BASELINE_ATOL,
+    DOUBLE_BASELINE_FACTOR,
+    TOLERANCES,
+    max_error,
+    pairwise_cover,
+    policy_inputs,
+)
 
 import rlhf_fast as rf
 from rlhf_fast import backends
@@ -72,10 +79,8 @@ def make_linear_case(
         b[banned] = float("-inf")
     h, w = hidden.to(dtype).float(), weight.to(dtype).float()
     logits = h @ w.T + (b.to(dtype).float() if b is not None else 0.0)
-    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
-    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
-    advantages = torch.randn((batch,) if per_sequence_advantages else (batch, seq), generator=gen)
+    old, ref, advantages = policy_inputs(logits, targets, gen, with_old=with_old, with_ref=with_ref,
+                                         per_sequence_advantages=per_sequence_advantages)
     if mask == "none":
         m = None
     elif mask in ("random", "chunk-masked"):
