@@ -25,6 +25,17 @@ def make_config(has_old: bool = False, has_ref: bool = False, **options) -> RowP
     return rf.LossOptions(**options).row_params(has_old=has_old, has_ref=has_ref)
 
 
+LOSS_AXES = {
+    "kl_estimator": ["k1", "k2", "k3", "k3+"],
+    "clip_eps_high": [None, 0.28],
+    "dual_clip": [None, 3.0],
+    "loss_agg": ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+    "temperature": [1.0, 0.7],
+    "entropy_coef": [0.0, 0.01],
+}
+"""The loss options the grid tests cross (``rf.ppo_loss`` keywords), each with values that take another branch
+of the math or the aggregation: run whole, or as a :func:`pairwise_cover`."""
+
 TOLERANCES = {
     # the contract's accuracy section: fp32 inputs, every backend vs the eager reference.
     torch.float32: dict(rtol=1e-5, atol=1e-6),
