@@ -119,18 +119,26 @@ void check_targets(int64_t bad_rows, int64_t vocab, const char* op) {
   TORCH_CHECK(bad_rows == 0, op, ": ", bad_rows, " target ids outside [0, ", vocab, ")");
 }
 
+// What every row op checks and reads first: τ > 0, the logits' layout and the target ids, into a
+// (ForwardArgs, BackwardArgs or LogprobsArgs). Returns the number of rows.
+template <typename Args>
+int64_t read_rows(Args& a, const Tensor& logits, const Tensor& targets, double temperature, const char* op) {
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  a.logits = rows_layout(logits, op);
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  a.targets = targets_of(targets, rows, op);
+  return rows;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_forward(
     const Tensor& logits, const Tensor& targets, const Tensor& advantages,
     const std::optional<Tensor>& old_logprobs, const std::optional<Tensor>& ref_logprobs,
     double ratio_low, double ratio_high, double dual_clip, double kl_coef, int64_t kl_estimator,
     double entropy_coef, double temperature) {
   constexpr const char* op = "rlhf_fast::ppo_forward";
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
-  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, op, ": kl_estimator must be 0..3, got ", kl_estimator);
   ForwardArgs a{};
-  a.logits = rows_layout(logits, op);
-  const int64_t rows = a.logits.batch * a.logits.seq;
-  a.targets = targets_of(targets, rows, op);
+  const int64_t rows = read_rows(a, logits, targets, temperature, op);
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, op, ": kl_estimator must be 0..3, got ", kl_estimator);
   a.advantages = row_vector(advantages, rows, "advantages", op);
   a.old_logprobs = old_logprobs.has_value() ? row_vector(*old_logprobs, rows, "old_logprobs", op) : nullptr;
   a.ref_logprobs = ref_logprobs.has_value() ? row_vector(*ref_logprobs, rows, "ref_logprobs", op) : nullptr;
@@ -168,11 +176,8 @@ void ppo_backward(const Tensor& logits, const Tensor& targets, const Tensor& row
                   const Tensor& entropy, const Tensor& coef_logprob, const Tensor& coef_entropy, double temperature,
                   const Tensor& out, const std::optional<Tensor>& outside) {
   constexpr const char* op = "rlhf_fast::ppo_backward";
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   BackwardArgs a{};
-  a.logits = rows_layout(logits, op);
-  const int64_t rows = a.logits.batch * a.logits.seq;
-  a.targets = targets_of(targets, rows, op);
+  const int64_t rows = read_rows(a, logits, targets, temperature, op);
   a.row_max = row_vector(row_max, rows, "row_max", op);
   a.log_sum = row_vector(log_sum, rows, "log_sum", op);
   a.entropy = row_vector(entropy, rows, "entropy", op);
@@ -205,11 +210,8 @@ void ppo_backward_inplace(const Tensor& logits, const Tensor& targets, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& targets, double temperature,
                                                     bool with_entropy) {
   constexpr const char* op = "rlhf_fast::logprobs";
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   LogprobsArgs a{};
-  a.logits = rows_layout(logits, op);
-  const int64_t rows = a.logits.batch * a.logits.seq;
-  a.targets = targets_of(targets, rows, op);
+  const int64_t rows = read_rows(a, logits, targets, temperature, op);
   a.temperature = static_cast<float>(temperature);
   const auto options = logits.options().dtype(at::kFloat);
   Tensor lp = at::empty({rows}, options);

@@ -287,12 +287,14 @@ inline TokenLoss token_loss(float lp, float entropy, float adv, float old_lp, fl
 // Kernels
 // ---------------------------------------------------------------------------------
 
-template <typename scalar_t, typename index_t, bool kScaled>
-int64_t forward_rows(const ForwardArgs& a) {
-  const RowsLayout& L = a.logits;
+// The row loop of the kernels that read each row's log-prob: every row r whose target y is in [0, V) gets
+// row_logprob (with the entropy when kEntropy) and goes to on_row(r, rl); every other row goes to on_bad(r),
+// which writes its NaNs, and is counted. Returns that count.
+template <typename scalar_t, typename index_t, bool kScaled, bool kEntropy, typename OnRow, typename OnBad>
+inline int64_t for_each_row_logprob(const RowsLayout& L, const Targets& target_ids, float tau,
+                                    const OnRow& on_row, const OnBad& on_bad) {
   const auto* logits = static_cast<const scalar_t*>(L.data);
-  const auto* targets = static_cast<const index_t*>(a.targets.data);
-  const float tau = a.params.temperature;
+  const auto* targets = static_cast<const index_t*>(target_ids.data);
   std::atomic<int64_t> bad{0};
   at::parallel_for(0, L.batch * L.seq, rows_grain(L.vocab), [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kBlock];
@@ -300,58 +302,58 @@ int64_t forward_rows(const ForwardArgs& a) {
       const int64_t y = static_cast<int64_t>(targets[r]);
       if (y < 0 || y >= L.vocab) {
         bad.fetch_add(1, std::memory_order_relaxed);
-        a.logprobs[r] = a.entropy[r] = a.row_max[r] = a.log_sum[r] = a.ratio[r] = kNaN;
-        a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = a.log_scale[r] = a.kl_log_scale[r] = kNaN;
+        on_bad(r);
         continue;
       }
       const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
-      const RowLogprob rl = row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf);
-      const float old_lp = a.old_logprobs != nullptr ? a.old_logprobs[r] : rl.lp;
-      const float ref_lp = a.ref_logprobs != nullptr ? a.ref_logprobs[r] : 0.f;
-      const TokenLoss t = token_loss(rl.lp, rl.entropy, a.advantages[r], old_lp, ref_lp, a.params);
-      a.logprobs[r] = rl.lp;
-      a.entropy[r] = rl.entropy;
-      a.row_max[r] = rl.row_max;
-      a.log_sum[r] = rl.log_sum;
-      a.ratio[r] = t.ratio;
-      a.pg[r] = t.pg;
-      a.kl[r] = t.kl;
-      a.loss[r] = t.loss;
-      a.dlogp[r] = t.dlogp;
-      a.log_scale[r] = t.log_scale;
-      a.kl_log_scale[r] = t.kl_log_scale;
+      on_row(r, row_logprob<scalar_t, kScaled, kEntropy>(row, L.vocab, y, tau, buf));
     }
   });
   return bad.load();
 }
 
 template <typename scalar_t, typename index_t, bool kScaled>
+int64_t forward_rows(const ForwardArgs& a) {
+  const auto on_row = [&a](int64_t r, const RowLogprob& rl) {
+    const float old_lp = a.old_logprobs != nullptr ? a.old_logprobs[r] : rl.lp;
+    const float ref_lp = a.ref_logprobs != nullptr ? a.ref_logprobs[r] : 0.f;
+    const TokenLoss t = token_loss(rl.lp, rl.entropy, a.advantages[r], old_lp, ref_lp, a.params);
+    a.logprobs[r] = rl.lp;
+    a.entropy[r] = rl.entropy;
+    a.row_max[r] = rl.row_max;
+    a.log_sum[r] = rl.log_sum;
+    a.ratio[r] = t.ratio;
+    a.pg[r] = t.pg;
+    a.kl[r] = t.kl;
+    a.loss[r] = t.loss;
+    a.dlogp[r] = t.dlogp;
+    a.log_scale[r] = t.log_scale;
+    a.kl_log_scale[r] = t.kl_log_scale;
+  };
+  const auto on_bad = [&a](int64_t r) {
+    a.logprobs[r] = a.entropy[r] = a.row_max[r] = a.log_sum[r] = a.ratio[r] = kNaN;
+    a.pg[r] = a.kl[r] = a.loss[r] = a.dlogp[r] = a.log_scale[r] = a.kl_log_scale[r] = kNaN;
+  };
+  const float tau = a.params.temperature;
+  return for_each_row_logprob<scalar_t, index_t, kScaled, true>(a.logits, a.targets, tau, on_row, on_bad);
+}
+
+template <typename scalar_t, typename index_t, bool kScaled>
 int64_t logprobs_rows(const LogprobsArgs& a) {
-  const RowsLayout& L = a.logits;
-  const auto* logits = static_cast<const scalar_t*>(L.data);
-  const auto* targets = static_cast<const index_t*>(a.targets.data);
+  const auto on_row = [&a](int64_t r, const RowLogprob& rl) {
+    a.logprobs[r] = rl.lp;
+    a.row_max[r] = rl.row_max;
+    a.log_sum[r] = rl.log_sum;
+    if (a.entropy != nullptr) a.entropy[r] = rl.entropy;
+  };
+  const auto on_bad = [&a](int64_t r) {
+    a.logprobs[r] = a.row_max[r] = a.log_sum[r] = kNaN;
+    if (a.entropy != nullptr) a.entropy[r] = kNaN;
+  };
   const float tau = a.temperature;
-  std::atomic<int64_t> bad{0};
-  at::parallel_for(0, L.batch * L.seq, rows_grain(L.vocab), [&](int64_t begin, int64_t end) {
-    alignas(64) float buf[kBlock];
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t y = static_cast<int64_t>(targets[r]);
-      if (y < 0 || y >= L.vocab) {
-        bad.fetch_add(1, std::memory_order_relaxed);
-        a.logprobs[r] = a.row_max[r] = a.log_sum[r] = kNaN;
-        if (a.entropy != nullptr) a.entropy[r] = kNaN;
-        continue;
-      }
-      const scalar_t* row = logits + row_offset(r, L.seq, L.stride_b, L.stride_t);
-      const RowLogprob rl = a.entropy != nullptr ? row_logprob<scalar_t, kScaled, true>(row, L.vocab, y, tau, buf)
-                                                 : row_logprob<scalar_t, kScaled, false>(row, L.vocab, y, tau, buf);
-      a.logprobs[r] = rl.lp;
-      a.row_max[r] = rl.row_max;
-      a.log_sum[r] = rl.log_sum;
-      if (a.entropy != nullptr) a.entropy[r] = rl.entropy;
-    }
-  });
-  return bad.load();
+  return a.entropy != nullptr
+             ? for_each_row_logprob<scalar_t, index_t, kScaled, true>(a.logits, a.targets, tau, on_row, on_bad)
+             : for_each_row_logprob<scalar_t, index_t, kScaled, false>(a.logits, a.targets, tau, on_row, on_bad);
 }
 
 // d(loss)/d x_j / τ for a non-target j, as p·((c_H/τ)·log p_j + (c_H·H − c_lp)/τ), with

@@ -108,3 +108,15 @@ def use_backend(monkeypatch, triton_env):
 
 def device_for(backend: str) -> str:
     return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs through the Triton interpreter here (slow: small grids only)."""
+    return backend == "triton" and TRITON_INTERPRETED
+
+
+def grid_params(backends, grid: list, interpreted_grid: list) -> list:
+    """``pytest.param(backend, point, i, id="backend-i")`` for each point i of ``grid`` on each of ``backends``;
+    a backend run by the Triton interpreter gets ``interpreted_grid`` instead."""
+    return [pytest.param(backend, point, i, id=f"{backend}-{i}") for backend in backends
+            for i, point in enumerate(interpreted_grid if interpreted(backend) else grid)]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -21,6 +24,17 @@ def make_config(has_old: bool = False, has_ref: bool = False, **options) -> RowP
     """What a row backend sees for these loss options (``rf.LossOptions`` keywords)."""
     return rf.LossOptions(**options).row_params(has_old=has_old, has_ref=has_ref)
 
+
+LOSS_AXES = {
+    "kl_estimator": ["k1", "k2", "k3", "k3+"],
+    "clip_eps_high": [None, 0.28],
+    "dual_clip": [None, 3.0],
+    "loss_agg": ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+    "temperature": [1.0, 0.7],
+    "entropy_coef": [0.0, 0.01],
+}
+"""The loss options the grid tests cross (``rf.ppo_loss`` keywords), each with values that take another branch
+of the math or the aggregation: run whole, or as a :func:`pairwise_cover`."""
 
 TOLERANCES = {
     # the contract's accuracy section: fp32 inputs, every backend vs the eager reference.
@@ -54,6 +68,18 @@ class Case:
         return self.view(self.logits_base)
 
 
+def policy_inputs(logits: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, *, with_old: bool,
+                  with_ref: bool, per_sequence_advantages: bool):
+    """(old_logprobs, ref_logprobs, advantages) drawn from ``gen`` for fp32 ``logits`` [B, T, V] and ``targets``
+    [B, T]: old / ref log-probs near the current policy's (ratios spread across the clip range, as in
+    training) or None, and advantages [B] or [B, T]."""
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
+    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
+    advantages = torch.randn(lp.shape[:1] if per_sequence_advantages else lp.shape, generator=gen)
+    return old, ref, advantages
+
+
 def make_case(
     batch: int = 3,
     seq: int = 5,
@@ -79,14 +105,9 @@ def make_case(
             banned = torch.randperm(vocab, generator=gen)[: banned_tokens + 1]
             banned = banned[banned != targets[b, t]][:banned_tokens]
             base[b, t, banned] = float("-inf")
-    # Log-probs of the sampled tokens, to put the old/ref policies near the current one
-    # (ratios spread across the clip range, as in training).
     view = base[:, :-1] if strided else base
-    lp = torch.log_softmax(view.to(dtype).float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
-    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
-    adv_shape = (batch,) if per_sequence_advantages else (batch, seq)
-    advantages = torch.randn(adv_shape, generator=gen)
+    old, ref, advantages = policy_inputs(view.to(dtype).float(), targets, gen, with_old=with_old, with_ref=with_ref,
+                                         per_sequence_advantages=per_sequence_advantages)
     if mask == "none":
         m = None
     elif mask == "random":
@@ -184,6 +205,24 @@ def pairwise_cover(axes: Dict[str, list]) -> list:
         rows.append(best)
         uncovered -= pairs(best)
     return [{n: axes[n][c] for n, c in zip(names, combo)} for combo in rows]
+
+
+def triton_installed() -> bool:
+    """Whether triton imports (its compiler can then run for a GPU target on a machine without one)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_without_interpreter(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python script *args`` with ``TRITON_INTERPRET`` unset, so that Triton compiles for the GPU (the test session
+    imports the kernels in interpreter mode on CPU). Fails, with the ends of its output, unless it succeeds."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{os.path.basename(script)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 @contextlib.contextmanager

@@ -16,8 +16,16 @@ from typing import Dict, NamedTuple, Optional
 
 import pytest
 import torch
-from conftest import HAS_CPP, HAS_CUDA, HAS_TRITON, TRITON_INTERPRETED
-from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, TOLERANCES, max_error, pairwise_cover
+from conftest import HAS_CPP, HAS_TRITON, device_for, grid_params, interpreted
+from helpers import (
+    DOUBLE_BASELINE_ATOL,
+    DOUBLE_BASELINE_FACTOR,
+    LOSS_AXES,
+    TOLERANCES,
+    max_error,
+    pairwise_cover,
+    policy_inputs,
+)
 
 import rlhf_fast as rf
 from rlhf_fast import backends
@@ -26,11 +34,7 @@ from rlhf_fast.loss.reference import REFERENCE_OPS
 
 FP32 = TOLERANCES[torch.float32]
 ROW_BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
-FAST_ROW_BACKENDS = [b for b in ROW_BACKENDS if not (b == "triton" and TRITON_INTERPRETED)]
-
-
-def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+FAST_ROW_BACKENDS = [b for b in ROW_BACKENDS if not interpreted(b)]
 
 
 class LinearCase(NamedTuple):
@@ -72,10 +76,8 @@ def make_linear_case(
         b[banned] = float("-inf")
     h, w = hidden.to(dtype).float(), weight.to(dtype).float()
     logits = h @ w.T + (b.to(dtype).float() if b is not None else 0.0)
-    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_old else None
-    ref = lp + 0.4 * torch.randn(lp.shape, generator=gen) if with_ref else None
-    advantages = torch.randn((batch,) if per_sequence_advantages else (batch, seq), generator=gen)
+    old, ref, advantages = policy_inputs(logits, targets, gen, with_old=with_old, with_ref=with_ref,
+                                         per_sequence_advantages=per_sequence_advantages)
     if mask == "none":
         m = None
     elif mask in ("random", "chunk-masked"):
@@ -164,12 +166,7 @@ def assert_close_to_eager(out, grads, ref_out, ref_grads, what=""):
 # ----------------------------------------------------------------------------------
 
 AXES = {
-    "kl_estimator": ["k1", "k2", "k3", "k3+"],
-    "clip_eps_high": [None, 0.28],
-    "dual_clip": [None, 3.0],
-    "loss_agg": ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-    "temperature": [1.0, 0.7],
-    "entropy_coef": [0.0, 0.01],
+    **LOSS_AXES,
     "bias": [True, False],
     "mask": ["random", "chunk-masked", "none"],
     "with_old": [True, False],
@@ -179,22 +176,13 @@ COVER = pairwise_cover(AXES)
 CASE_KEYS = ("bias", "mask", "with_old", "with_ref")
 
 
-def _grid_params():
-    params = []
-    for backend in ROW_BACKENDS:
-        grid = COVER[:4] if (backend == "triton" and TRITON_INTERPRETED) else COVER
-        params += [pytest.param(backend, opts, id=f"{backend}-{i}") for i, opts in enumerate(grid)]
-    return params
-
-
-@pytest.mark.parametrize("backend,options", _grid_params())
-def test_options_match_eager(backend, options, triton_env):
+@pytest.mark.parametrize("backend,options,seed", grid_params(ROW_BACKENDS, COVER, COVER[:4]))
+def test_options_match_eager(backend, options, seed, triton_env):
     case_kwargs = {k: options[k] for k in CASE_KEYS}
     loss_kwargs = {k: v for k, v in options.items() if k not in CASE_KEYS}
     loss_kwargs["kl_coef"] = 0.1 if options["with_ref"] else 0.0
     # N = 111 rows in chunks of 16: six full chunks and a last one of 15.
-    case = make_linear_case(seed=len(COVER) + hash(tuple(options.items())) % 997, device=_device(backend),
-                            **case_kwargs)
+    case = make_linear_case(seed=seed, device=device_for(backend), **case_kwargs)
     ref_out, ref_grads = run_eager(case, **loss_kwargs)
     out, grads = run_fused(case, backend, chunk_size=16, **loss_kwargs)
     assert_close_to_eager(out, grads, ref_out, ref_grads, what=f"{backend} {options}")
@@ -226,7 +214,7 @@ def test_edge_cases_match_eager(backend, case_name, triton_env):
     b, t, h, v = spec.pop("shape", (3, 37, 16, 129))
     make_kwargs = {k: spec.pop(k) for k in list(spec) if k in _CASE_MAKER_KEYS}
     chunk_size = spec.pop("chunk_size", 16 if "shape" not in EDGE_CASES[case_name] else None)
-    case = make_linear_case(b, t, h, v, seed=11, device=_device(backend), **make_kwargs)
+    case = make_linear_case(b, t, h, v, seed=11, device=device_for(backend), **make_kwargs)
     options = dict(dict(kl_coef=0.05, entropy_coef=0.01), **spec)
     ref_out, ref_grads = run_eager(case, **options)
     out, grads = run_fused(case, backend, chunk_size=chunk_size, **options)
@@ -471,7 +459,7 @@ BF16_OPTIONS = [
 @pytest.mark.parametrize("backend", FAST_ROW_BACKENDS)
 @pytest.mark.parametrize("options", BF16_OPTIONS, ids=["token-mean", "seq-mean"])
 def test_bf16_double_baseline(backend, options):
-    case = make_linear_case(4, 40, 64, 1000, dtype=torch.bfloat16, seed=12, device=_device(backend))
+    case = make_linear_case(4, 40, 64, 1000, dtype=torch.bfloat16, seed=12, device=device_for(backend))
     truth_out, truth_grads = run_eager(case, dtype=torch.float64, **options)
     eager_out, eager_grads = run_eager(case, **options)
     out, grads = run_fused(case, backend, chunk_size=48, **options)
@@ -492,7 +480,7 @@ def test_bf16_double_baseline(backend, options):
 @pytest.mark.parametrize("backend", FAST_ROW_BACKENDS)
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_logprobs_match_eager(backend, with_entropy, triton_env):
-    case = make_linear_case(3, 11, 16, 1000, seed=13, banned_tokens=5, device=_device(backend))
+    case = make_linear_case(3, 11, 16, 1000, seed=13, banned_tokens=5, device=device_for(backend))
     logits = case.hidden @ case.weight.T + case.bias
     want = rf.logprobs(logits, case.targets, case.mask, temperature=0.8, with_entropy=with_entropy,
                        backend="eager")
@@ -623,7 +611,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_variants_match_eager(backend, variant, triton_env):
-    case = make_linear_case(2, 9, 16, 97, seed=17, device=_device(backend), mask="random")
+    case = make_linear_case(2, 9, 16, 97, seed=17, device=device_for(backend), mask="random")
     options = dict(VARIANTS[variant])
     if options.get("rollout_is", "none") != "none":
         options["rollout_logprobs"] = case.old_logprobs + 0.05 * torch.sin(3 * case.old_logprobs)

@@ -10,33 +10,16 @@ import itertools
 
 import pytest
 import torch
-from conftest import ALL_BACKENDS, FAST_BACKENDS, TRITON_INTERPRETED, device_for
-from helpers import assert_outputs_close, make_case, pairwise_cover, run_loss
+from conftest import ALL_BACKENDS, FAST_BACKENDS, device_for, grid_params
+from helpers import LOSS_AXES, assert_outputs_close, make_case, pairwise_cover, run_loss
 
 import rlhf_fast as rf
 
-AXES = {
-    "kl_estimator": ["k1", "k2", "k3", "k3+"],
-    "clip_eps_high": [None, 0.28],
-    "dual_clip": [None, 3.0],
-    "loss_agg": ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-    "temperature": [1.0, 0.7],
-    "entropy_coef": [0.0, 0.01],
-}
-FULL_GRID = [dict(zip(AXES, values)) for values in itertools.product(*AXES.values())]
-COVER = pairwise_cover(AXES)
+FULL_GRID = [dict(zip(LOSS_AXES, values)) for values in itertools.product(*LOSS_AXES.values())]
+COVER = pairwise_cover(LOSS_AXES)
 
 
-def _grid_params():
-    params = []
-    for backend in ALL_BACKENDS:
-        grid = COVER if (backend == "triton" and TRITON_INTERPRETED) else FULL_GRID
-        for i, opts in enumerate(grid):
-            params.append(pytest.param(backend, opts, i, id=f"{backend}-{i}"))
-    return params
-
-
-@pytest.mark.parametrize("backend,options,seed", _grid_params())
+@pytest.mark.parametrize("backend,options,seed", grid_params(ALL_BACKENDS, FULL_GRID, COVER))
 def test_grid_matches_reference(backend, options, seed, use_backend):
     name = use_backend(backend)
     case = make_case(3, 5, 129, strided=True, seed=seed, device=device_for(backend))

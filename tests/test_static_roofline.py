@@ -14,31 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_without_interpreter, triton_installed
 
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "static_roofline.py")
 
 
 def _static(tmp_path, *args: str) -> list:
     out = tmp_path / "static.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--json", str(out), *args], capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
-    assert proc.returncode == 0, f"static_roofline.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_without_interpreter(SCRIPT, "--json", str(out), *args, timeout=600)
     return json.loads(out.read_text())
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers import run_without_interpreter, triton_installed
 
 # ----------------------------------------------------------------------------------
 # Subprocess side
@@ -181,24 +181,11 @@ def trace_forward_with_grad(inplace: bool) -> list:
 
 
 def _run_here(*args: str, timeout: int = 300):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *args],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = run_without_interpreter(os.path.abspath(__file__), *args, timeout=timeout)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm80", "sm90"])

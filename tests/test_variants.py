@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_BACKENDS, TRITON_INTERPRETED, device_for
+from conftest import ALL_BACKENDS, device_for, grid_params, interpreted
 from helpers import (
     DOUBLE_BASELINE_ATOL,
     DOUBLE_BASELINE_FACTOR,
@@ -57,20 +57,7 @@ def _rollout(case, seed: int, scale: float = 0.2):
     return case.old_logprobs + noise.to(case.old_logprobs.device)
 
 
-def _interpreted(backend: str) -> bool:
-    return backend == "triton" and TRITON_INTERPRETED
-
-
-def _params():
-    params = []
-    for backend in ALL_BACKENDS:
-        grid = COVER[:6] if _interpreted(backend) else COVER
-        for i, point in enumerate(grid):
-            params.append(pytest.param(backend, point, i, id=f"{backend}-{i}"))
-    return params
-
-
-@pytest.mark.parametrize("backend,point,seed", _params())
+@pytest.mark.parametrize("backend,point,seed", grid_params(ALL_BACKENDS, COVER, COVER[:6]))
 def test_variants_match_reference(backend, point, seed, use_backend):
     name = use_backend(backend)
     case = make_case(3, 6, 129, strided=True, seed=seed, device=device_for(backend))
@@ -93,7 +80,7 @@ EDGES = {
 
 EDGE_PARAMS = [  # the Triton interpreter is slow: one edge case per variant there
     (backend, edge, policy_loss) for backend in ALL_BACKENDS for edge in EDGES
-    for policy_loss in ("gspo", "cispo", "sapo") if not _interpreted(backend) or edge == "fully-masked-sequence"
+    for policy_loss in ("gspo", "cispo", "sapo") if not interpreted(backend) or edge == "fully-masked-sequence"
 ]
 
 
@@ -206,7 +193,7 @@ def test_kl_ratio_weighted_and_clamps_by_hand():
 
 APPROX_KL_PARAMS = [pytest.param(b, p, c, id=f"{b}-{p}-{c}") for b in ["eager"] + ALL_BACKENDS
                     for p in ("ppo", "gspo", "cispo", "sapo") for c in (None, 0.3, 20.0)
-                    if not (_interpreted(b) and (p, c) not in (("ppo", 0.3), ("gspo", 20.0)))]
+                    if not (interpreted(b) and (p, c) not in (("ppo", 0.3), ("gspo", 20.0)))]
 
 
 @pytest.mark.parametrize("backend,policy_loss,clamp", APPROX_KL_PARAMS)
@@ -285,7 +272,7 @@ def test_gspo_equals_the_sequence_level_objective(loss_agg):
 AGGREGATIONS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 PACKED_PARAMS = [  # the Triton interpreter is slow: one aggregation there
     (backend, policy_loss, loss_agg) for backend in ALL_BACKENDS for policy_loss in ("ppo", "gspo")
-    for loss_agg in AGGREGATIONS if not _interpreted(backend) or loss_agg == "seq-mean-token-mean"
+    for loss_agg in AGGREGATIONS if not interpreted(backend) or loss_agg == "seq-mean-token-mean"
 ]
 
 
