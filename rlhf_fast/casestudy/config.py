@@ -1,7 +1,7 @@
 """The case study's settings: the candidate fixes and every setting of a run (:class:`CaseStudyConfig`).
 
 Read by every stage (world, models, metrics, the PPO runs, the report); imports only the world,
-the models and the PPO settings, so no stage imports another to learn a setting.
+the models and the baseline's PPO config, so no stage imports another to learn a setting.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import rlhf_fast as rf
+
 from . import models, world
-from .runner import CommonPPO, PPOSettings
+from .runner import baseline_ppo
 
 FIXES = ("adaptive-kl", "adaptive-kl-raw", "reward-norm", "early-stop", "tight-clip", "dual-clip", "kl-loss-k3")
 """Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one.
@@ -63,9 +65,10 @@ class CaseStudyConfig:
     """Mixed evaluation prompts (gold, proxy, KL, length, salesy share)."""
     eval_unsafe_prompts: int = 1024
     """Extra UNSAFE evaluation prompts, so the refusal rate is measured to about ±1 point."""
-    ppo: CommonPPO = field(default_factory=CommonPPO)
-    baseline: PPOSettings = field(default_factory=lambda: PPOSettings(kl_coef=0.01))
-    """The incident: small fixed β in the reward, raw reward-model scale."""
+    ppo: rf.PPOConfig = field(default_factory=baseline_ppo)
+    """The baseline's PPO run (the incident: small fixed β in the reward, raw reward-model scale); every other
+    run is it with one change (:meth:`fix_ppo`), and every stage samples as it does (``max_new_tokens``,
+    ``temperature``, ``missing_eos_penalty``)."""
     fix_kl_target: float = 2.0
     """KL budget to the reference, nats per reply (the fix)."""
     fix_kl_coef: Optional[float] = None
@@ -82,9 +85,9 @@ class CaseStudyConfig:
     threads: int = 1
     """torch threads (fixed, so a run is reproducible on one machine)."""
 
-    def fix_settings(self, fix: str = "adaptive-kl", kl_target: Optional[float] = None) -> PPOSettings:
-        """The baseline with ONE change (``fix``, one of :data:`FIXES`)."""
-        base = self.baseline
+    def fix_ppo(self, fix: str = "adaptive-kl", kl_target: Optional[float] = None) -> rf.PPOConfig:
+        """The baseline's PPO run (:attr:`ppo`) with ONE change (``fix``, one of :data:`FIXES`)."""
+        base = self.ppo
         if fix == "adaptive-kl":
             target = self.fix_kl_target if kl_target is None else kl_target
             start = budget_beta(target) if self.fix_kl_coef is None else self.fix_kl_coef
@@ -98,7 +101,7 @@ class CaseStudyConfig:
                 reward_normalize=True,
             )
         if fix == "adaptive-kl-raw":
-            return dataclasses.replace(self.fix_settings("adaptive-kl", kl_target), reward_normalize=False)
+            return dataclasses.replace(self.fix_ppo("adaptive-kl", kl_target), reward_normalize=False)
         if fix == "early-stop":
             return dataclasses.replace(base, early_stop_approx_kl=0.01)
         if fix == "tight-clip":
@@ -138,6 +141,6 @@ def quick_config(seed: int = 0) -> CaseStudyConfig:
         train_prompts=1024,
         eval_prompts=512,
         eval_unsafe_prompts=256,
-        ppo=dataclasses.replace(CommonPPO(), steps=12, batch=32, minibatch_size=16, epochs=2),
+        ppo=dataclasses.replace(baseline_ppo(), steps=12, batch=32, minibatch_size=16, epochs=2),
         sweep_targets=(1.0, 4.0),
     )
