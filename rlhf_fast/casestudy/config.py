@@ -33,6 +33,20 @@ def check_fixes(names) -> None:
             raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
 
 
+def reward_training() -> rf.RewardTrainConfig:
+    """The case study's fit of the reward model: only what differs from ``rf.RewardTrainConfig``'s defaults."""
+    return rf.RewardTrainConfig(
+        lr=1e-3,
+        epochs=4,
+        batch_size=64,
+        # The centring term pins each pair's mean score near 0. Bradley–Terry leaves each prompt's offset free;
+        # unpinned, the offsets of the prompt kinds differ at random and, with a value head that starts at 0 and
+        # advantages whitened over the batch, the first PPO updates push down whatever the reference says to
+        # the kind with the lowest offset.
+        center_coef=0.05,
+    )
+
+
 @dataclass(frozen=True)
 class CaseStudyConfig:
     """Every setting of the case study; the defaults are the calibrated demo."""
@@ -47,15 +61,10 @@ class CaseStudyConfig:
     sft: models.SFTConfig = field(default_factory=models.SFTConfig)
     rm_pairs: int = 12000
     """Labelled preference pairs for the reward model."""
-    rm_epochs: int = 4
-    rm_lr: float = 1e-3
+    rm_training: rf.RewardTrainConfig = field(default_factory=reward_training)
+    """The reward model's fit (``seed`` and ``progress`` are the case study's)."""
     rm_anneal_epochs: int = 2
-    """Extra epochs at ``rm_lr / 5`` (a constant-lr fit leaves the scores noisy)."""
-    rm_center_coef: float = 0.05
-    """Centring term of the Bradley–Terry loss (pins each pair's mean score near 0). Bradley–Terry
-    leaves each prompt's offset free; unpinned, the offsets of the prompt kinds differ at random and,
-    with a value head that starts at 0 and advantages whitened over the batch, the first PPO updates
-    push down whatever the reference says to the kind with the lowest offset."""
+    """Extra epochs at ``rm_training.lr / 5`` (a constant-lr fit leaves the scores noisy)."""
     rm_heldout: float = 0.1
     calibration_samples: int = 2048
     """Reference samples whose RM scores define mean 0 / std 1."""
@@ -135,7 +144,7 @@ def quick_config(seed: int = 0) -> CaseStudyConfig:
         seed=seed,
         sft=dataclasses.replace(models.SFTConfig(), examples=2000, epochs=2),
         rm_pairs=2000,
-        rm_epochs=2,
+        rm_training=dataclasses.replace(reward_training(), epochs=2),
         rm_anneal_epochs=0,
         calibration_samples=512,
         train_prompts=1024,

@@ -118,7 +118,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     """Fine-tune the reference, train and calibrate the reward model, draw prompts."""
-    from rlhf_fast import RewardModel, RewardTrainConfig, calibrate, train_reward_model
+    from rlhf_fast import RewardModel, calibrate, train_reward_model
 
     info: Dict[str, float] = {}
     rng = random.Random(cfg.seed)
@@ -139,14 +139,13 @@ def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     chosen_ids, chosen_mask = models.pad_right([p.prompt + p.chosen for p in pairs])
     rejected_ids, rejected_mask = models.pad_right([p.prompt + p.rejected for p in pairs])
     reward_model = RewardModel(copy.deepcopy(reference))  # RM initialised from the SFT model, as usual
-    for lr, epochs in ((cfg.rm_lr, cfg.rm_epochs), (cfg.rm_lr / 5, cfg.rm_anneal_epochs)):
+    training = dataclasses.replace(cfg.rm_training, seed=cfg.seed, progress=progress)
+    for lr, epochs in ((training.lr, training.epochs), (training.lr / 5, cfg.rm_anneal_epochs)):
         if epochs == 0:
             continue
-        rm_cfg = RewardTrainConfig(
-            lr=lr, epochs=epochs, batch_size=64, center_coef=cfg.rm_center_coef, seed=cfg.seed, progress=progress
-        )
         fit = train_reward_model(  # same seed, same held-out split in both phases
-            reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask, rm_cfg,
+            reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask,
+            dataclasses.replace(training, lr=lr, epochs=epochs),
             heldout_fraction=cfg.rm_heldout,
         )
     info["rm_heldout_accuracy"] = float(fit["heldout_accuracy"])
