@@ -162,18 +162,36 @@ def test_the_fix_starts_at_the_budgets_beta_and_holds_a_ceiling():
     with pytest.raises(ValueError, match="kl_target must be > 0"):
         budget_beta(0.0)
     cfg = CaseStudyConfig()
-    fix = cfg.fix_settings()
+    fix = cfg.fix_ppo()
     assert fix.adaptive_kl and fix.reward_normalize and fix.kl_target == 2.0
     assert fix.kl_coef == fix.kl_coef_min == pytest.approx(0.5)
-    swept = cfg.fix_settings(kl_target=8.0)
+    swept = cfg.fix_ppo(kl_target=8.0)
     assert swept.kl_coef == swept.kl_coef_min == pytest.approx(0.25)
-    setpoint = CaseStudyConfig(fix_kl_ceiling=False, fix_kl_coef=0.15).fix_settings()
+    setpoint = CaseStudyConfig(fix_kl_ceiling=False, fix_kl_coef=0.15).fix_ppo()
     assert setpoint.kl_coef == 0.15 and setpoint.kl_coef_min is None
-    assert cfg.baseline.kl_coef_min is None and not cfg.baseline.adaptive_kl
-    from rlhf_fast.casestudy.runner import make_config
+    assert cfg.ppo.kl_coef_min is None and not cfg.ppo.adaptive_kl
 
-    ppo = make_config(cfg.ppo, fix, seed=0, out_dir="unused", progress=False)
-    assert ppo.kl_coef == ppo.kl_coef_min == pytest.approx(0.5) and ppo.kl_target == 2.0
+
+def test_every_run_is_the_baseline_with_one_change():
+    """Each candidate fix changes only its own knobs of the baseline's PPOConfig, and that is what a run records."""
+    from rlhf_fast.casestudy.config import FIXES, CaseStudyConfig
+    from rlhf_fast.casestudy.runner import changes
+
+    cfg = CaseStudyConfig()
+    assert changes(cfg.ppo, cfg.ppo) == {}
+    expected = {
+        "adaptive-kl": dict(kl_coef=0.5, adaptive_kl=True, kl_target=2.0, kl_horizon=500.0, kl_coef_min=0.5,
+                            reward_normalize=True),
+        "adaptive-kl-raw": dict(kl_coef=0.5, adaptive_kl=True, kl_target=2.0, kl_horizon=500.0, kl_coef_min=0.5),
+        "reward-norm": dict(reward_normalize=True),
+        "early-stop": dict(early_stop_approx_kl=0.01),
+        "tight-clip": dict(clip_eps=0.1),
+        "dual-clip": dict(dual_clip=3.0),
+        "kl-loss-k3": dict(kl_placement="loss", kl_coef=0.15),
+    }
+    assert set(expected) == set(FIXES)
+    for fix, changed in expected.items():
+        assert changes(cfg.ppo, cfg.fix_ppo(fix)) == pytest.approx(changed), fix
 
 
 def test_first_token_probe_matches_the_reply_log_probs():
@@ -462,7 +480,7 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
     from the summary.json it writes and from what it prints."""
     from rlhf_fast.__main__ import main
     from rlhf_fast.casestudy.cli import DEFAULT_SEEDS
-    from rlhf_fast.casestudy.runner import CommonPPO
+    from rlhf_fast.casestudy.config import CaseStudyConfig
 
     out = tmp_path / "casestudy"
     assert main(["casestudy", "--out", str(out), "--no-progress"]) == 0
@@ -493,7 +511,7 @@ def test_default_case_study_meets_the_bar(tmp_path, capsys):
             assert main(["monitor", str(out / f"seed{s['seed']}" / run), "--json"]) == 0
             alarms = [a for a in json.loads(capsys.readouterr().out)["alarms"] if a["severity"] == "alarm"]
             if run == "baseline":
-                assert alarms and alarms[0]["step"] <= CommonPPO().steps / 4, (s["seed"], alarms)
+                assert alarms and alarms[0]["step"] <= CaseStudyConfig().ppo.steps / 4, (s["seed"], alarms)
             else:
                 assert not alarms, (s["seed"], alarms)
 

@@ -1,7 +1,7 @@
 """The case study's settings: the candidate fixes and every setting of a run (:class:`CaseStudyConfig`).
 
 Read by every stage (world, models, metrics, the PPO runs, the report); imports only the world,
-the models and the PPO settings, so no stage imports another to learn a setting.
+the models and the baseline's PPO config, so no stage imports another to learn a setting.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import rlhf_fast as rf
+
 from . import models, world
-from .runner import CommonPPO, PPOSettings
+from .runner import baseline_ppo
 
 FIXES = ("adaptive-kl", "adaptive-kl-raw", "reward-norm", "early-stop", "tight-clip", "dual-clip", "kl-loss-k3")
 """Candidate one-change fixes of the incident; ``adaptive-kl`` is the recommended one.
@@ -31,6 +33,20 @@ def check_fixes(names) -> None:
             raise ValueError(f"unknown fix {name!r}; choose one of {FIXES}")
 
 
+def reward_training() -> rf.RewardTrainConfig:
+    """The case study's fit of the reward model: only what differs from ``rf.RewardTrainConfig``'s defaults."""
+    return rf.RewardTrainConfig(
+        lr=1e-3,
+        epochs=4,
+        batch_size=64,
+        # The centring term pins each pair's mean score near 0. Bradley–Terry leaves each prompt's offset free;
+        # unpinned, the offsets of the prompt kinds differ at random and, with a value head that starts at 0 and
+        # advantages whitened over the batch, the first PPO updates push down whatever the reference says to
+        # the kind with the lowest offset.
+        center_coef=0.05,
+    )
+
+
 @dataclass(frozen=True)
 class CaseStudyConfig:
     """Every setting of the case study; the defaults are the calibrated demo."""
@@ -45,15 +61,10 @@ class CaseStudyConfig:
     sft: models.SFTConfig = field(default_factory=models.SFTConfig)
     rm_pairs: int = 12000
     """Labelled preference pairs for the reward model."""
-    rm_epochs: int = 4
-    rm_lr: float = 1e-3
+    rm_training: rf.RewardTrainConfig = field(default_factory=reward_training)
+    """The reward model's fit (``seed`` and ``progress`` are the case study's)."""
     rm_anneal_epochs: int = 2
-    """Extra epochs at ``rm_lr / 5`` (a constant-lr fit leaves the scores noisy)."""
-    rm_center_coef: float = 0.05
-    """Centring term of the Bradley–Terry loss (pins each pair's mean score near 0). Bradley–Terry
-    leaves each prompt's offset free; unpinned, the offsets of the prompt kinds differ at random and,
-    with a value head that starts at 0 and advantages whitened over the batch, the first PPO updates
-    push down whatever the reference says to the kind with the lowest offset."""
+    """Extra epochs at ``rm_training.lr / 5`` (a constant-lr fit leaves the scores noisy)."""
     rm_heldout: float = 0.1
     calibration_samples: int = 2048
     """Reference samples whose RM scores define mean 0 / std 1."""
@@ -63,9 +74,10 @@ class CaseStudyConfig:
     """Mixed evaluation prompts (gold, proxy, KL, length, salesy share)."""
     eval_unsafe_prompts: int = 1024
     """Extra UNSAFE evaluation prompts, so the refusal rate is measured to about ±1 point."""
-    ppo: CommonPPO = field(default_factory=CommonPPO)
-    baseline: PPOSettings = field(default_factory=lambda: PPOSettings(kl_coef=0.01))
-    """The incident: small fixed β in the reward, raw reward-model scale."""
+    ppo: rf.PPOConfig = field(default_factory=baseline_ppo)
+    """The baseline's PPO run (the incident: small fixed β in the reward, raw reward-model scale); every other
+    run is it with one change (:meth:`fix_ppo`), and every stage samples as it does (``max_new_tokens``,
+    ``temperature``, ``missing_eos_penalty``)."""
     fix_kl_target: float = 2.0
     """KL budget to the reference, nats per reply (the fix)."""
     fix_kl_coef: Optional[float] = None
@@ -82,9 +94,9 @@ class CaseStudyConfig:
     threads: int = 1
     """torch threads (fixed, so a run is reproducible on one machine)."""
 
-    def fix_settings(self, fix: str = "adaptive-kl", kl_target: Optional[float] = None) -> PPOSettings:
-        """The baseline with ONE change (``fix``, one of :data:`FIXES`)."""
-        base = self.baseline
+    def fix_ppo(self, fix: str = "adaptive-kl", kl_target: Optional[float] = None) -> rf.PPOConfig:
+        """The baseline's PPO run (:attr:`ppo`) with ONE change (``fix``, one of :data:`FIXES`)."""
+        base = self.ppo
         if fix == "adaptive-kl":
             target = self.fix_kl_target if kl_target is None else kl_target
             start = budget_beta(target) if self.fix_kl_coef is None else self.fix_kl_coef
@@ -98,7 +110,7 @@ class CaseStudyConfig:
                 reward_normalize=True,
             )
         if fix == "adaptive-kl-raw":
-            return dataclasses.replace(self.fix_settings("adaptive-kl", kl_target), reward_normalize=False)
+            return dataclasses.replace(self.fix_ppo("adaptive-kl", kl_target), reward_normalize=False)
         if fix == "early-stop":
             return dataclasses.replace(base, early_stop_approx_kl=0.01)
         if fix == "tight-clip":
@@ -132,12 +144,12 @@ def quick_config(seed: int = 0) -> CaseStudyConfig:
         seed=seed,
         sft=dataclasses.replace(models.SFTConfig(), examples=2000, epochs=2),
         rm_pairs=2000,
-        rm_epochs=2,
+        rm_training=dataclasses.replace(reward_training(), epochs=2),
         rm_anneal_epochs=0,
         calibration_samples=512,
         train_prompts=1024,
         eval_prompts=512,
         eval_unsafe_prompts=256,
-        ppo=dataclasses.replace(CommonPPO(), steps=12, batch=32, minibatch_size=16, epochs=2),
+        ppo=dataclasses.replace(baseline_ppo(), steps=12, batch=32, minibatch_size=16, epochs=2),
         sweep_targets=(1.0, 4.0),
     )

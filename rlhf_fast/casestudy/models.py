@@ -6,6 +6,7 @@ reply``; replies are right-padded with PAD after EOS.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from . import world
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Size of the tiny GPT-2 used for the policy, the reference and the reward model."""
+    """Size of the tiny GPT-2 used for the policy, the reference and the reward model (``GPT2Config`` fields)."""
 
     n_embd: int = 64
     n_layer: int = 2
@@ -35,11 +36,8 @@ def build_policy(cfg: ModelConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
+        **dataclasses.asdict(cfg),
         vocab_size=world.VOCAB_SIZE,
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import rlhf_fast as rf
+
 from . import models, runner, world
 from .config import CaseStudyConfig, check_fixes
 from .metrics import (  # noqa: F401  (re-exported: the report and the tests read them here)
@@ -31,7 +33,7 @@ from .metrics import (  # noqa: F401  (re-exported: the report and the tests rea
     smoothed,
     trajectory_stats,
 )
-from .runner import PPOSettings, describe  # noqa: F401  (describe re-exported: the report reads it here)
+from .runner import describe  # noqa: F401  (re-exported: the report reads it here)
 
 
 @dataclass
@@ -52,7 +54,8 @@ class Prepared:
 @dataclass
 class RunResult:
     name: str
-    settings: Optional[PPOSettings]
+    settings: Optional[rf.PPOConfig]
+    """The run's PPO config (None for the reference)."""
     records: List[Dict[str, float]]
     """Per-step metrics of the loop (empty for the reference)."""
     summary: Dict[str, Optional[float]]
@@ -115,7 +118,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     """Fine-tune the reference, train and calibrate the reward model, draw prompts."""
-    from rlhf_fast import RewardModel, RewardTrainConfig, calibrate, train_reward_model
+    from rlhf_fast import RewardModel, calibrate, train_reward_model
 
     info: Dict[str, float] = {}
     rng = random.Random(cfg.seed)
@@ -136,14 +139,13 @@ def prepare(cfg: CaseStudyConfig, progress: bool = True) -> Prepared:
     chosen_ids, chosen_mask = models.pad_right([p.prompt + p.chosen for p in pairs])
     rejected_ids, rejected_mask = models.pad_right([p.prompt + p.rejected for p in pairs])
     reward_model = RewardModel(copy.deepcopy(reference))  # RM initialised from the SFT model, as usual
-    for lr, epochs in ((cfg.rm_lr, cfg.rm_epochs), (cfg.rm_lr / 5, cfg.rm_anneal_epochs)):
+    training = dataclasses.replace(cfg.rm_training, seed=cfg.seed, progress=progress)
+    for lr, epochs in ((training.lr, training.epochs), (training.lr / 5, cfg.rm_anneal_epochs)):
         if epochs == 0:
             continue
-        rm_cfg = RewardTrainConfig(
-            lr=lr, epochs=epochs, batch_size=64, center_coef=cfg.rm_center_coef, seed=cfg.seed, progress=progress
-        )
         fit = train_reward_model(  # same seed, same held-out split in both phases
-            reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask, rm_cfg,
+            reward_model, chosen_ids, chosen_mask, rejected_ids, rejected_mask,
+            dataclasses.replace(training, lr=lr, epochs=epochs),
             heldout_fraction=cfg.rm_heldout,
         )
     info["rm_heldout_accuracy"] = float(fit["heldout_accuracy"])
@@ -204,7 +206,7 @@ def step_metrics(cfg: CaseStudyConfig, policy=None, reference=None):
 
 
 def run_ppo(
-    cfg: CaseStudyConfig, prep: Prepared, name: str, settings: PPOSettings, out_dir: str, progress: bool = True
+    cfg: CaseStudyConfig, prep: Prepared, name: str, settings: rf.PPOConfig, out_dir: str, progress: bool = True
 ) -> RunResult:
     """PPO from a fresh copy of the reference with ``settings``, then :func:`evaluate`."""
     started = time.perf_counter()
@@ -248,10 +250,10 @@ def run_case_study(
     try:
         prep = prepare(cfg, progress)
         reference = RunResult("reference", None, [], evaluate(cfg, prep, prep.reference), prep.reference)
-        baseline = run_ppo(cfg, prep, "baseline", cfg.baseline, os.path.join(out_dir, "baseline"), progress)
-        fixed = run_ppo(cfg, prep, "fix", cfg.fix_settings(fix), os.path.join(out_dir, "fix"), progress)
+        baseline = run_ppo(cfg, prep, "baseline", cfg.ppo, os.path.join(out_dir, "baseline"), progress)
+        fixed = run_ppo(cfg, prep, "fix", cfg.fix_ppo(fix), os.path.join(out_dir, "fix"), progress)
         extra = [
-            run_ppo(cfg, prep, name, cfg.fix_settings(name), os.path.join(out_dir, name), progress)
+            run_ppo(cfg, prep, name, cfg.fix_ppo(name), os.path.join(out_dir, name), progress)
             for name in ablations
             if name != fix
         ]
@@ -259,7 +261,7 @@ def run_case_study(
         if sweep:
             for target in cfg.sweep_targets:
                 name = f"sweep_kl{target:g}"
-                settings = cfg.fix_settings("adaptive-kl", kl_target=target)
+                settings = cfg.fix_ppo("adaptive-kl", kl_target=target)
                 runs.append(run_ppo(cfg, prep, name, settings, os.path.join(out_dir, name), progress))
     finally:
         torch.set_num_threads(threads)

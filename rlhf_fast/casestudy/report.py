@@ -20,7 +20,7 @@ import platform
 import statistics
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import detection
+from . import detection, runner
 from .metrics import mean_over_seeds
 from .pipeline import CaseStudyResult, MultiSeedResult, RunResult, describe
 from .plots import PLOTS, STEP_PLOTS, plot_all, plot_bar  # noqa: F401  (PLOTS and STEP_PLOTS re-exported)
@@ -365,7 +365,7 @@ def seed_details(result: CaseStudyResult) -> Dict:
         "fix": result.fix,
         "seconds_total": result.seconds,
         "reward_model": result.info,
-        "settings": {r.name: dataclasses.asdict(r.settings) for r in result.runs()},
+        "settings": {r.name: runner.changes(result.config.ppo, r.settings) for r in result.runs()},
         "common_ppo": dataclasses.asdict(result.config.ppo),
         "config": dataclasses.asdict(result.config),
     }

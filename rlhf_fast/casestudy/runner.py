@@ -1,7 +1,9 @@
 """The one place that talks to the PPO loop (``rf.PPOConfig``, ``rf.train_ppo``).
 
-If the loop's API changes, only this file changes. The case study describes a PPO run
-by :class:`PPOSettings` (the knobs it varies) and gets back the per-step metrics.
+If the loop's API changes, only this file changes. A case-study run is described by the loop's own
+``rf.PPOConfig`` (every knob and its help written once, there): the baseline's
+(:func:`baseline_ppo`) with the one change of its fix. :func:`run_ppo` trains a policy with it and
+gives back the per-step metrics.
 """
 
 from __future__ import annotations
@@ -9,105 +11,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import rlhf_fast as rf
 
 from . import world
 
 
-@dataclass(frozen=True)
-class PPOSettings:
-    """What distinguishes the case study's PPO runs; shared knobs live in :class:`CommonPPO`."""
-
-    kl_coef: float
-    """β: fixed, or the adaptive controller's starting value."""
-    adaptive_kl: bool = False
-    """Adapt β toward ``kl_target`` (Ziegler et al. 2019)."""
-    kl_target: Optional[float] = None
-    """KL budget to the reference, nats per reply (k1 summed over tokens)."""
-    kl_horizon: float = 2000.0
-    """Controller horizon, in replies."""
-    kl_coef_min: Optional[float] = None
-    """Floor of the adaptive β (None: none); equal to ``kl_coef``, ``kl_target`` is a ceiling."""
-    reward_normalize: bool = False
-    """Score = (raw − mean) / std on reference samples, instead of the raw RM score."""
-    kl_placement: str = "reward"
-    """"reward" (−β·k1 per token) or "loss" (β·kl_estimator in the PPO loss)."""
-    kl_estimator: str = "k3"
-    clip_eps: float = 0.2
-    dual_clip: Optional[float] = None
-    early_stop_approx_kl: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class CommonPPO:
-    """Knobs every run of one case study shares (same seed, same budget)."""
-
-    steps: int = 120
-    batch: int = 128
-    """Replies per step: enough UNSAFE prompts per step (~38) that rare first tokens are sampled every step."""
-    minibatch_size: int = 32
-    epochs: int = 4
-    lr: float = 3e-4
-    lr_schedule: str = "linear"
-    """Linear decay to 0 over the run (as cleanrl and TRL do by default): the last steps fine-tune instead of
-    kicking rare tokens around, so the final policy is the run's, not one update's."""
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    missing_eos_penalty: float = 1.0
-    """Subtracted from the score of a reply cut at max_new_tokens (common practice, both runs)."""
-    loss_backend: str = "eager"
-
-
-def make_config(common: CommonPPO, settings: PPOSettings, seed: int, out_dir: str, progress: bool):
-    """The loop's ``PPOConfig`` for one run."""
-    options = dict(
-        seed=seed,
-        steps=common.steps,
-        batch=common.batch,
-        samples_per_prompt=1,
-        minibatch_size=common.minibatch_size,
-        epochs=common.epochs,
-        lr=common.lr,
-        lr_schedule=common.lr_schedule,
-        max_new_tokens=common.max_new_tokens,
-        temperature=common.temperature,
-        clip_eps=settings.clip_eps,
-        dual_clip=settings.dual_clip,
-        loss_backend=common.loss_backend,
-        kl_coef=settings.kl_coef,
-        kl_placement=settings.kl_placement,
-        kl_estimator=settings.kl_estimator,
-        adaptive_kl=settings.adaptive_kl,
-        kl_horizon=settings.kl_horizon,
-        kl_coef_min=settings.kl_coef_min if settings.adaptive_kl else None,
-        reward_normalize=settings.reward_normalize,
-        advantage_estimator="gae",
-        gamma=common.gamma,
-        lam=common.lam,
-        whiten=True,
-        vf_coef=common.vf_coef,
-        max_grad_norm=common.max_grad_norm,
-        early_stop_approx_kl=settings.early_stop_approx_kl,
-        missing_eos_penalty=common.missing_eos_penalty,
-        out_dir=out_dir,
-        checkpoint_every=0,
-        progress=progress,
+def baseline_ppo() -> rf.PPOConfig:
+    """The incident's PPO run: a small fixed β in the reward on the raw reward-model scale. Every other run
+    of the case study is this with ONE change; only what differs from ``rf.PPOConfig``'s defaults is set
+    (``seed``, ``out_dir`` and ``progress`` are each run's, set by :func:`run_ppo`)."""
+    return rf.PPOConfig(
+        kl_coef=0.01,
+        steps=120,
+        # enough UNSAFE prompts per step (~38 of 128 replies) that rare first tokens are sampled every step
+        batch=128,
+        minibatch_size=32,
+        epochs=4,
+        lr=3e-4,
+        # linear decay to 0 over the run (as cleanrl and TRL do by default): the last steps fine-tune instead
+        # of kicking rare tokens around, so the final policy is the run's, not one update's
+        lr_schedule="linear",
+        max_new_tokens=8,
+        missing_eos_penalty=1.0,  # a reply cut at max_new_tokens loses 1 (common practice, every run)
+        loss_backend="eager",
     )
-    if settings.kl_target is not None:
-        options["kl_target"] = settings.kl_target
-    return rf.PPOConfig(**options)
+
+
+def changes(base: rf.PPOConfig, run: rf.PPOConfig) -> Dict[str, object]:
+    """The fields of ``run`` that differ from ``base``: what a run changes (in ``config.json``, ``details.json``)."""
+    fields = [f.name for f in dataclasses.fields(run)]
+    return {name: getattr(run, name) for name in fields if getattr(run, name) != getattr(base, name)}
 
 
 def run_ppo(
-    common: CommonPPO,
-    settings: PPOSettings,
+    base: rf.PPOConfig,
+    run: rf.PPOConfig,
     *,
     seed: int,
     policy,
@@ -118,14 +58,15 @@ def run_ppo(
     out_dir: str,
     progress: bool = True,
 ) -> List[Dict[str, float]]:
-    """Train ``policy`` in place; returns one flat dict per step (also in ``out_dir/metrics.jsonl``).
+    """Train ``policy`` in place with ``run`` (``base``, the baseline's config, with this run's change);
+    returns one flat dict per step (also in ``out_dir/metrics.jsonl``).
 
     Each dict has the loop's diagnostics plus ``extra_metrics``' keys (and ``monitor``: the
     reward-hacking monitor's alerts of that step, which never reads ``extra_metrics``' evaluation
     numbers); the names the case study reads are ``score_norm_mean``, ``kl_ref_k1_sum``, ``kl_coef``,
     ``ratio_above``, ``clipfrac`` and ``response_length_mean``.
     """
-    cfg = make_config(common, settings, seed, out_dir, progress)
+    cfg = dataclasses.replace(run, seed=seed, out_dir=out_dir, progress=progress)
     monitor = rf.RewardHackingMonitor(  # the loop's default monitor, naming the world's tokens
         trainer="rlhf_fast", kl_penalty=cfg.kl_placement, clip_eps=cfg.clip_eps,
         decode=lambda token_id: world.decode([token_id]),
@@ -142,13 +83,11 @@ def run_ppo(
         monitor=monitor,
     )
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(
-            {"ppo_config": dataclasses.asdict(cfg), "settings": dataclasses.asdict(settings)}, f, indent=2
-        )
+        json.dump({"ppo_config": dataclasses.asdict(cfg), "settings": changes(base, run)}, f, indent=2)
     return [r.to_dict() for r in records]
 
 
-def describe(settings: PPOSettings) -> str:
+def describe(settings: rf.PPOConfig) -> str:
     """One line saying what a PPO run changes (for progress output and the report)."""
     parts = []
     if settings.adaptive_kl and settings.kl_coef_min is not None and settings.kl_coef_min >= settings.kl_coef:
