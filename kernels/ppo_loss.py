@@ -26,7 +26,7 @@ Kernels:
   its d(Σ w·ℓ)/d(logits) is written from the same registers.
 
 Numerics beyond the math above (docs/contract.md, "Numerics"): per-token terms above e^64
-are carried with a log scale (``_token_math``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
+are carried with a log scale (``_store_token_loss``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
 a coefficient that is not finite over τ is handled by a per-row shift of p (``_coefficients``).
 
 Every row is read as a head (the elements before its first 16-byte boundary), a body of
