@@ -22,6 +22,49 @@ from .streaming import (
 from .token_math import _store_token_loss
 
 
+@triton.jit
+def _store_row_results(
+    row,  # row index
+    x_y,  # the target's scaled logit
+    m,  # row max
+    s,  # Σ exp(x − m)
+    u,  # Σ exp(x − m)·(x − m), read when HAS_ENTROPY
+    logprobs_ptr,  # out [N] fp32: lp = (x_y − m) − log s
+    entropy_ptr,  # out [N] fp32: H = log s − u / s, written when HAS_ENTROPY
+    row_max_ptr,  # out [N] fp32: m
+    log_sum_ptr,  # out [N] fp32: log s
+    HAS_ENTROPY: tl.constexpr,  # also H
+):
+    """A row's results from its statistics, stored; returns (lp, H, log s)."""
+    log_sum = tl.log(s)
+    entropy = log_sum - u / s
+    lp = (x_y - m) - log_sum
+    tl.store(logprobs_ptr + row, lp)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_sum)
+    return lp, entropy, log_sum
+
+
+@triton.jit
+def _one_pass_row(
+    row, logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, T, stride_b, stride_t,
+    temperature, inv_temperature,
+    SCALED: tl.constexpr, HAS_ENTROPY: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """A row read in one pass (its target logit first, the load's latency hidden behind the stream) and its results
+    stored (:func:`_store_row_results`, the arguments named as in the kernels); returns (lp, H)."""
+    offset = _row_offset(row, T, stride_b, stride_t)
+    x_y = _target_logit(logits_ptr + offset, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
+    head = _row_head(offset, V, VEC)
+    m, s, u = _row_stats(logits_ptr, offset, head, V, 0, (V - head) // BLOCK_V, True, temperature, inv_temperature,
+                         SCALED, HAS_ENTROPY, VEC, BLOCK_V)
+    lp, entropy, _ = _store_row_results(row, x_y, m, s, u, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
+                                        HAS_ENTROPY)
+    return lp, entropy
+
+
 @triton.jit(do_not_specialize=["T"])
 def _ppo_forward_kernel(
     logits_ptr,  # [B, T, V] fp32 | bf16 | fp16, stride 1 on V
@@ -60,19 +103,8 @@ def _ppo_forward_kernel(
     BLOCK_V: tl.constexpr,  # elements per tile
 ):
     row = tl.program_id(0)
-    offset = _row_offset(row, T, stride_b, stride_t)
-    row_ptr = logits_ptr + offset
-    x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
-    head = _row_head(offset, V, VEC)
-    m, s, u = _row_stats(logits_ptr, offset, head, V, 0, (V - head) // BLOCK_V, True, temperature, inv_temperature,
-                         SCALED, True, VEC, BLOCK_V)
-    log_sum = tl.log(s)
-    entropy = log_sum - u / s
-    lp = (x_y - m) - log_sum
-    tl.store(logprobs_ptr + row, lp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(row_max_ptr + row, m)
-    tl.store(log_sum_ptr + row, log_sum)
+    lp, entropy = _one_pass_row(row, logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V, T,
+                                stride_b, stride_t, temperature, inv_temperature, SCALED, True, VEC, BLOCK_V)
     _store_token_loss(
         row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
         dlogp_ptr, log_scale_ptr, kl_log_scale_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
@@ -99,19 +131,8 @@ def _logprobs_kernel(
     VEC: tl.constexpr,  # elements per 16-byte vector
     BLOCK_V: tl.constexpr,  # elements per tile
 ):
-    row = tl.program_id(0)
-    offset = _row_offset(row, T, stride_b, stride_t)
-    row_ptr = logits_ptr + offset
-    x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
-    head = _row_head(offset, V, VEC)
-    m, s, u = _row_stats(logits_ptr, offset, head, V, 0, (V - head) // BLOCK_V, True, temperature, inv_temperature,
-                         SCALED, HAS_ENTROPY, VEC, BLOCK_V)
-    log_sum = tl.log(s)
-    tl.store(logprobs_ptr + row, (x_y - m) - log_sum)
-    tl.store(row_max_ptr + row, m)
-    tl.store(log_sum_ptr + row, log_sum)
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, log_sum - u / s)
+    _one_pass_row(tl.program_id(0), logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, V,
+                  T, stride_b, stride_t, temperature, inv_temperature, SCALED, HAS_ENTROPY, VEC, BLOCK_V)
 
 
 @triton.jit(do_not_specialize=["T", "tiles_per_part", "parts"])
@@ -197,16 +218,10 @@ def _combine_kernel(
     s_part = tl.load(at + plane, mask=in_parts, other=0.0)
     u_part = tl.load(at + 2 * plane, mask=in_parts, other=0.0)
     m, s, u = _merge_lanes(m_part, tl.maximum(m_part, -_FLT_MAX), s_part, u_part, HAS_ENTROPY)
-    log_sum = tl.log(s)
-    entropy = log_sum - u / s
     row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     x_y = _target_logit(row_ptr, tl.load(targets_ptr + row), temperature, inv_temperature, SCALED)
-    lp = (x_y - m) - log_sum
-    tl.store(logprobs_ptr + row, lp)
-    tl.store(row_max_ptr + row, m)
-    tl.store(log_sum_ptr + row, log_sum)
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
+    lp, entropy, _ = _store_row_results(row, x_y, m, s, u, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
+                                        HAS_ENTROPY)
     if HAS_LOSS:
         _store_token_loss(
             row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
@@ -296,13 +311,8 @@ def _ppo_forward_grad_kernel(
     own_col = (k // VEC) * CHUNK + lane * VEC + k % VEC
     own_mask = (own_col < n) & (own_col != target)
     own = tl.load(row_ptr + own_col, mask=own_mask, other=0.0)
-    log_sum = tl.log(s)
-    entropy = log_sum - u / s
-    lp = (x_y - m) - log_sum
-    tl.store(logprobs_ptr + row, lp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(row_max_ptr + row, m)
-    tl.store(log_sum_ptr + row, log_sum)
+    lp, entropy, log_sum = _store_row_results(row, x_y, m, s, u, logprobs_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
+                                              True)
     dlogp, scale = _store_token_loss(
         row, lp, entropy, advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr,
         dlogp_ptr, log_scale_ptr, kl_log_scale_ptr, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,

@@ -26,7 +26,7 @@ Kernels:
   its d(Σ w·ℓ)/d(logits) is written from the same registers.
 
 Numerics beyond the math above (docs/contract.md, "Numerics"): per-token terms above e^64
-are carried with a log scale (``_token_math``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
+are carried with a log scale (``_store_token_loss``); 1 − p_y of a confident target is Σ_{j≠y} p_j;
 a coefficient that is not finite over τ is handled by a per-row shift of p (``_coefficients``).
 
 Every row is read as a head (the elements before its first 16-byte boundary), a body of
@@ -116,10 +116,40 @@ def _launch(call, config: Optional[LaunchConfig]) -> _Launch:
     return _Launch(rows, seq, vocab, cfg, scalars, switches)
 
 
-def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, switches, has_loss, has_entropy, cfg):
+def _streaming(logits, block_v: int, num_warps: int) -> dict:
+    """The launch options of a kernel that streams rows in tiles: its 16-byte vectors, tile and warps."""
+    return dict(VEC=_vec(logits), BLOCK_V=block_v, num_warps=num_warps)
+
+
+def _gather_parts(kernel, grid, data, rows: int, parts: int, seq: int, tensor, constants, **switches) -> None:
+    """Launch a kernel that gathers the per-part results of split rows (``_combine_kernel``, ``_target_fixup_kernel``):
+    after its ``data``, the rows, the parts and ``tensor``'s rows; one warp, a part a lane."""
+    wrap_triton(kernel)[grid](
+        # data
+        *data,
+        # shapes and strides
+        rows, parts, seq, tensor.stride(0), tensor.stride(1),
+        # constants
+        *constants,
+        # switches
+        **switches,
+        PARTS_BLOCK=triton.next_power_of_2(parts),
+        num_warps=1,
+    )  # fmt: skip
+
+
+def _loss_inputs(call, switches: dict) -> tuple:
+    """(advantages, old log-probs, reference log-probs) of a loss call, the advantages standing in, as a valid pointer
+    never read, for log-probs not given."""
+    old = call.old_logprobs if switches["HAS_OLD"] else call.advantages
+    ref = call.ref_logprobs if switches["HAS_REF"] else call.advantages
+    return call.advantages, old, ref
+
+
+def _split_forward(logits, targets, outputs, inputs, scalars, switches, has_loss, has_entropy, cfg) -> None:
+    """The forward of split rows: per-part statistics, then one program per row combines them (and, has_loss, writes
+    the loss); ``inputs`` as :func:`_loss_inputs` gives them, ``outputs`` all 11 of ppo_forward."""
     rows, seq, vocab = _rows(logits)
-    temperature = scalars[0]
-    vec = _vec(logits)
     tiles_per_part, parts = _split(vocab, cfg.block_v, cfg.parts)
     partials = torch.empty((3, rows, parts), dtype=torch.float32, device=logits.device)
     wrap_triton(_row_partials_kernel)[(rows, parts)](
@@ -128,28 +158,14 @@ def _split_forward(logits, targets, outputs, advantages, old, ref, scalars, swit
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), rows, tiles_per_part, parts,
         # constants
-        temperature, _inv(temperature),
+        *scalars[:2],
         # switches
         HAS_ENTROPY=has_entropy,
-        SCALED=temperature != 1.0,
-        VEC=vec,
-        BLOCK_V=cfg.block_v,
-        num_warps=cfg.num_warps,
+        SCALED=switches["SCALED"],
+        **_streaming(logits, cfg.block_v, cfg.num_warps),
     )  # fmt: skip
-    wrap_triton(_combine_kernel)[(rows,)](
-        # data
-        logits, partials, targets, advantages, old, ref, *outputs,
-        # shapes and strides
-        rows, parts, seq, logits.stride(0), logits.stride(1),
-        # constants
-        *scalars,
-        # switches
-        HAS_LOSS=has_loss,
-        HAS_ENTROPY=has_entropy,
-        **switches,
-        PARTS_BLOCK=triton.next_power_of_2(parts),
-        num_warps=1,
-    )  # fmt: skip
+    _gather_parts(_combine_kernel, (rows,), (logits, partials, targets, *inputs, *outputs), rows, parts, seq, logits,
+                  scalars, HAS_LOSS=has_loss, HAS_ENTROPY=has_entropy, **switches)
 
 
 def ppo_forward(call, outputs, config: Optional[LaunchConfig] = None) -> None:
@@ -158,23 +174,20 @@ def ppo_forward(call, outputs, config: Optional[LaunchConfig] = None) -> None:
     rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    old = call.old_logprobs if switches["HAS_OLD"] else call.advantages  # never read: a valid pointer
-    ref = call.ref_logprobs if switches["HAS_REF"] else call.advantages
+    inputs = _loss_inputs(call, switches)
     if cfg.parts > 1:
-        _split_forward(logits, call.targets, outputs, call.advantages, old, ref, scalars, switches, True, True, cfg)
+        _split_forward(logits, call.targets, outputs, inputs, scalars, switches, True, True, cfg)
         return
     wrap_triton(_ppo_forward_kernel)[(rows,)](
         # data
-        logits, call.targets, call.advantages, old, ref, *outputs,
+        logits, call.targets, *inputs, *outputs,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1),
         # constants
         *scalars,
         # switches
         **switches,
-        VEC=_vec(logits),
-        BLOCK_V=cfg.block_v,
-        num_warps=cfg.num_warps,
+        **_streaming(logits, cfg.block_v, cfg.num_warps),
     )  # fmt: skip
 
 
@@ -184,17 +197,15 @@ def ppo_backward(call, outputs=(), config: Optional[LaunchConfig] = None) -> Non
     rows, seq, vocab, cfg, scalars, switches = _launch(call, config)
     if rows == 0:
         return
-    vec = _vec(logits)
     tiles_per_part, parts = _split(vocab, cfg.bwd_block_v, cfg.bwd_parts)
     # Split rows leave Σ_{j≠y} p_j per part to the fixup kernel (a few bytes per row); whole rows need none.
     partials = torch.empty((rows, parts) if parts > 1 else (1,), dtype=torch.float32, device=logits.device)
     has_outside = outside is not None
+    outside = outside if has_outside else call.entropy  # never read without HAS_OUTSIDE: a valid pointer
     per_row = (call.targets, call.row_max, call.log_sum, call.entropy, call.coef_logprob, call.coef_entropy)
     wrap_triton(_ppo_backward_kernel)[(rows, parts)](
         # data
-        logits, out, *per_row,
-        outside if has_outside else call.entropy,  # never read without HAS_OUTSIDE: a valid pointer
-        partials,
+        logits, out, *per_row, outside, partials,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), tiles_per_part, parts,
         # constants
@@ -203,25 +214,13 @@ def ppo_backward(call, outputs=(), config: Optional[LaunchConfig] = None) -> Non
         SCALED=switches["SCALED"],
         GRAD_ALIGNED=_same_phase(logits, out),
         HAS_OUTSIDE=has_outside,
-        VEC=vec,
-        BLOCK_V=cfg.bwd_block_v,
-        num_warps=cfg.bwd_num_warps,
+        **_streaming(logits, cfg.bwd_block_v, cfg.bwd_num_warps),
     )  # fmt: skip
     if parts == 1:
         return
-    wrap_triton(_target_fixup_kernel)[(triton.cdiv(rows, _FIXUP_ROWS),)](
-        # data
-        out, call.targets, *per_row[3:], outside if has_outside else call.entropy, partials,
-        # shapes and strides
-        rows, parts, seq, out.stride(0), out.stride(1),
-        # constants
-        *scalars[:2],
-        # switches
-        HAS_OUTSIDE=has_outside,
-        ROWS=_FIXUP_ROWS,
-        PARTS_BLOCK=triton.next_power_of_2(parts),
-        num_warps=1,
-    )  # fmt: skip
+    _gather_parts(_target_fixup_kernel, (triton.cdiv(rows, _FIXUP_ROWS),),
+                  (out, call.targets, *per_row[3:], outside, partials), rows, parts, seq, out, scalars[:2],
+                  HAS_OUTSIDE=has_outside, ROWS=_FIXUP_ROWS)
 
 
 def logprobs(call, outputs, config: Optional[LaunchConfig] = None) -> None:
@@ -236,7 +235,7 @@ def logprobs(call, outputs, config: Optional[LaunchConfig] = None) -> None:
     if cfg.parts > 1:
         lp = out_logprobs
         outputs = (lp, entropy, out_row_max, out_log_sum) + (lp,) * 7  # the loss outputs are never written
-        _split_forward(logits, call.targets, outputs, lp, lp, lp, scalars, switches, False, has_entropy, cfg)
+        _split_forward(logits, call.targets, outputs, (lp, lp, lp), scalars, switches, False, has_entropy, cfg)
         return
     wrap_triton(_logprobs_kernel)[(rows,)](
         # data
@@ -248,9 +247,7 @@ def logprobs(call, outputs, config: Optional[LaunchConfig] = None) -> None:
         # switches
         HAS_ENTROPY=has_entropy,
         SCALED=switches["SCALED"],
-        VEC=_vec(logits),
-        BLOCK_V=cfg.block_v,
-        num_warps=cfg.num_warps,
+        **_streaming(logits, cfg.block_v, cfg.num_warps),
     )  # fmt: skip
 
 
@@ -287,10 +284,7 @@ def ppo_forward_grad(call, outputs, config: Optional[LaunchConfig] = None) -> No
         return
     wrap_triton(_ppo_forward_grad_kernel)[(rows,)](
         # data
-        logits, out, call.targets, call.advantages,
-        call.old_logprobs if switches["HAS_OLD"] else call.advantages,  # never read: a valid pointer
-        call.ref_logprobs if switches["HAS_REF"] else call.advantages,
-        call.weights, *outputs,
+        logits, out, call.targets, *_loss_inputs(call, switches), call.weights, *outputs,
         # shapes and strides
         vocab, seq, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         # constants

@@ -22,23 +22,16 @@ def _log_scale(
 
 
 @triton.jit
-def _token_math(
-    lp,  # log-prob of the target
-    entropy,  # H
-    adv,  # advantage A
-    old,  # old log-prob (ignored without HAS_OLD)
-    ref_lp,  # reference log-prob (ignored without HAS_REF)
-    ratio_low,  # 1 − ε_low
-    ratio_high,  # 1 + ε_high
-    dual_clip,  # c
-    kl_coef,  # β
-    entropy_coef,  # η
-    HAS_OLD: tl.constexpr,  # old log-probs given
-    HAS_REF: tl.constexpr,  # reference log-probs given
-    KL_ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 k3+
-    HAS_DUAL_CLIP: tl.constexpr,  # dual clip on negative advantages
+def _store_token_loss(
+    row, lp, entropy,
+    advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr, dlogp_ptr,
+    log_scale_ptr, kl_log_scale_ptr,
+    ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
 ):
-    """(ratio, pg, kl, loss, dlogp, log_scale, kl_log_scale) of one token, finite wherever the math is.
+    """Row ``row``'s per-token loss from its lp and H, stored: (ratio, pg, kl, loss, dlogp, log_scale,
+    kl_log_scale), finite wherever the math is (the arguments named as in the kernels); returns dlogp and
+    its log scale.
 
     NaN in A, old or ref propagates (every min/max here propagates NaN). A ratio that
     overflows (log-ratio > 88) gives the value of the branch that is actually taken: a
@@ -48,6 +41,9 @@ def _token_math(
     k3's e^δ, exceeds e^SCALE_FROM, so that a token's value beyond fp32 stays finite until
     the caller has weighed it.
     """
+    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0  # old log-prob
+    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0  # reference log-prob
+    adv = tl.load(advantages_ptr + row)  # A
     zero = tl.zeros([], tl.float32)
     if HAS_OLD:
         log_ratio = lp - old
@@ -107,25 +103,6 @@ def _token_math(
         kl_term = tl.where(kl_coef != 0.0, kl_coef * kl * kl_to_loss, 0.0 * delta)
         dlogp += tl.where(kl_coef != 0.0, kl_coef * kl_grad * kl_to_loss, 0.0 * delta)
     loss = pg + kl_term - entropy_coef * entropy * unit
-    return ratio, pg, kl, loss, dlogp, scale, kl_scale
-
-
-@triton.jit
-def _store_token_loss(
-    row, lp, entropy,
-    advantages_ptr, old_logprobs_ptr, ref_logprobs_ptr, ratio_ptr, pg_ptr, kl_ptr, loss_ptr, dlogp_ptr,
-    log_scale_ptr, kl_log_scale_ptr,
-    ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
-):
-    """Row ``row``'s per-token loss from its lp and H (:func:`_token_math`), stored; returns d(ℓ)/d lp and the
-    log scale it carries."""
-    old = tl.load(old_logprobs_ptr + row) if HAS_OLD else 0.0
-    ref_lp = tl.load(ref_logprobs_ptr + row) if HAS_REF else 0.0
-    ratio, pg, kl, loss, dlogp, scale, kl_scale = _token_math(
-        lp, entropy, tl.load(advantages_ptr + row), old, ref_lp, ratio_low, ratio_high, dual_clip, kl_coef,
-        entropy_coef, HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP,
-    )  # fmt: skip
     tl.store(ratio_ptr + row, ratio)
     tl.store(pg_ptr + row, pg)
     tl.store(kl_ptr + row, kl)
