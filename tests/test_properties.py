@@ -303,15 +303,27 @@ def test_fused_backend_matches_eager_fp32(backend, triton_env):
     prop()
 
 
+# Offsets of the low-precision property: (examples, examples under the interpreter, offsets per dtype); near
+# the dtype's limit, x − max stays exact where x − (max + log s) would lose |max|·ulp.
+DOUBLE_BASELINE_OFFSETS = {
+    "moderate": (50, 8, {torch.bfloat16: [0.0], torch.float16: [0.0]}),
+    "large": (40, 8, {torch.bfloat16: [-1e4, -1e3, 1e3, 1e4], torch.float16: [-6e4, -1e3, 1e3, 6e4]}),
+}
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_fused_backend_low_precision_double_baseline(backend, dtype, triton_env):
-    """bf16 / fp16 logits: error vs the fp64 truth ≤ 2× the eager reference's own + 1e-6."""
+@pytest.mark.parametrize("offsets", DOUBLE_BASELINE_OFFSETS)
+def test_fused_backend_low_precision_double_baseline(backend, dtype, offsets, triton_env):
+    """bf16 / fp16 logits, also near ±6e4 (fp16) and ±1e4 (bf16): error vs the fp64 truth ≤ 2× the eager
+    reference's own + 1e-6."""
+    examples, interpreter_examples, offsets_of = DOUBLE_BASELINE_OFFSETS[offsets]
 
-    @check(backend, 50, 8)
+    @check(backend, examples, interpreter_examples)
     @given(st.data())
     def prop(data):
-        assert_double_baseline_on(*draw_case(data, backend, dtype=dtype), backend)
+        offset = data.draw(st.sampled_from(offsets_of[dtype]), label="offset")
+        assert_double_baseline_on(*draw_case(data, backend, dtype=dtype, offset=offset), backend)
 
     prop()
 
@@ -337,21 +349,6 @@ def test_large_offsets_fp32_match_fp64_truth(backend, triton_env):
         truth_out, truth_grad = truth_of(case, options)
         out, grad = run_on(case, backend, **options)
         assert_close_to_truth(out, grad, truth_out, truth_grad, what=f"{backend} offset {offset} {options}")
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_large_offsets_low_precision_double_baseline(backend, dtype, triton_env):
-    """fp16 logits near ±6e4 (bf16 near ±1e4): the double baseline still holds."""
-
-    @check(backend, 40, 8)
-    @given(st.data())
-    def prop(data):
-        limit = 6e4 if dtype == torch.float16 else 1e4
-        offset = data.draw(st.sampled_from([-limit, -1e3, 1e3, limit]), label="offset")
-        assert_double_baseline_on(*draw_case(data, backend, dtype=dtype, offset=offset), backend)
 
     prop()
 
