@@ -8,6 +8,7 @@ import inspect
 import pytest
 import torch
 from conftest import HAS_CPP, HAS_TRITON
+from helpers import make_config
 
 from rlhf_fast.backends import RowParams, ops
 
@@ -70,14 +71,14 @@ def test_fake_allocates_every_output_per_row(with_entropy):
     outputs = ops.LOGPROBS.fake(logits, torch.empty(6, device="meta"), 1.0, with_entropy)
     assert [tuple(t.shape) for t in outputs] == [(6,), (6 if with_entropy else 0,), (6,), (6,)]
     assert all(t.dtype == torch.float32 for t in outputs)
-    forward = ops.PPO_FORWARD.fake(**ops.token_inputs(logits, None, None, None, None, RowParams()))
+    forward = ops.PPO_FORWARD.fake(**ops.token_inputs(logits, None, None, None, None, make_config()))
     assert len(forward) == len(ops.TOKEN_RESULTS) == 11
     assert ops.PPO_BACKWARD.fake(logits, *(None,) * 6, 1.0, logits) is None
 
 
 def test_settings_are_the_row_params_in_the_ops_terms():
     params = RowParams(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator=1,
-                           entropy_coef=0.01, temperature=0.7)  # fmt: skip
+                           entropy_coef=0.01, temperature=0.7, has_old=True, has_ref=True)  # fmt: skip
     values = ops.settings(params)
     assert values == dict(ratio_low=1.0 - 0.2, ratio_high=1.0 + 0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator=1,
                           entropy_coef=0.01, temperature=0.7)  # fmt: skip

@@ -18,25 +18,28 @@ from torch._subclasses.fake_tensor import is_fake
 
 @dataclass(frozen=True)
 class RowParams:
-    """Per-token loss settings as a backend sees them (the per-token math of the contract)."""
+    """Per-token loss settings as a backend sees them (the per-token math of the contract).
 
-    clip_eps_low: float = 0.2
+    No defaults: ``LossOptions.row_params`` builds them from the loss options, whose defaults are the only ones.
+    """
+
+    clip_eps_low: float
     """ε_low: the ratio is clipped below at 1 − ε_low."""
-    clip_eps_high: float = 0.2
+    clip_eps_high: float
     """ε_high: the ratio is clipped above at 1 + ε_high."""
-    dual_clip: float = 0.0
+    dual_clip: float
     """c > 1 bounds the surrogate of negative advantages at −c·A; 0 disables it."""
-    kl_coef: float = 0.0
+    kl_coef: float
     """β, the weight of the KL estimator in the per-token loss."""
-    kl_estimator: int = 2
+    kl_estimator: int
     """Index into ``KL_ESTIMATORS`` (0 k1, 1 k2, 2 k3, 3 k3+)."""
-    entropy_coef: float = 0.0
+    entropy_coef: float
     """η, the weight of the entropy bonus (subtracted from the loss)."""
-    temperature: float = 1.0
+    temperature: float
     """τ: logits are divided by τ before everything else."""
-    has_old: bool = False
+    has_old: bool
     """Whether behaviour-policy log-probs are given (otherwise the ratio is 1)."""
-    has_ref: bool = False
+    has_ref: bool
     """Whether reference log-probs are given (otherwise KL is 0)."""
 
     @property
