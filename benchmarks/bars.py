@@ -1,7 +1,8 @@
 """The bars the benchmarks state, asserted where they are measured, and the timing they rest on.
 
 Every bar is a ratio measured in one run: a speed-up over the eager reference (or the peer's
-eager path, or the plain PPO call) from medians of interleaved rounds, or a peak-memory ratio
+eager path) from medians of interleaved rounds, a policy-loss variant's cost over the plain PPO
+call from the fastest of interleaved rounds (bench_policy_variants says why), or a peak-memory ratio
 from one fresh process per path. A benchmark asserts each of its bars in every run, the CI-sized
 default as well as ``RLHF_FAST_BENCH_FULL=1``, with :func:`assert_bars`, whose message names each
 failing bar, its value and its bound.

@@ -18,7 +18,13 @@ GSPO takes the small clip range it is used with (ε = 3e-4, ε_high = 4e-4) and 
 defaults otherwise. The per-token math is O(N) either way; what a variant may cost is in the
 passes over the logits (and, for the fused-linear form, the matmuls).
 
-The bar, asserted in every run (``bars.py``): a variant's call ≤ 1.2× the plain PPO call, medians.
+The bar, asserted in every run (``bars.py``): a variant's call ≤ 1.2× the plain PPO call, each call's
+fastest of its interleaved runs. Load from other processes only adds time, and it adds more to the call
+with more small parallel regions (a variant's per-token math on ``[N]`` tensors waits at each one for a
+core another process holds): one CI run on a loaded machine measured GSPO's median at 1.23× where quiet
+runs give 1.00–1.02×. The fastest run is the least disturbed one, so it estimates each call's own cost,
+while what the bar is there to catch (one more pass over the logits or one more matmul per chunk) adds
+time to every run, the fastest included. The medians' ratio goes to ``extra_info`` beside it.
 Shapes: ``RLHF_FAST_BENCH_FULL=1`` runs N = 4096, V = 32000 (8 sequences of 512 tokens), 5 rounds;
 by default (CI) N = 1024 with 9 rounds for the logits form and N = 512 with 5 rounds for the
 fused-linear form (about 40 s in all). The ratio is near 1 by design, so the CI run needs shapes
@@ -32,8 +38,8 @@ first touch of each call's fresh gradient buffer costs alike in both calls; with
 sometimes dominates one call and not the other (benchmarks/RESULTS.md).
 Time: interleaved rounds of the variant and the plain call (``bars.interleaved``; with timing on,
 pytest-benchmark times the variant and the plain call runs in its untimed ``setup``), so the two
-share the machine's noise; medians of both and their ratio go to ``extra_info``, after one warm-up
-call of each.
+share the machine's noise; the fastest run of each, their ratio and the medians' ratio go to
+``extra_info``, after one warm-up call of each.
 """
 
 from __future__ import annotations
@@ -121,17 +127,19 @@ def test_cpu_variant_vs_plain_ppo(benchmark, form, variant):
     benchmark.group = f"CPU {form} {BACKEND} {shape} fp32 fwd+bwd: variant vs plain PPO"
     times = interleaved(benchmark, {name: (lambda name=name: step(form, name, *inputs)) for name in ("ppo", variant)},
                         variant, ROUNDS[form])
-    ppo_s, variant_s = statistics.median(times["ppo"]), statistics.median(times[variant])
+    ppo_s, variant_s = min(times["ppo"]), min(times[variant])
+    median_ratio = statistics.median(times[variant]) / statistics.median(times["ppo"])
     runs = len(times[variant])
     ratio = variant_s / ppo_s
-    bar = at_most(f"{variant} call over the plain PPO call's", ratio, BAR)
+    bar = at_most(f"{variant} call over the plain PPO call's (fastest runs)", ratio, BAR)
     info = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_average_1min": [load_before, os.getloadavg()[0]], "form": form, "backend": BACKEND,
-        "shape": f"{shape} fp32", "ppo_median_s": ppo_s, f"{variant}_median_s": variant_s,
-        "cost_vs_plain_ppo": ratio,
+        "shape": f"{shape} fp32", "ppo_min_s": ppo_s, f"{variant}_min_s": variant_s,
+        "cost_vs_plain_ppo": ratio, "median_cost_vs_plain_ppo": median_ratio,
         "vs_eager": (f"{variant} costs {ratio:.2f}× the plain PPO call ({form}, {BACKEND}; {variant_s:.3g} s vs "
-                     f"{ppo_s:.3g} s, medians of {runs} interleaved runs); {summary([bar])}"),
+                     f"{ppo_s:.3g} s, fastest of {runs} interleaved runs; medians {median_ratio:.2f}×); "
+                     f"{summary([bar])}"),
     }
     benchmark.extra_info.update(info)
     print("\n" + json.dumps(info, indent=1))
