@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CPP, HAS_TRITON, TRITON_INTERPRETED
+from conftest import HAS_CPP, HAS_TRITON, interpreted
 from helpers import DOUBLE_BASELINE_ATOL, DOUBLE_BASELINE_FACTOR, TOLERANCES, max_error
 
 import rlhf_fast as rf
 
 FP32 = TOLERANCES[torch.float32]
 ROW_BACKENDS = ["eager"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
-FAST_ROW_BACKENDS = [b for b in ROW_BACKENDS if not (b == "triton" and TRITON_INTERPRETED)]
+FAST_ROW_BACKENDS = [b for b in ROW_BACKENDS if not interpreted(b)]
 TRANSFORMS = {"scale": (0.25, None), "softcap": (None, 2.5), "scale+softcap": (3.0, 4.0)}
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import HAS_CPP, HAS_TRITON, TRITON_INTERPRETED, device_for
+from conftest import HAS_CPP, HAS_TRITON, device_for, interpreted
 from helpers import (
     DOUBLE_BASELINE_ATOL,
     DOUBLE_BASELINE_FACTOR,
@@ -62,14 +62,10 @@ VOCABS = [1, 2, 7, 64, 129, 300, 2049]
 INTERPRETER_VOCABS = [1, 2, 7, 64, 129]
 
 
-def slow(backend: str) -> bool:
-    return backend == "triton" and TRITON_INTERPRETED
-
-
 def check(backend: str, examples: int, interpreter_examples: int):
     """Hypothesis settings: derandomised, bounded, fewer examples under the Triton interpreter."""
     return settings(
-        max_examples=interpreter_examples if slow(backend) else examples,
+        max_examples=interpreter_examples if interpreted(backend) else examples,
         derandomize=True,
         database=None,
         deadline=None,
@@ -136,7 +132,7 @@ def draw_case(data, backend: str, *, dtype=torch.float32, offset: float = 0.0, e
     """
     batch = data.draw(st.integers(1, 3), label="batch")
     seq = data.draw(st.integers(1 if need_valid else 0, 4), label="seq")
-    vocab = data.draw(st.sampled_from(INTERPRETER_VOCABS if slow(backend) else VOCABS), label="vocab")
+    vocab = data.draw(st.sampled_from(INTERPRETER_VOCABS if interpreted(backend) else VOCABS), label="vocab")
     strided = data.draw(st.booleans(), label="strided")
     # one sequence's logits scored for every sequence: an expanded, stride-0 view
     expanded = batch > 1 and data.draw(st.booleans(), label="expanded")
