@@ -366,7 +366,6 @@ def seed_details(result: CaseStudyResult) -> Dict:
         "seconds_total": result.seconds,
         "reward_model": result.info,
         "settings": {r.name: runner.changes(result.config.ppo, r.settings) for r in result.runs()},
-        "common_ppo": dataclasses.asdict(result.config.ppo),
         "config": dataclasses.asdict(result.config),
     }
 
