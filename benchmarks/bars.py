@@ -9,8 +9,9 @@ failing bar, its value and its bound.
 
 Timing on a shared machine (:func:`interleaved`): every path runs once per round, in an order
 that reverses from one round to the next (A B, B A, ...), so a slow stretch of the machine hits
-the paths alike; the bar is on the ratio of the medians. With ``--benchmark-disable`` (how CI
-runs the benchmarks) the rounds run all the same, by hand: pytest-benchmark would time only one.
+the paths alike; the bar is on the ratio of the medians (a policy-loss variant's: of the fastest
+runs). With ``--benchmark-disable`` (how CI runs the benchmarks) the rounds run all the same, by
+hand: pytest-benchmark would time only one.
 
 Why a CI-sized run can carry the bars (numbers in benchmarks/RESULTS.md, "CI-sized bars"): at
 the CI shapes the ratios of a fused path against eager sit several times inside their bars,
